@@ -1,0 +1,31 @@
+"""diffbake: ahead-of-time compiled diffusers pipelines.
+
+``diffbake.build(recipe)`` writes an artifact; ``diffbake.load(path)`` turns it back into a diffusers pipeline
+that runs the compiled code. Loading imports nothing from the build side, so ``import diffbake`` stays light and
+the build modules load only when ``build`` is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import DiffbakeError
+
+__version__ = "0.1.0"
+
+__all__ = ["DiffbakeError", "Recipe", "__version__", "build", "load", "load_recipe"]
+
+if TYPE_CHECKING:
+    from .build import build
+    from .recipe import Recipe, load_recipe
+    from .runtime import load
+
+_LAZY = {"build": "build", "load": "runtime", "Recipe": "recipe", "load_recipe": "recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'diffbake' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""The ``diffbake`` command: build, generate, inspect.
+
+Only this module prints. Known errors print one line and exit 1; ``DIFFBAKE_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from .errors import DiffbakeError
+from .families import FAMILIES, VAE_DECODER
+
+DEBUG_ENV = "DIFFBAKE_DEBUG"
+
+
+def _quiet_dependencies() -> None:
+    # Import-time notices from torchao and torch (missing optional CUDA kernels, pytree deprecations) and
+    # diffusers' per-load progress bars say nothing about the user's build; keep the terminal for our stages.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*register_constant.*")
+
+
+class _TerminalReporter:
+    """One line per stage with its duration; a ticking timer on a terminal while a stage runs."""
+
+    @contextlib.contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        start = time.perf_counter()
+        stop = threading.Event()
+        ticker = None
+        if sys.stderr.isatty():
+
+            def tick() -> None:
+                while not stop.wait(0.5):
+                    click.echo(f"\r  {title} ... {time.perf_counter() - start:.0f} s", nl=False, err=True)
+
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+        else:
+            click.echo(f"  {title} ...", err=True)
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            click.echo(f"\r  {title} failed after {time.perf_counter() - start:.1f} s", err=True)
+            raise
+        finally:
+            stop.set()
+            if ticker:
+                ticker.join()
+        click.echo(f"\r  {title} done in {time.perf_counter() - start:.1f} s", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="diffbake")
+def cli() -> None:
+    """Ahead-of-time compiled diffusers pipelines: build an artifact from a recipe, load it with no compile step.
+
+    \b
+    diffbake build recipes/tiny-sd.toml          # compile into artifacts/tiny-sd
+    diffbake generate artifacts/tiny-sd --prompt "a photo of a cat"
+    diffbake inspect artifacts/tiny-sd
+
+    Set DIFFBAKE_DEBUG=1 to see the full traceback of an error.
+    """
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="Artifact folder [default: artifacts/<recipe name>].")
+@click.option("--force", is_flag=True, help="Replace an existing artifact (only once the new one is complete).")
+def build(recipe: Path, out: Path | None, force: bool) -> None:
+    """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
+    from .build import build as run_build
+
+    start = time.perf_counter()
+    click.echo(f"building {recipe}", err=True)
+    dest = run_build(recipe, out, force=force, reporter=_TerminalReporter())
+    from .manifest import read_manifest
+
+    manifest = read_manifest(dest)
+    size = sum(f.size for f in manifest.files.values())
+    click.echo(f"built {dest} ({_mb(size)}) in {time.perf_counter() - start:.1f} s", err=True)
+    for name, c in manifest.components.items():
+        click.echo(f"  {name}: max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e})", err=True)
+    click.echo(str(dest))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="What to draw.")
+@click.option("--negative-prompt", default=None, help="What to avoid (needs a CFG build for SD/SDXL).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--guidance-scale", type=float, default=None, help="Guidance scale [default: the pipeline's].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+@click.option("--out", "-o", default="image.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write; with several images, -1, -2, ... are added.")
+def generate(artifact: Path, prompt: str, negative_prompt: str | None, steps: int, guidance_scale: float | None, seed: int, out: Path) -> None:
+    """Generate images with a built ARTIFACT, at the size it was compiled for."""
+    import torch
+
+    from .runtime import load
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    start = time.perf_counter()
+    pipe = load(artifact)
+    click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)
+    from .manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    family = FAMILIES[manifest.source["family"]]
+    # The call must match the compiled shapes; take them from the denoiser (or the VAE if only it is compiled).
+    shapes = (manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]).shapes
+    kwargs = {"height": shapes["height"], "width": shapes["width"], "num_inference_steps": steps}
+    if shapes.get("text_tokens"):
+        kwargs["max_sequence_length"] = shapes["text_tokens"]
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    kwargs["num_images_per_prompt"] = shapes["batch"]
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    start = time.perf_counter()
+    images = pipe(prompt, generator=generator, **kwargs).images
+    click.echo(f"generated {len(images)} image(s) in {time.perf_counter() - start:.2f} s", err=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        click.echo(str(path))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Show what an ARTIFACT holds: components, shapes, sizes, versions, measured errors."""
+    from .manifest import read_manifest
+
+    m = read_manifest(artifact)
+    if as_json:
+        click.echo(m.to_json(), nl=False)
+        return
+    total = sum(f.size for f in m.files.values())
+    click.echo(f"{artifact}: {m.pipeline_class} ({m.source['family']}) from {m.source['model']}")
+    click.echo(f"  target: {m.host['device']} {m.dtype}, cpu {m.host.get('cpu_capability')}, {m.host.get('platform')}-{m.host.get('machine')}" + (f", gpu {m.host['gpu']} (sm {m.host['compute_capability']})" if m.host.get("gpu") else ""))
+    click.echo("  built with: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    click.echo(f"  size: {_mb(total)} in {len(m.files)} files")
+    for name, c in m.components.items():
+        pkg, weights = m.files[c.package].size, m.files[c.weights].size
+        shapes = ", ".join(f"{k}={v}" for k, v in c.shapes.items()) + (f", cfg={str(c.cfg).lower()}" if c.cfg is not None else "")
+        click.echo(f"  {name} ({c.class_name}): {shapes}")
+        click.echo(f"    package {_mb(pkg)}, weights {_mb(weights)} ({len(c.constants)} tensors), built in {c.build_seconds:.1f} s")
+        click.echo(f"    max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e})")
+        for spec in c.inputs:
+            click.echo(f"    input {spec.name}: {spec.dtype}{list(spec.shape)}{' (cast and broadcast)' if spec.coerce else ''}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning known errors into one line and exit code 1."""
+    _quiet_dependencies()
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except DiffbakeError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(f"error: {e}", err=True)
+        click.echo(f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

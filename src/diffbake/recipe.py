@@ -1,0 +1,288 @@
+"""Recipes: the TOML file that says what to build.
+
+The whole recipe is validated here, before anything is downloaded or compiled: every key is known and typed, and
+the target is possible on this host. Checks that need the model's own configuration (is this component part of
+the family, is the height a multiple of the VAE scale factor) live in :func:`check_against_source`, which
+``build`` calls after reading the source's configs and before loading any weights.
+
+Example::
+
+    [source]
+    model = "tiny:sd"           # Hub id, local save_pretrained folder, or tiny:sd / tiny:sdxl / tiny:flux
+    revision = "main"           # optional, Hub ids only
+
+    [target]
+    device = "cpu"              # "cpu" | "cuda"
+    dtype = "float32"           # "float32" | "bfloat16" | "float16"
+
+    [components.unet]           # the pipeline attribute, or "vae_decoder" for vae.decode
+    shapes = { batch = 1, height = 64, width = 64 }
+    cfg = true                  # SD / SDXL: classifier-free guidance doubles the UNet batch (default true)
+
+    [components.vae_decoder]
+    shapes = { batch = 1, height = 64, width = 64 }
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .families import FAMILIES, KNOWN_COMPONENTS, VAE_DECODER, Family
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+TINY_PREFIX = "tiny:"
+
+_TOP_KEYS = ("source", "target", "components")
+_SOURCE_KEYS = ("model", "revision")
+_TARGET_KEYS = ("device", "dtype")
+_COMPONENT_KEYS = ("shapes", "cfg")
+_SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Static shapes of one compiled component, in the pipeline's terms (images per call, pixels, tokens)."""
+
+    batch: int
+    height: int
+    width: int
+    text_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, int]:
+        d = {"batch": self.batch, "height": self.height, "width": self.width}
+        if self.text_tokens is not None:
+            d["text_tokens"] = self.text_tokens
+        return d
+
+
+@dataclass(frozen=True)
+class ComponentRecipe:
+    name: str
+    shapes: Shapes
+    cfg: bool | None = None  # None: the family's default
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    components: dict[str, ComponentRecipe]
+    text: str = ""  # the recipe verbatim, copied into the artifact
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        """Default artifact name: the recipe file's stem."""
+        return self.path.stem if self.path is not None else "artifact"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.startswith(TINY_PREFIX)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    Args:
+        path: the TOML file.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: the file is missing, is not TOML, or any key or value is invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e})") from e
+    return parse_recipe(text, path=path)
+
+
+def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
+    """Validate a recipe given as TOML text. See :func:`load_recipe`."""
+    where = str(path) if path is not None else "recipe"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{where}: not valid TOML: {e}") from e
+    v = _Validator(where)
+
+    v.keys(data, _TOP_KEYS, "the top level")
+    source = v.table(data, "source", required=True)
+    v.keys(source, _SOURCE_KEYS, "[source]")
+    model = v.string(source, "model", "[source]", required=True)
+    revision = v.string(source, "revision", "[source]")
+    if model.startswith(TINY_PREFIX):
+        family = model[len(TINY_PREFIX) :]
+        if family not in FAMILIES:
+            known = ", ".join(TINY_PREFIX + f for f in FAMILIES)
+            raise RecipeError(f"{where}: [source] model = {model!r} is not a built-in tiny pipeline; known: {known}")
+        if revision is not None:
+            raise RecipeError(f"{where}: [source] revision applies to Hub ids only; remove it for {model!r}")
+
+    target = v.table(data, "target")
+    v.keys(target, _TARGET_KEYS, "[target]")
+    device = v.choice(target, "device", "[target]", DEVICES, default="cpu")
+    dtype = v.choice(target, "dtype", "[target]", DTYPES, default="float32")
+    if device == "cuda":
+        _require_cuda(where)
+
+    tables = v.table(data, "components", required=True)
+    v.keys(tables, KNOWN_COMPONENTS, "[components]", what="component")
+    if not tables:
+        raise RecipeError(
+            f"{where}: [components] is empty; name at least one component to compile, "
+            f"one of: {', '.join(KNOWN_COMPONENTS)}"
+        )
+    components = {}
+    for name, table in tables.items():
+        section = f"[components.{name}]"
+        if not isinstance(table, dict):
+            raise RecipeError(f"{where}: {section} must be a table, found {_typename(table)}")
+        v.keys(table, _COMPONENT_KEYS, section)
+        shapes = v.table(table, "shapes", required=True, section=section)
+        v.keys(shapes, _SHAPE_KEYS, f"{section} shapes")
+        ints = {k: v.positive_int(shapes, k, f"{section} shapes", required=k != "text_tokens") for k in _SHAPE_KEYS}
+        cfg = table.get("cfg")
+        if cfg is not None and not isinstance(cfg, bool):
+            raise RecipeError(f"{where}: {section} cfg must be true or false, found {_typename(cfg)} {cfg!r}")
+        if name == VAE_DECODER and (cfg is not None or ints["text_tokens"] is not None):
+            extra = "cfg" if cfg is not None else "shapes.text_tokens"
+            raise RecipeError(f"{where}: {section} {extra} applies to the denoiser only; remove it here")
+        components[name] = ComponentRecipe(name, Shapes(**ints), cfg)
+
+    return Recipe(model, revision, device, dtype, components, text=text, path=Path(path) if path else None)
+
+
+def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) -> Recipe:
+    """Check the recipe against the source's family and VAE; fill in family defaults.
+
+    Returns:
+        The recipe with defaults filled in (``cfg``, Flux's ``text_tokens``).
+
+    Raises:
+        RecipeError: a component the family lacks, or a shape the family cannot take.
+    """
+    where = str(recipe.path) if recipe.path is not None else "recipe"
+    multiple = vae_scale_factor * family.pixel_multiple_of_latent
+    filled = {}
+    for name, comp in recipe.components.items():
+        section = f"[components.{name}]"
+        if name not in family.components:
+            raise RecipeError(
+                f"{where}: {section}: a {family.name} pipeline has no component {name!r}; "
+                f"its compilable components are: {', '.join(family.components)}"
+            )
+        for dim in ("height", "width"):
+            value = getattr(comp.shapes, dim)
+            if value % multiple:
+                lower = value // multiple * multiple
+                hint = f"use {lower} or {lower + multiple}" if lower else f"use {multiple}"
+                why = (
+                    f"twice the VAE scale factor {vae_scale_factor}, as {family.name} packs 2x2 latent patches"
+                    if family.pixel_multiple_of_latent == 2
+                    else f"the VAE scale factor of this {family.name} pipeline"
+                )
+                raise RecipeError(f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}")
+        cfg, tokens = comp.cfg, comp.shapes.text_tokens
+        if name == family.denoiser:
+            if cfg is None:
+                cfg = family.has_cfg_batch
+            elif cfg and not family.has_cfg_batch:
+                raise RecipeError(
+                    f"{where}: {section} cfg = true: {family.name} pipelines have no classifier-free guidance batch; "
+                    "remove the key"
+                )
+            if family.has_text_tokens and tokens is None:
+                tokens = family.default_text_tokens
+            elif tokens is not None and not family.has_text_tokens:
+                raise RecipeError(
+                    f"{where}: {section} shapes.text_tokens: {family.name} pipelines use the tokenizer's fixed "
+                    "length; remove the key"
+                )
+        shapes = Shapes(comp.shapes.batch, comp.shapes.height, comp.shapes.width, tokens)
+        filled[name] = ComponentRecipe(name, shapes, cfg)
+    return Recipe(recipe.model, recipe.revision, recipe.device, recipe.dtype, filled, recipe.text, recipe.path)
+
+
+def _require_cuda(where: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            f"{where}: [target] device = 'cuda' but this host has no CUDA GPU; AOTInductor generates and tunes "
+            "CUDA code on the GPU itself, so build on a host with the target GPU, or set device = \"cpu\""
+        )
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer", float: "a float"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Validator:
+    """Small typed accessors that raise RecipeError with the file name and the key's place."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def keys(self, table: dict, known: tuple[str, ...], section: str, what: str = "key") -> None:
+        for key in table:
+            if key not in known:
+                raise RecipeError(f"{self.where}: unknown {what} {key!r} in {section}; known {what}s: {', '.join(known)}")
+
+    def table(self, data: dict, key: str, required: bool = False, section: str = "") -> dict:
+        label = f"{section} {key}".strip() if section else f"[{key}]"
+        if key not in data:
+            if required:
+                raise RecipeError(f"{self.where}: missing {label}")
+            return {}
+        value = data[key]
+        if not isinstance(value, dict):
+            raise RecipeError(f"{self.where}: {label} must be a table, found {_typename(value)}")
+        return value
+
+    def string(self, table: dict, key: str, section: str, required: bool = False) -> str | None:
+        if key not in table:
+            if required:
+                raise RecipeError(f"{self.where}: missing {key!r} in {section}")
+            return None
+        value = table[key]
+        if not isinstance(value, str) or not value.strip():
+            raise RecipeError(f"{self.where}: {section} {key} must be a non-empty string, found {_typename(value)} {value!r}")
+        return value
+
+    def choice(self, table: dict, key: str, section: str, choices: tuple[str, ...], default: str) -> str:
+        value = table.get(key, default)
+        if value not in choices:
+            raise RecipeError(
+                f"{self.where}: {section} {key} = {value!r} is not supported; expected one of: {', '.join(choices)}"
+            )
+        return value
+
+    def positive_int(self, table: dict, key: str, section: str, required: bool) -> int | None:
+        if key not in table:
+            if required:
+                raise RecipeError(f"{self.where}: missing {key!r} in {section}")
+            return None
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RecipeError(f"{self.where}: {section} {key} must be a positive integer, found {_typename(value)} {value!r}")
+        return value

@@ -1,0 +1,387 @@
+"""Load an artifact back into a working diffusers pipeline, with no compile step.
+
+The compiled denoiser and VAE decoder are replaced by stand-in modules. diffusers asks more of them than an
+``nn.Module`` gives (``from_pretrained(..., unet=obj)`` wants a ``ModelMixin``, Flux calls
+``transformer.cache_context``, SDXL reads ``unet.add_embedding.linear_1.in_features``), so the stand-ins subclass
+diffusers' mixins, carry the eager module's config, and keep its call signature and return types.
+
+AOTInductor code checks none of its inputs: a wrong shape, dtype or memory layout runs and returns wrong numbers.
+So each stand-in checks every input against the manifest before the compiled code runs.
+
+This module imports nothing from the build side (export, inductor's compiler, click).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.cache_utils import CacheMixin
+from diffusers.models.modeling_utils import ModelMixin
+
+from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError
+from .families import FAMILIES, VAE_DECODER
+from .manifest import ComponentEntry, Manifest, TensorSpec, flatten_call, read_manifest
+from .verify import check_compatibility, verify_files
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load", "CompiledProgram"]
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"unknown dtype {name!r} in the manifest; rebuild the artifact")
+    return dtype
+
+
+def _describe(entry: ComponentEntry) -> str:
+    s = entry.shapes
+    text = f"{s['batch']} image(s) per call at {s['height']}x{s['width']} pixels"
+    if s.get("text_tokens"):
+        text += f", {s['text_tokens']} text tokens"
+    if entry.cfg:
+        text += ", with classifier-free guidance"
+    elif entry.cfg is False:
+        text += ", without classifier-free guidance"
+    return text
+
+
+class CompiledProgram:
+    """One AOTInductor package bound to its weights, behind input guards.
+
+    Args:
+        artifact: the artifact folder.
+        entry: the component's manifest entry.
+        device: where the package runs ("cpu", "cuda", "cuda:1").
+    """
+
+    def __init__(self, artifact: Path, entry: ComponentEntry, device: str):
+        from safetensors.torch import load_file
+
+        self.entry = entry
+        self.name = entry.name
+        self.device = torch.device(device)
+        self.inputs = entry.inputs
+        self.input_names = [spec.name for spec in entry.inputs]
+        self.dtype = _dtype(entry.output.dtype)
+
+        weights = load_file(artifact / entry.weights, device=str(self.device))
+        self._check_weights(weights)
+        # Constants are bound before the first call: a code-only package called without them crashes the process.
+        from torch._inductor.package import load_package
+
+        index = self.device.index if self.device.index is not None else -1
+        self._runner = load_package(str(artifact / entry.package), device_index=index)
+        expected = set(self._runner.get_constant_fqns())
+        if expected != set(weights):
+            missing = sorted(expected - set(weights))[:5]
+            extra = sorted(set(weights) - expected)[:5]
+            raise ArtifactError(
+                f"{self.name}: the package expects constants that its weights file does not match "
+                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+            )
+        # user_managed: the runner uses these tensors in place, so they must outlive it; we keep them here.
+        self._runner.load_constants(weights, check_full_update=True, user_managed=True)
+        self._weights = weights
+
+    def _check_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        # load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
+        specs = self.entry.constants
+        if set(weights) != set(specs):
+            missing = sorted(set(specs) - set(weights))[:5]
+            extra = sorted(set(weights) - set(specs))[:5]
+            raise ArtifactError(
+                f"{self.name}: {self.entry.weights} does not hold the constants the manifest lists "
+                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+            )
+        for key, spec in specs.items():
+            t = weights[key]
+            if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
+                raise ArtifactError(
+                    f"{self.name}: constant {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                    f"but the package was compiled for {spec.dtype} {spec.shape}; rebuild the artifact"
+                )
+            if list(t.stride()) != spec.stride:
+                # safetensors stores tensors contiguous; restore the layout the package was compiled with.
+                weights[key] = _restride(t, spec.stride)
+
+    def __call__(self, values: list[Any]) -> torch.Tensor:
+        tensors = [self._check(spec, value) for spec, value in zip(self.inputs, values, strict=True)]
+        out = self._runner(*tensors)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def _check(self, spec: TensorSpec, value: Any) -> torch.Tensor:
+        where = f"{self.name}: input {spec.name!r}"
+        dtype = _dtype(spec.dtype)
+        if value is None:
+            raise InputMismatchError(f"{where} is required by the compiled code, but the call passed none")
+        if spec.coerce:
+            # The eager module broadcasts and casts these itself (a scalar int64 timestep, say), so do the same.
+            if not torch.is_tensor(value):
+                value = torch.tensor(value)
+            if value.numel() == 1:
+                value = value.reshape(()).expand(spec.shape)
+            value = value.to(device=self.device, dtype=dtype)
+        if not torch.is_tensor(value):
+            raise InputMismatchError(f"{where} must be a tensor, found {type(value).__name__}")
+        if list(value.shape) != spec.shape:
+            raise InputMismatchError(
+                f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {tuple(spec.shape)} "
+                f"({_describe(self.entry)}); {self._shape_hint(spec, value)}"
+            )
+        if value.dtype != dtype:
+            raise InputMismatchError(
+                f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, but this artifact was compiled for "
+                f"{spec.dtype}; load the pipeline with its own dtype (diffbake.load does) and do not cast it"
+            )
+        if value.device != self.device and not (self.device.type == value.device.type and self.device.index is None):
+            raise InputMismatchError(
+                f"{where} is on {value.device}, but this artifact runs on {self.device}; keep the pipeline on {self.device}"
+            )
+        # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
+        return value.contiguous()
+
+    def _shape_hint(self, spec: TensorSpec, value: torch.Tensor) -> str:
+        s = self.entry.shapes
+        if self.entry.cfg and value.dim() and value.shape[0] * 2 == spec.shape[0] and list(value.shape[1:]) == spec.shape[1:]:
+            return (
+                "guidance_scale <= 1 turns classifier-free guidance off, but this artifact was built with cfg = true: "
+                f"call with guidance_scale > 1, or rebuild with [components.{self.name}] cfg = false"
+            )
+        call = f"height={s['height']}, width={s['width']}"
+        if s.get("text_tokens"):
+            call += f", max_sequence_length={s['text_tokens']}"
+        return (
+            f"call the pipeline with {call} and {s['batch']} image(s) in all (prompts x num_images_per_prompt), "
+            f"or rebuild with [components.{self.name}] shapes set for this call"
+        )
+
+
+def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+class _CompiledModel(ModelMixin, ConfigMixin):
+    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters."""
+
+    config_name = "config.json"
+    _stands_for: type[torch.nn.Module]
+
+    def __init__(self, program: CompiledProgram, config: dict[str, Any]):
+        super().__init__()
+        self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
+        self._program = program
+        self._signature = inspect.signature(self._stands_for.forward)
+
+    @property
+    def device(self) -> torch.device:
+        return self._program.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._program.dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> _CompiledModel:
+        # Compiled code runs on one device in one dtype; moving it is not possible, so only a no-op move passes.
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != self.device.type:
+            raise InputMismatchError(
+                f"{self._program.name}: this compiled component runs on {self.device} only; it cannot move to "
+                f"{device}; rebuild the recipe with [target] device = {torch.device(device).type!r}"
+            )
+        if dtype is not None and dtype != self.dtype:
+            raise InputMismatchError(
+                f"{self._program.name}: this compiled component runs in {self.dtype} only; it cannot be cast to "
+                f"{dtype}; rebuild the recipe with [target] dtype = {str(dtype).removeprefix('torch.')!r}"
+            )
+        return self
+
+    def _run(self, method_signature: inspect.Signature, args: tuple, kwargs: dict) -> torch.Tensor:
+        bound = method_signature.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(method_signature.parameters)))  # self
+        top = {name.split(".")[0] for name in self._program.input_names}
+        for name, value in arguments.items():
+            if name in top or name == "return_dict":
+                continue
+            default = method_signature.parameters[name].default
+            if value is not None and not (default is not inspect.Parameter.empty and value is default or value == default):
+                raise InputMismatchError(
+                    f"{self._program.name}: argument {name!r} is not part of the compiled code (it was compiled for "
+                    f"{', '.join(self._program.input_names)}); call without it"
+                )
+        return self._program(flatten_call(self._program.input_names, arguments))
+
+    def _return_dict(self, kwargs: dict, args: tuple, signature: inspect.Signature) -> bool:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return bool(bound.arguments.get("return_dict", True))
+
+
+class CompiledUNet2DConditionModel(_CompiledModel):
+    """Stands in for ``UNet2DConditionModel``."""
+
+    from diffusers import UNet2DConditionModel as _stands_for
+
+    def forward(self, *args: Any, **kwargs: Any):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        sample = self._run(self._signature, args, kwargs)
+        if not self._return_dict(kwargs, args, self._signature):
+            return (sample,)
+        return UNet2DConditionOutput(sample=sample)
+
+    @property
+    def add_embedding(self) -> SimpleNamespace:
+        # SDXL reads add_embedding.linear_1.in_features to check its added time ids; answer from the config.
+        if self.config.get("addition_embed_type") != "text_time":
+            raise AttributeError("add_embedding")
+        return SimpleNamespace(linear_1=SimpleNamespace(in_features=self.config["projection_class_embeddings_input_dim"]))
+
+
+class CompiledFluxTransformer2DModel(_CompiledModel, CacheMixin):
+    """Stands in for ``FluxTransformer2DModel``; ``cache_context`` comes from diffusers' CacheMixin."""
+
+    from diffusers import FluxTransformer2DModel as _stands_for
+
+    def forward(self, *args: Any, **kwargs: Any):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        sample = self._run(self._signature, args, kwargs)
+        if not self._return_dict(kwargs, args, self._signature):
+            return (sample,)
+        return Transformer2DModelOutput(sample=sample)
+
+
+class CompiledAutoencoderKL(_CompiledModel):
+    """Stands in for ``AutoencoderKL``: ``decode`` runs compiled code; encoding is not part of the artifact."""
+
+    from diffusers import AutoencoderKL as _stands_for
+
+    def __init__(self, program: CompiledProgram, config: dict[str, Any]):
+        # The decoder's dtype is fixed at build time, so the pipelines' upcast-to-float32 path must not run.
+        super().__init__(program, {**config, "force_upcast": False})
+        self._signature = inspect.signature(self._stands_for.decode)
+
+    def decode(self, *args: Any, **kwargs: Any):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        kwargs.pop("generator", None)  # AutoencoderKL.decode accepts and ignores it
+        sample = self._run(self._signature, args, kwargs)
+        if not self._return_dict(kwargs, args, self._signature):
+            return (sample,)
+        return DecoderOutput(sample=sample)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        raise InputMismatchError(
+            "vae_decoder: only vae.decode is compiled into this artifact; encoding images (img2img, inpainting) "
+            "needs the eager VAE"
+        )
+
+    def encode(self, *args: Any, **kwargs: Any):
+        return self.forward()
+
+
+# Which stand-in replaces which eager class; a new denoiser class is a row here.
+STAND_INS: dict[str, type[_CompiledModel]] = {
+    "UNet2DConditionModel": CompiledUNet2DConditionModel,
+    "FluxTransformer2DModel": CompiledFluxTransformer2DModel,
+    "AutoencoderKL": CompiledAutoencoderKL,
+}
+
+
+def load_component(artifact: str | Path, manifest: Manifest, name: str, device: str | None = None) -> _CompiledModel:
+    """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
+    artifact = Path(artifact)
+    entry = manifest.components[name]
+    cls = STAND_INS.get(entry.class_name)
+    if cls is None:
+        raise ArtifactError(
+            f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
+            f"known: {', '.join(STAND_INS)}; upgrade diffbake"
+        )
+    config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
+    program = CompiledProgram(artifact, entry, device or manifest.device)
+    return cls(program, config)
+
+
+def load(artifact: str | Path, *, device: str | None = None):
+    """Load an artifact as a diffusers pipeline whose denoiser and VAE decoder run the compiled code.
+
+    Args:
+        artifact: the artifact folder written by ``diffbake build``.
+        device: where to run; defaults to the device the artifact was built for ("cpu" or "cuda[:N]").
+
+    Returns:
+        A ``diffusers.DiffusionPipeline`` (e.g. ``StableDiffusionPipeline``), used as usual:
+        ``pipe(prompt, num_inference_steps=..., generator=...)``.
+
+    Raises:
+        ArtifactNotFoundError: no artifact at that path.
+        ArtifactError: the artifact is malformed, or a file differs from its manifest (IntegrityError).
+        CompatibilityError: the artifact was built for another device, torch, platform or CPU.
+    """
+    import diffusers
+
+    start = time.perf_counter()
+    root = Path(artifact)
+    if not root.exists():
+        raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
+    manifest = read_manifest(root)
+    device = device or manifest.device
+    check_compatibility(manifest, torch.device(device).type)
+    verify_files(root, manifest)
+
+    family = FAMILIES[manifest.source["family"]]
+    modules = {name: load_component(root, manifest, name, device) for name in manifest.components}
+    overrides = {("vae" if name == VAE_DECODER else name): module for name, module in modules.items()}
+    pipeline_cls = getattr(diffusers, manifest.pipeline_class)
+    with _stand_ins_accepted():
+        pipe = pipeline_cls.from_pretrained(root / manifest.pipeline, dtype=_dtype(manifest.dtype), **overrides)
+    pipe.to(device)
+    _set_default_size(pipe, family.denoiser, manifest)
+    logger.info("loaded %s in %.2f s", root, time.perf_counter() - start)
+    return pipe
+
+
+class _DropStandInTypeWarnings(logging.Filter):
+    # The pipeline's constructor warns that a stand-in is not the annotated eager class; that is the point of it.
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for") and "diffbake.runtime.Compiled" in message)
+
+
+@contextlib.contextmanager
+def _stand_ins_accepted() -> Iterator[None]:
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    quiet = _DropStandInTypeWarnings()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+def _set_default_size(pipe: Any, denoiser: str, manifest: Manifest) -> None:
+    # A bare pipe(prompt) should ask for the compiled size, not the model's native one.
+    entry = manifest.components.get(denoiser)
+    if entry is None or entry.shapes["height"] != entry.shapes["width"]:
+        return
+    latent = entry.shapes["height"] // pipe.vae_scale_factor
+    if hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = latent
+    module = getattr(pipe, denoiser)
+    if isinstance(module, _CompiledModel) and "sample_size" in module.config:
+        module.register_to_config(sample_size=latent)

@@ -1,0 +1,137 @@
+"""Where a pipeline comes from: a Hub id, a local ``save_pretrained`` folder, or a built-in tiny pipeline.
+
+:func:`inspect_source` reads only configs (``model_index.json`` and the VAE's ``config.json``), so the recipe's
+shapes are checked against the model before any weight is downloaded or loaded; :func:`load_pipeline` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceError, SourceNotFoundError
+from .families import FAMILIES, Family, family_for_pipeline_class, supported_pipeline_classes
+from .recipe import TINY_PREFIX, Recipe
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    kind: str  # "tiny" | "local" | "hub"
+    location: str  # family name, absolute folder, or repo id
+    revision: str | None
+    family: Family
+    pipeline_class: str
+    vae_scale_factor: int
+
+    def to_dict(self) -> dict[str, Any]:
+        model = TINY_PREFIX + self.location if self.kind == "tiny" else self.location
+        return {"model": model, "kind": self.kind, "revision": self.revision, "family": self.family.name}
+
+
+def inspect_source(recipe: Recipe) -> SourceInfo:
+    """Resolve the recipe's source and read its family and VAE scale factor from configs alone.
+
+    Raises:
+        SourceNotFoundError: a local folder that does not exist, or a Hub repo that cannot be found.
+        SourceError: a folder that is not a diffusers pipeline, or a pipeline class diffbake does not support.
+    """
+    where = str(recipe.path) if recipe.path is not None else "recipe"
+    model = recipe.model
+    if model.startswith(TINY_PREFIX):
+        from .tiny import make_tiny_pipeline
+
+        name = model[len(TINY_PREFIX) :]
+        pipe = make_tiny_pipeline(name)
+        return SourceInfo("tiny", name, None, FAMILIES[name], type(pipe).__name__, pipe.vae_scale_factor)
+
+    folder = Path(model).expanduser()
+    if folder.exists():
+        if not (folder / MODEL_INDEX).is_file():
+            raise SourceError(
+                f"{where}: [source] model = {model!r} is a folder without {MODEL_INDEX}; expected a diffusers "
+                "pipeline saved with save_pretrained"
+            )
+        index = _read_json(folder / MODEL_INDEX, where)
+        vae_config = _read_json(folder / "vae" / "config.json", where) if (folder / "vae" / "config.json").is_file() else {}
+        return _info("local", str(folder.resolve()), None, index, vae_config, where)
+    if _looks_like_path(model):
+        raise SourceNotFoundError(
+            f"{where}: [source] model = {model!r}: no such folder; expected a folder saved with diffusers' "
+            f"save_pretrained (holding {MODEL_INDEX}), a Hub id such as 'org/name', or one of "
+            + ", ".join(TINY_PREFIX + f for f in FAMILIES)
+        )
+    index = _hub_json(model, MODEL_INDEX, recipe.revision, where)
+    vae_config = _hub_json(model, "vae/config.json", recipe.revision, where, required=False)
+    return _info("hub", model, recipe.revision, index, vae_config, where)
+
+
+def load_pipeline(info: SourceInfo, dtype: str):
+    """Load the pipeline in ``dtype`` on the CPU (components are moved to the target device one at a time)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    if info.kind == "tiny":
+        from .tiny import make_tiny_pipeline
+
+        pipe = make_tiny_pipeline(info.location)
+        return pipe.to(dtype=torch_dtype)
+    try:
+        return DiffusionPipeline.from_pretrained(info.location, revision=info.revision, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load the pipeline from {info.location!r}: {e}") from e
+
+
+def _info(kind: str, location: str, revision: str | None, index: dict, vae_config: dict, where: str) -> SourceInfo:
+    class_name = index.get("_class_name", "")
+    family = family_for_pipeline_class(class_name)
+    if family is None:
+        raise SourceError(
+            f"{where}: [source] model {location!r} is a {class_name or 'unknown'} pipeline; diffbake builds "
+            f"{', '.join(supported_pipeline_classes())}"
+        )
+    blocks = vae_config.get("block_out_channels")
+    # The pipelines derive their VAE scale factor the same way (8 when there is no VAE config).
+    vae_scale_factor = 2 ** (len(blocks) - 1) if blocks else 8
+    return SourceInfo(kind, location, revision, family, class_name, vae_scale_factor)
+
+
+def _looks_like_path(model: str) -> bool:
+    # "org/name" is a Hub id; anything anchored, or deeper than one slash, is meant as a folder.
+    return model.startswith(("/", ".", "~")) or model.count("/") != 1 or "\\" in model
+
+
+def _read_json(path: Path, where: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{where}: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SourceError(f"{where}: {path} is not a JSON object")
+    return data
+
+
+def _hub_json(repo: str, filename: str, revision: str | None, where: str, required: bool = True) -> dict:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(repo, filename, revision=revision)
+    except EntryNotFoundError:
+        if not required:
+            return {}
+        raise SourceError(f"{where}: Hub repo {repo!r} has no {filename}; is it a diffusers pipeline?") from None
+    except RepositoryNotFoundError as e:
+        raise SourceNotFoundError(
+            f"{where}: [source] model = {repo!r}: no such Hub repo (or it is private: log in with `hf auth login`)"
+        ) from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise SourceError(f"{where}: cannot fetch {filename} of {repo!r} from the Hub: {e}") from e
+    return _read_json(Path(path), where)

@@ -1,0 +1,318 @@
+"""Tiny, deterministic diffusers pipelines built entirely offline.
+
+Each family mirrors the structure of its real counterpart (same pipeline
+class, same component classes, real BPE / Unigram tokenizers) but with
+hidden sizes around 32, so a whole pipeline builds and runs on CPU in
+seconds. Every weight-bearing component is created right after
+``torch.manual_seed(0)``, as diffusers' own fast tests do, so two builds give
+bitwise-identical state dicts. The caller's global RNG state is preserved.
+
+All three families use a VAE with two blocks, i.e. ``vae_scale_factor == 2``.
+SD / SDXL need height and width divisible by 8; Flux packs 2x2 latent patches
+and needs multiples of 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import diffusers
+
+TINY_FAMILIES = ("sd", "sdxl", "flux")
+
+# A few common prompt words: each becomes a single CLIP BPE token and a single
+# T5 piece, while any other text still tokenizes (characters / bytes / <unk>).
+_WORDS = (
+    "a an the of in on with and photo picture painting portrait cat dog man "
+    "woman red blue green bad quality blurry astronaut riding horse"
+).split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte-level alphabet: one printable character per byte value."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    shifted = 0
+    for b in range(256):
+        if b not in bs:  # control / whitespace bytes map past U+00FF
+            bs.append(b)
+            cs.append(256 + shifted)
+            shifted += 1
+    return [chr(c) for c in cs]
+
+
+def _clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP byte-level BPE tokenizer from vocab.json / merges.txt written to a temp dir.
+
+    Layout follows the real CLIP vocab: 256 byte characters, the same with the
+    ``</w>`` end-of-word suffix, merged tokens, then ``<|startoftext|>`` and
+    ``<|endoftext|>`` as the last two ids.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    # Merge chains that assemble each word left to right, e.g. "c a", "ca t</w>".
+    merges: list[str] = []
+    for word in _WORDS:
+        left, *rest = [*word[:-1], word[-1] + "</w>"]
+        for right in rest:
+            if f"{left} {right}" not in merges:
+                merges.append(f"{left} {right}")
+                vocab.append(left + right)
+            left += right
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        # The files are read at construction; the tokenizer keeps no reference to them.
+        return CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token, model_max_length=77)
+
+
+def _t5_tokenizer():
+    """T5 tokenizer over an in-code ``tokenizers`` Unigram model.
+
+    Ids follow T5: <pad>=0, </s>=1, <unk>=2. The pre-tokenizer, decoder and
+    ``$A </s>`` post-processor match what ``T5Tokenizer`` itself builds, so the
+    tokenizer.json written by ``save_pretrained`` reloads to the same behaviour.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    # Piece -> log-probability; whole words score far above character spellings.
+    # setdefault keeps pieces unique (e.g. the word "a" and the character "a").
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
+    for word in _WORDS:
+        pieces.setdefault("▁" + word, -5.0)
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + char, -8.0)
+        pieces.setdefault(char, -9.0)
+
+    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,  # no <extra_id_*> sentinels: only needed for span-corruption training
+        model_max_length=512,
+    )
+
+
+def _clip_text_config(tokenizer):
+    """Small CLIP text config whose vocab, positions and special ids match ``tokenizer``.
+
+    ``eos_token_id`` matters: the pooled output is taken at the first EOS
+    position, so it must be the tokenizer's real ``<|endoftext|>`` id.
+    """
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _seeded(build, *args, **kwargs):
+    """Construct a component from a fixed seed so its weights are reproducible."""
+    torch.manual_seed(0)
+    return build(*args, **kwargs)
+
+
+def _vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),  # two blocks -> vae_scale_factor 2
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+    )
+    return _seeded(AutoencoderKL, **{**config, **overrides})
+
+
+def _unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=32,  # default output is sample_size * vae_scale_factor = 64 px
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    return _seeded(UNet2DConditionModel, **{**config, **overrides})
+
+
+def _sd():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = _clip_tokenizer()
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=_seeded(CLIPTextModel, _clip_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=_unet(cross_attention_dim=32),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,  # the pipeline warns about and rewrites any other value
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer(pad_token="!")  # as in SDXL's second (OpenCLIP) tokenizer
+    text_encoder_2 = _seeded(CLIPTextModelWithProjection, _clip_text_config(tokenizer_2))
+    time_embed_dim = 8
+    return StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025),
+        text_encoder=_seeded(CLIPTextModel, _clip_text_config(tokenizer)),
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_unet(
+            # Cross attention sees both encoders' hidden states concatenated.
+            cross_attention_dim=2 * text_encoder_2.config.hidden_size,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # 6 micro-conditioning ids (original size, crop, target size) + pooled text embeds.
+            projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
+        ),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        image_encoder=None,
+        feature_extractor=None,
+        add_watermarker=False,
+    )
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    text_encoder = _seeded(CLIPTextModel, _clip_text_config(tokenizer))
+    text_encoder_2 = _seeded(
+        T5EncoderModel,
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as used by Flux
+        ),
+    )
+    # Flux-style VAE: 16 latent channels, no quant convs, shift + scale normalisation.
+    vae = _vae(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    transformer = _seeded(
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=4 * vae.config.latent_channels,  # latents are packed in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_encoder_2.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size,
+        axes_dims_rope=(4, 4, 8),  # must sum to attention_head_dim
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
+
+
+def make_tiny_pipeline(family: str) -> "diffusers.DiffusionPipeline":
+    """Build the tiny float32 pipeline for ``family`` (one of ``TINY_FAMILIES``)."""
+    if family not in _BUILDERS:
+        raise ValueError(f"Unknown tiny pipeline family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
+    with torch.random.fork_rng(devices=[]):
+        pipe = _BUILDERS[family]()
+    # Match from_pretrained, which returns modules in eval mode (T5 has dropout).
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe

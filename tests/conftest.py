@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny pipelines saved to disk and artifacts built from them, once per test session.
+
+A compile costs 20-45 s here, so every artifact is built once per session and shared, and the whole session
+uses one inductor cache folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before torch is imported anywhere: one inductor cache for the session, outside the user's own cache.
+_CACHE = Path(tempfile.mkdtemp(prefix="diffbake-test-inductor-"))
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_CACHE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+# The recipes the shared artifacts are built from; {source} is the saved pipeline's folder.
+RECIPES = {
+    "sd": """
+[source]
+model = "{source}"
+[components.unet]
+shapes = {{ batch = 1, height = 64, width = 64 }}
+[components.vae_decoder]
+shapes = {{ batch = 1, height = 64, width = 64 }}
+""",
+    # Two images per call: exercises num_images_per_prompt and prompt lists.
+    "sdxl": """
+[source]
+model = "{source}"
+[target]
+device = "cpu"
+dtype = "float32"
+[components.unet]
+shapes = {{ batch = 2, height = 64, width = 64 }}
+cfg = true
+[components.vae_decoder]
+shapes = {{ batch = 2, height = 64, width = 64 }}
+""",
+    # Not square, and a short text length: exercises Flux's token packing and max_sequence_length.
+    "flux": """
+[source]
+model = "{source}"
+[components.transformer]
+shapes = {{ batch = 1, height = 32, width = 48, text_tokens = 32 }}
+[components.vae_decoder]
+shapes = {{ batch = 1, height = 32, width = 48 }}
+""",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("diffbake")
+
+
+@pytest.fixture(scope="session")
+def saved_pipelines(workdir: Path):
+    """family -> folder holding the tiny pipeline saved with diffusers' save_pretrained."""
+    from diffbake.tiny import make_tiny_pipeline
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            folder = workdir / f"saved-{family}"
+            make_tiny_pipeline(family).save_pretrained(folder)
+            cache[family] = folder
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifacts(workdir: Path, saved_pipelines):
+    """family -> artifact built from the saved tiny pipeline (a local save_pretrained folder as the source)."""
+    import diffbake
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            recipe = workdir / f"{family}.toml"
+            recipe.write_text(RECIPES[family].format(source=saved_pipelines(family).as_posix()))
+            cache[family] = diffbake.build(recipe, workdir / "artifacts" / family)
+        return cache[family]
+
+    return get

@@ -1,0 +1,186 @@
+"""Recipe validation: every bad input is refused before any load or compile, with an exact message."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffbake.errors import DiffbakeError, RecipeError
+from diffbake.families import FAMILIES
+from diffbake.recipe import Shapes, check_against_source, load_recipe, parse_recipe
+
+GOOD = """
+[source]
+model = "tiny:sd"
+[target]
+device = "cpu"
+dtype = "bfloat16"
+[components.unet]
+shapes = { batch = 2, height = 64, width = 96 }
+[components.vae_decoder]
+shapes = { batch = 2, height = 64, width = 96 }
+"""
+
+
+def parse(text: str):
+    return parse_recipe(textwrap.dedent(text), path="r.toml")
+
+
+def test_good_recipe_parses_with_defaults():
+    r = parse(GOOD)
+    assert (r.model, r.revision, r.device, r.dtype) == ("tiny:sd", None, "cpu", "bfloat16")
+    assert r.components["unet"].shapes == Shapes(2, 64, 96)
+    assert r.components["unet"].cfg is None
+    filled = check_against_source(r, FAMILIES["sd"], vae_scale_factor=8)
+    assert filled.components["unet"].cfg is True  # the SD default
+    assert filled.components["vae_decoder"].cfg is None
+
+
+def test_target_defaults_to_cpu_float32():
+    r = parse('[source]\nmodel = "tiny:sd"\n[components.unet]\nshapes = { batch = 1, height = 64, width = 64 }\n')
+    assert (r.device, r.dtype) == ("cpu", "float32")
+
+
+def test_flux_text_tokens_default_to_512():
+    r = parse('[source]\nmodel = "tiny:flux"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n')
+    assert check_against_source(r, FAMILIES["flux"], 8).components["transformer"].shapes.text_tokens == 512
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            GOOD.replace('dtype = "bfloat16"', 'dtype = "bfloat16"\nprecision = 3'),
+            "r.toml: unknown key 'precision' in [target]; known keys: device, dtype",
+        ),
+        (
+            GOOD + "[extra]\n",
+            "r.toml: unknown key 'extra' in the top level; known keys: source, target, components",
+        ),
+        (
+            GOOD.replace("shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"),
+            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg",
+        ),
+        (
+            GOOD + "[components.text_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",
+            "r.toml: unknown component 'text_encoder' in [components]; known components: transformer, unet, vae_decoder",
+        ),
+        (
+            GOOD.replace('"bfloat16"', '"float64"'),
+            "r.toml: [target] dtype = 'float64' is not supported; expected one of: float32, bfloat16, float16",
+        ),
+        (
+            GOOD.replace('"cpu"', '"tpu"'),
+            "r.toml: [target] device = 'tpu' is not supported; expected one of: cpu, cuda",
+        ),
+        (
+            GOOD.replace("batch = 2, height = 64, width = 96 }\n[components.vae", "batch = 0, height = 64, width = 96 }\n[components.vae"),
+            "r.toml: [components.unet] shapes batch must be a positive integer, found an integer 0",
+        ),
+        (
+            GOOD.replace("height = 64, width = 96 }\n[components.vae", "height = 64.0, width = 96 }\n[components.vae"),
+            "r.toml: [components.unet] shapes height must be a positive integer, found a float 64.0",
+        ),
+        (
+            GOOD.replace("shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shapes = { batch = 2, height = 64 }\n[components.vae"),
+            "r.toml: missing 'width' in [components.unet] shapes",
+        ),
+        (GOOD.replace('model = "tiny:sd"', ""), "r.toml: missing 'model' in [source]"),
+        (
+            GOOD.replace("tiny:sd", "tiny:sd3"),
+            "r.toml: [source] model = 'tiny:sd3' is not a built-in tiny pipeline; known: tiny:sd, tiny:sdxl, tiny:flux",
+        ),
+        (
+            GOOD.replace('model = "tiny:sd"', 'model = "tiny:sd"\nrevision = "main"'),
+            "r.toml: [source] revision applies to Hub ids only; remove it for 'tiny:sd'",
+        ),
+        (
+            GOOD.replace("[components.vae_decoder]", "cfg = 1\n[components.vae_decoder]"),
+            "r.toml: [components.unet] cfg must be true or false, found an integer 1",
+        ),
+        (
+            GOOD + "cfg = false\n",
+            "r.toml: [components.vae_decoder] cfg applies to the denoiser only; remove it here",
+        ),
+        ("[source\n", "r.toml: not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
+        ('[source]\nmodel = "tiny:sd"\n[components]\n', "r.toml: [components] is empty; name at least one component to compile, one of: transformer, unet, vae_decoder"),
+    ],
+)
+def test_bad_recipes_are_refused_with_exact_messages(text, message):
+    with pytest.raises(RecipeError) as e:
+        parse(text)
+    assert str(e.value) == message
+
+
+def test_recipe_errors_are_diffbake_and_value_errors():
+    assert issubclass(RecipeError, DiffbakeError) and issubclass(RecipeError, ValueError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_cuda_target_without_gpu_is_refused():
+    with pytest.raises(RecipeError) as e:
+        parse(GOOD.replace('"cpu"', '"cuda"'))
+    assert str(e.value) == (
+        "r.toml: [target] device = 'cuda' but this host has no CUDA GPU; AOTInductor generates and tunes CUDA code "
+        'on the GPU itself, so build on a host with the target GPU, or set device = "cpu"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "scale", "text", "message"),
+    [
+        (
+            "sd",
+            8,
+            GOOD.replace("width = 96 }\n[components.vae", "width = 60 }\n[components.vae"),
+            "r.toml: [components.unet] shapes.width = 60 is not a multiple of 8 (the VAE scale factor of this sd "
+            "pipeline); use 56 or 64",
+        ),
+        (
+            "flux",
+            8,
+            '[source]\nmodel = "x/y"\n[components.transformer]\nshapes = { batch = 1, height = 1000, width = 1024 }\n',
+            "r.toml: [components.transformer] shapes.height = 1000 is not a multiple of 16 (twice the VAE scale factor "
+            "8, as flux packs 2x2 latent patches); use 992 or 1008",
+        ),
+        (
+            "flux",
+            8,
+            GOOD,
+            "r.toml: [components.unet]: a flux pipeline has no component 'unet'; its compilable components are: "
+            "transformer, vae_decoder",
+        ),
+        (
+            "flux",
+            8,
+            '[source]\nmodel = "x/y"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\ncfg = true\n',
+            "r.toml: [components.transformer] cfg = true: flux pipelines have no classifier-free guidance batch; "
+            "remove the key",
+        ),
+        (
+            "sd",
+            8,
+            GOOD.replace("width = 96 }\n[components.vae", "width = 96, text_tokens = 77 }\n[components.vae"),
+            "r.toml: [components.unet] shapes.text_tokens: sd pipelines use the tokenizer's fixed length; remove the key",
+        ),
+    ],
+)
+def test_shapes_are_checked_against_the_family(family, scale, text, message):
+    with pytest.raises(RecipeError) as e:
+        check_against_source(parse(text), FAMILIES[family], scale)
+    assert str(e.value) == message
+
+
+def test_missing_recipe_file(tmp_path: Path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "nope.toml")
+    assert str(e.value) == f"{tmp_path / 'nope.toml'}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml"
+
+
+def test_shipped_recipes_are_valid():
+    for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml")):
+        recipe = load_recipe(path)
+        assert recipe.components, path
