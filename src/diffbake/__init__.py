@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 __all__ = ["DiffbakeError", "Recipe", "__version__", "build", "load", "load_recipe"]
 
 if TYPE_CHECKING:
-    from .build import build
+    from .builder import build
     from .recipe import Recipe, load_recipe
     from .runtime import load
 
-_LAZY = {"build": "build", "load": "runtime", "Recipe": "recipe", "load_recipe": "recipe"}
+_LAZY = {"build": "builder", "load": "runtime", "Recipe": "recipe", "load_recipe": "recipe"}
 
 
 def __getattr__(name: str) -> Any:

@@ -87,7 +87,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only once the new one is complete).")
 def build(recipe: Path, out: Path | None, force: bool) -> None:
     """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
-    from .build import build as run_build
+    from .builder import build as run_build
 
     start = time.perf_counter()
     click.echo(f"building {recipe}", err=True)

@@ -217,7 +217,9 @@ class _CompiledModel(ModelMixin, ConfigMixin):
             if name in top or name == "return_dict":
                 continue
             default = method_signature.parameters[name].default
-            if value is not None and not (default is not inspect.Parameter.empty and value is default or value == default):
+            # None, the default, or an empty kwargs dict (Flux passes joint_attention_kwargs={}) change nothing.
+            unused = value is None or (isinstance(value, dict) and not value) or value is default or value == default
+            if not unused:
                 raise InputMismatchError(
                     f"{self._program.name}: argument {name!r} is not part of the compiled code (it was compiled for "
                     f"{', '.join(self._program.input_names)}); call without it"
