@@ -202,13 +202,13 @@ def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) 
                 raise RecipeError(f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}")
         cfg, tokens = comp.cfg, comp.shapes.text_tokens
         if name == family.denoiser:
-            if cfg is None:
-                cfg = family.has_cfg_batch
-            elif cfg and not family.has_cfg_batch:
+            if not family.has_cfg_batch and cfg:
                 raise RecipeError(
                     f"{where}: {section} cfg = true: {family.name} pipelines have no classifier-free guidance batch; "
                     "remove the key"
                 )
+            if cfg is None and family.has_cfg_batch:
+                cfg = True
             if family.has_text_tokens and tokens is None:
                 tokens = family.default_text_tokens
             elif tokens is not None and not family.has_text_tokens:

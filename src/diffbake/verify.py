@@ -60,7 +60,6 @@ def host_facts(device: str) -> dict[str, Any]:
 
     facts: dict[str, Any] = {
         "device": device,
-        "torch": torch.__version__,
         "platform": platform.system().lower(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -92,14 +91,14 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
         raise CompatibilityError("device: this artifact was compiled for 'cuda', but this host has no CUDA GPU; load it on a GPU host")
     here = host_facts(device)
 
-    def refuse(fld: str, remedy: str) -> None:
-        raise CompatibilityError(
-            f"{fld}: this artifact was built with {built.get(fld)!r}, this host has {here.get(fld)!r}; {remedy}"
-        )
+    def refuse(fld: str, remedy: str, was: Any = None, now: Any = None) -> None:
+        was, now = (built.get(fld), here.get(fld)) if was is None else (was, now)
+        raise CompatibilityError(f"{fld}: this artifact was built with {was!r}, this host has {now!r}; {remedy}")
 
-    if manifest.versions.get("torch") != here["torch"]:
+    wanted_torch = manifest.versions.get("torch")
+    if wanted_torch != torch.__version__:
         # Compiled packages link against one torch build's C++ ABI; another build can fail or crash at load.
-        refuse("torch", f"install torch=={manifest.versions.get('torch')} here, or rebuild the artifact with this torch")
+        refuse("torch", f"install torch=={wanted_torch} here, or rebuild the artifact with this torch", wanted_torch, torch.__version__)
     for fld in ("platform", "machine"):
         if built.get(fld) != here[fld]:
             refuse(fld, "rebuild the artifact on a host of this platform")

@@ -1,0 +1,211 @@
+"""The runtime's guards: calls outside what was compiled, and artifacts that are missing, foreign or changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffbake
+from diffbake.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    CompatibilityError,
+    DiffbakeError,
+    InputMismatchError,
+    IntegrityError,
+)
+
+
+@pytest.fixture(scope="module")
+def sd(artifacts):
+    return diffbake.load(artifacts("sd"))
+
+
+@pytest.fixture
+def copy(artifacts, tmp_path: Path):
+    def make(family: str = "sd") -> Path:
+        return Path(shutil.copytree(artifacts(family), tmp_path / family))
+
+    return make
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_size_that_was_not_compiled_is_refused(sd):
+    with pytest.raises(InputMismatchError) as e:
+        sd("a cat", height=72, width=64, num_inference_steps=1)
+    assert str(e.value) == (
+        "unet: input 'sample' has shape (2, 4, 36, 32), but this artifact was compiled for (2, 4, 32, 32) "
+        "(1 image(s) per call at 64x64 pixels, with classifier-free guidance); call the pipeline with height=64, "
+        "width=64 and 1 image(s) in all (prompts x num_images_per_prompt), or rebuild with [components.unet] "
+        "shapes set for this call"
+    )
+
+
+def test_more_images_than_compiled_are_refused(sd):
+    with pytest.raises(InputMismatchError, match=r"^unet: input 'sample' has shape \(4, 4, 32, 32\)"):
+        sd("a cat", num_images_per_prompt=2, num_inference_steps=1)
+
+
+def test_guidance_off_on_a_cfg_build_says_how_to_rebuild(sd):
+    with pytest.raises(InputMismatchError) as e:
+        sd("a cat", guidance_scale=1.0, num_inference_steps=1)
+    assert str(e.value).endswith(
+        "guidance_scale <= 1 turns classifier-free guidance off, but this artifact was built with cfg = true: "
+        "call with guidance_scale > 1, or rebuild with [components.unet] cfg = false"
+    )
+
+
+def test_flux_text_length_must_match(artifacts):
+    pipe = diffbake.load(artifacts("flux"))
+    with pytest.raises(InputMismatchError) as e:
+        pipe("a cat", height=32, width=48, num_inference_steps=1, max_sequence_length=64)
+    assert str(e.value) == (
+        "transformer: input 'encoder_hidden_states' has shape (1, 64, 32), but this artifact was compiled for "
+        "(1, 32, 32) (1 image(s) per call at 32x48 pixels, 32 text tokens); call the pipeline with height=32, "
+        "width=48, max_sequence_length=32 and 1 image(s) in all (prompts x num_images_per_prompt), or rebuild "
+        "with [components.transformer] shapes set for this call"
+    )
+
+
+def _unet_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+
+
+def test_wrong_dtype_is_refused(sd):
+    sample, text = _unet_inputs()
+    with pytest.raises(InputMismatchError) as e:
+        sd.unet(sample.double(), 10, encoder_hidden_states=text)
+    assert str(e.value) == (
+        "unet: input 'sample' has dtype float64, but this artifact was compiled for float32; load the pipeline "
+        "with its own dtype (diffbake.load does) and do not cast it"
+    )
+
+
+def test_layout_and_timestep_forms_are_normalised(sd):
+    # Compiled code reads raw memory: a channels_last input or an int64 scalar timestep would silently give
+    # wrong numbers, so the stand-in makes them what was compiled.
+    sample, text = _unet_inputs()
+    want = sd.unet(sample, torch.tensor([10.0, 10.0]), encoder_hidden_states=text).sample
+    got_layout = sd.unet(sample.to(memory_format=torch.channels_last), torch.tensor(10), text).sample
+    got_tuple = sd.unet(sample, 10, encoder_hidden_states=text, return_dict=False)[0]
+    torch.testing.assert_close(got_layout, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_tuple, want, rtol=0, atol=0)
+
+
+def test_arguments_that_were_not_compiled_are_refused(sd):
+    sample, text = _unet_inputs()
+    with pytest.raises(InputMismatchError) as e:
+        sd.unet(sample, 10, text, cross_attention_kwargs={"scale": 0.5})
+    assert str(e.value) == (
+        "unet: argument 'cross_attention_kwargs' is not part of the compiled code (it was compiled for sample, "
+        "timestep, encoder_hidden_states); call without it"
+    )
+
+
+def test_compiled_modules_do_not_move_or_cast(sd):
+    with pytest.raises(InputMismatchError) as e:
+        sd.to(torch.float16)
+    assert str(e.value).startswith("unet: this compiled component runs in torch.float32 only; it cannot be cast")
+    with pytest.raises(InputMismatchError, match="runs on cpu only; it cannot move to meta"):
+        sd.unet.to("meta")
+    assert sd.to("cpu") is sd
+
+
+def test_vae_encode_is_not_part_of_the_artifact(sd):
+    with pytest.raises(InputMismatchError, match="only vae.decode is compiled into this artifact"):
+        sd.vae.encode(torch.zeros(1, 3, 64, 64))
+
+
+def test_missing_folder_and_folder_without_manifest(tmp_path: Path):
+    with pytest.raises(ArtifactNotFoundError) as e:
+        diffbake.load(tmp_path / "nope")
+    assert str(e.value) == f"{tmp_path / 'nope'}: no such artifact folder; build one with `diffbake build RECIPE`"
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ArtifactNotFoundError) as e:
+        diffbake.load(tmp_path / "half")
+    assert str(e.value) == (
+        f"{tmp_path / 'half'}: no manifest.json in this folder, so it is not a complete diffbake artifact (the "
+        "manifest is written last; an interrupted build leaves none); rebuild it with `diffbake build RECIPE`"
+    )
+    assert issubclass(ArtifactNotFoundError, FileNotFoundError) and issubclass(ArtifactNotFoundError, DiffbakeError)
+
+
+def test_foreign_and_future_manifests_are_refused(copy):
+    art = copy()
+    _edit_manifest(art, lambda d: d.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format_version 99, but this diffbake reads version 1"):
+        diffbake.load(art)
+    (art / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArtifactError, match="format is 'something-else', expected 'diffbake-artifact'"):
+        diffbake.load(art)
+    (art / "manifest.json").write_text('{"format": "diffbake-artifact", "format_version": NaN}')
+    with pytest.raises(ArtifactError, match="NaN is not valid JSON"):
+        diffbake.load(art)
+
+
+@pytest.fixture
+def no_package_loaded(monkeypatch, artifacts):
+    artifacts("sd")  # built (which loads packages) before loading is forbidden
+    calls = []
+    import torch._inductor.package as package
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a package was loaded")
+
+    monkeypatch.setattr(package, "load_package", refuse)
+    return calls
+
+
+def test_a_changed_file_is_refused_before_any_package_loads(copy, no_package_loaded):
+    art = copy()
+    weights = art / "unet" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as e:
+        diffbake.load(art)
+    assert str(e.value).startswith(f"{weights}: sha256 ")
+    assert "the manifest records" in str(e.value)
+    assert no_package_loaded == []
+
+
+def test_an_unlisted_file_is_refused(copy, no_package_loaded):
+    art = copy()
+    (art / "unet" / "extra.so").write_bytes(b"\x7fELF")
+    with pytest.raises(IntegrityError) as e:
+        diffbake.load(art)
+    assert str(e.value) == (
+        f"{art / 'unet' / 'extra.so'}: not listed in the manifest; an artifact holds only the files its manifest "
+        "lists; remove it or rebuild the artifact"
+    )
+    assert no_package_loaded == []
+
+
+def test_another_torch_or_device_is_refused(copy, no_package_loaded):
+    art = copy()
+    _edit_manifest(art, lambda d: d["versions"].update(torch="2.12.0"))
+    with pytest.raises(CompatibilityError) as e:
+        diffbake.load(art)
+    assert str(e.value) == (
+        f"torch: this artifact was built with '2.12.0', this host has '{torch.__version__}'; install "
+        "torch==2.12.0 here, or rebuild the artifact with this torch"
+    )
+    with pytest.raises(CompatibilityError) as e:
+        diffbake.load(art, device="cuda")
+    assert str(e.value) == (
+        "device: this artifact was compiled for 'cpu', but 'cuda' was asked for; load it with device='cpu', or "
+        "rebuild the recipe with [target] device = 'cuda'"
+    )
+    assert no_package_loaded == []
