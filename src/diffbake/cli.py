@@ -67,7 +67,21 @@ class _TerminalReporter:
         click.echo(f"\r  {title} done in {time.perf_counter() - start:.1f} s", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Turns diffbake's known errors into one line and exit code 1, for every command."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DiffbakeError as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            click.echo(f"error: {e}", err=True)
+            click.echo(f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="diffbake")
 def cli() -> None:
     """Ahead-of-time compiled diffusers pipelines: build an artifact from a recipe, load it with no compile step.
@@ -180,24 +194,9 @@ def _mb(n: int) -> str:
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning known errors into one line and exit code 1."""
+    """Entry point of the ``diffbake`` command."""
     _quiet_dependencies()
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except DiffbakeError as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        click.echo(f"error: {e}", err=True)
-        click.echo(f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
-        sys.exit(1)
+    cli(prog_name="diffbake")
 
 
 if __name__ == "__main__":
