@@ -28,8 +28,14 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
 
 def test_build_prints_each_stage_and_the_artifact(demo):
     out, output = demo
-    for stage in ("read source", "unet: export", "unet: compile (AOTInductor)", "unet: verify against eager",
-                  "vae_decoder: compile (AOTInductor)", "write manifest"):
+    for stage in (
+        "read source",
+        "unet: export",
+        "unet: compile (AOTInductor)",
+        "unet: verify against eager",
+        "vae_decoder: compile (AOTInductor)",
+        "write manifest",
+    ):
         assert f"  {stage} done in " in output
     assert "unet: max abs error vs eager" in output
     assert output.rstrip().splitlines()[-1] == str(out)
@@ -40,7 +46,9 @@ def test_build_prints_each_stage_and_the_artifact(demo):
 def test_generate_writes_pngs(demo, tmp_path: Path):
     out, _ = demo
     png = tmp_path / "img" / "cat.png"
-    result = CliRunner().invoke(cli, ["generate", str(out), "--prompt", "a photo of a cat", "--steps", "2", "--out", str(png)])
+    result = CliRunner().invoke(
+        cli, ["generate", str(out), "--prompt", "a photo of a cat", "--steps", "2", "--out", str(png)]
+    )
     assert result.exit_code == 0, result.output
     assert str(png) in result.output
     with Image.open(png) as image:
@@ -102,7 +110,9 @@ def test_errors_are_one_line(tmp_path: Path):
 
 def test_missing_source_folder(tmp_path: Path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[source]\nmodel = "{tmp_path}/no-model"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n')
+    recipe.write_text(
+        f'[source]\nmodel = "{tmp_path}/no-model"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
+    )
     result = CliRunner().invoke(cli, ["build", str(recipe), "--out", str(tmp_path / "a")])
     assert result.exit_code == 1
     assert result.output.splitlines()[-2] == (

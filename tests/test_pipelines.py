@@ -28,7 +28,14 @@ CALLS = {
     ],
     "flux": [
         dict(prompt="a photo of a cat", num_inference_steps=3, height=32, width=48, max_sequence_length=32),
-        dict(prompt="a blue horse", prompt_2="a green horse", num_inference_steps=2, height=32, width=48, max_sequence_length=32),
+        dict(
+            prompt="a blue horse",
+            prompt_2="a green horse",
+            num_inference_steps=2,
+            height=32,
+            width=48,
+            max_sequence_length=32,
+        ),
     ],
 }
 STAND_IN_TYPES = {
@@ -63,7 +70,10 @@ def test_images_match_stock_diffusers(pair):
 def test_loaded_pipeline_holds_no_eager_denoiser_or_decoder(pair):
     family, loaded, _ = pair
     attr, cls = STAND_IN_TYPES[family]
-    assert type(loaded).__name__ == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}[family]
+    assert (
+        type(loaded).__name__
+        == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}[family]
+    )
     assert type(getattr(loaded, attr)) is cls
     assert type(loaded.vae) is CompiledAutoencoderKL
     for module in (getattr(loaded, attr), loaded.vae):

@@ -45,7 +45,9 @@ def test_target_defaults_to_cpu_float32():
 
 
 def test_flux_text_tokens_default_to_512():
-    r = parse('[source]\nmodel = "tiny:flux"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n')
+    r = parse(
+        '[source]\nmodel = "tiny:flux"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n'
+    )
     assert check_against_source(r, FAMILIES["flux"], 8).components["transformer"].shapes.text_tokens == 512
 
 
@@ -61,7 +63,9 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: unknown key 'extra' in the top level; known keys: source, target, components",
         ),
         (
-            GOOD.replace("shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"),
+            GOOD.replace(
+                "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"
+            ),
             "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg",
         ),
         (
@@ -77,7 +81,10 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: [target] device = 'tpu' is not supported; expected one of: cpu, cuda",
         ),
         (
-            GOOD.replace("batch = 2, height = 64, width = 96 }\n[components.vae", "batch = 0, height = 64, width = 96 }\n[components.vae"),
+            GOOD.replace(
+                "batch = 2, height = 64, width = 96 }\n[components.vae",
+                "batch = 0, height = 64, width = 96 }\n[components.vae",
+            ),
             "r.toml: [components.unet] shapes batch must be a positive integer, found an integer 0",
         ),
         (
@@ -85,7 +92,10 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: [components.unet] shapes height must be a positive integer, found a float 64.0",
         ),
         (
-            GOOD.replace("shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shapes = { batch = 2, height = 64 }\n[components.vae"),
+            GOOD.replace(
+                "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae",
+                "shapes = { batch = 2, height = 64 }\n[components.vae",
+            ),
             "r.toml: missing 'width' in [components.unet] shapes",
         ),
         (GOOD.replace('model = "tiny:sd"', ""), "r.toml: missing 'model' in [source]"),
@@ -106,7 +116,10 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: [components.vae_decoder] cfg applies to the denoiser only; remove it here",
         ),
         ("[source\n", "r.toml: not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
-        ('[source]\nmodel = "tiny:sd"\n[components]\n', "r.toml: [components] is empty; name at least one component to compile, one of: transformer, unet, vae_decoder"),
+        (
+            '[source]\nmodel = "tiny:sd"\n[components]\n',
+            "r.toml: [components] is empty; name at least one component to compile, one of: transformer, unet, vae_decoder",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_with_exact_messages(text, message):
@@ -177,7 +190,10 @@ def test_shapes_are_checked_against_the_family(family, scale, text, message):
 def test_missing_recipe_file(tmp_path: Path):
     with pytest.raises(RecipeError) as e:
         load_recipe(tmp_path / "nope.toml")
-    assert str(e.value) == f"{tmp_path / 'nope.toml'}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml"
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'nope.toml'}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml"
+    )
 
 
 def test_shipped_recipes_are_valid():

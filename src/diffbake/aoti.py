@@ -32,7 +32,9 @@ def compile_package(name: str, exported: Any, path: Path) -> Path:
     import torch._inductor
 
     try:
-        out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
+        out = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS
+        )
     except Exception as e:  # inductor raises many unrelated types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BuildError(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
 

@@ -1,8 +1,8 @@
 """build(recipe): the whole story of turning a diffusers pipeline into an artifact, top to bottom.
 
-    recipe ─► source configs ─► shape checks ─► load pipeline ─► per component:
-        example inputs ─► eager reference ─► torch.export ─► AOTInductor ─► weights ─► verify vs eager
-    ─► save the eager rest ─► manifest last ─► rename into place
+recipe ─► source configs ─► shape checks ─► load pipeline ─► per component:
+    example inputs ─► eager reference ─► torch.export ─► AOTInductor ─► weights ─► verify vs eager
+─► save the eager rest ─► manifest last ─► rename into place
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -99,7 +101,9 @@ def build(
         recipe = load_recipe(recipe)
     dest = Path(out) if out is not None else Path("artifacts") / recipe.name
     if dest.exists() and not force:
-        raise BuildError(f"{dest}: already exists; pass --force to replace it (only once the new build is complete), or --out DIR")
+        raise BuildError(
+            f"{dest}: already exists; pass --force to replace it (only once the new build is complete), or --out DIR"
+        )
 
     with rep.stage("read source"):
         info = inspect_source(recipe)
@@ -216,7 +220,9 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def _manifest(recipe: Recipe, info: SourceInfo, entries: dict[str, ComponentEntry], files: dict[str, FileEntry]) -> Manifest:
+def _manifest(
+    recipe: Recipe, info: SourceInfo, entries: dict[str, ComponentEntry], files: dict[str, FileEntry]
+) -> Manifest:
     return Manifest(
         format=FORMAT_NAME,
         format_version=FORMAT_VERSION,

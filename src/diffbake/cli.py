@@ -11,8 +11,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import click
 
@@ -97,7 +97,12 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="Artifact folder [default: artifacts/<recipe name>].")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Artifact folder [default: artifacts/<recipe name>].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only once the new one is complete).")
 def build(recipe: Path, out: Path | None, force: bool) -> None:
     """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
@@ -123,15 +128,29 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--guidance-scale", type=float, default=None, help="Guidance scale [default: the pipeline's].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--out", "-o", default="image.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write; with several images, -1, -2, ... are added.")
-def generate(artifact: Path, prompt: str, negative_prompt: str | None, steps: int, guidance_scale: float | None, seed: int, out: Path) -> None:
+@click.option(
+    "--out",
+    "-o",
+    default="image.png",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG to write; with several images, -1, -2, ... are added.",
+)
+def generate(
+    artifact: Path,
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    guidance_scale: float | None,
+    seed: int,
+    out: Path,
+) -> None:
     """Generate images with a built ARTIFACT, at the size it was compiled for."""
     import torch
-
-    from .runtime import load
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from .runtime import load
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -176,17 +195,26 @@ def inspect(artifact: Path, as_json: bool) -> None:
         return
     total = sum(f.size for f in m.files.values())
     click.echo(f"{artifact}: {m.pipeline_class} ({m.source['family']}) from {m.source['model']}")
-    click.echo(f"  target: {m.host['device']} {m.dtype}, cpu {m.host.get('cpu_capability')}, {m.host.get('platform')}-{m.host.get('machine')}" + (f", gpu {m.host['gpu']} (sm {m.host['compute_capability']})" if m.host.get("gpu") else ""))
+    click.echo(
+        f"  target: {m.host['device']} {m.dtype}, cpu {m.host.get('cpu_capability')}, {m.host.get('platform')}-{m.host.get('machine')}"
+        + (f", gpu {m.host['gpu']} (sm {m.host['compute_capability']})" if m.host.get("gpu") else "")
+    )
     click.echo("  built with: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo(f"  size: {_mb(total)} in {len(m.files)} files")
     for name, c in m.components.items():
         pkg, weights = m.files[c.package].size, m.files[c.weights].size
-        shapes = ", ".join(f"{k}={v}" for k, v in c.shapes.items()) + (f", cfg={str(c.cfg).lower()}" if c.cfg is not None else "")
+        shapes = ", ".join(f"{k}={v}" for k, v in c.shapes.items()) + (
+            f", cfg={str(c.cfg).lower()}" if c.cfg is not None else ""
+        )
         click.echo(f"  {name} ({c.class_name}): {shapes}")
-        click.echo(f"    package {_mb(pkg)}, weights {_mb(weights)} ({len(c.constants)} tensors), built in {c.build_seconds:.1f} s")
+        click.echo(
+            f"    package {_mb(pkg)}, weights {_mb(weights)} ({len(c.constants)} tensors), built in {c.build_seconds:.1f} s"
+        )
         click.echo(f"    max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e})")
         for spec in c.inputs:
-            click.echo(f"    input {spec.name}: {spec.dtype}{list(spec.shape)}{' (cast and broadcast)' if spec.coerce else ''}")
+            click.echo(
+                f"    input {spec.name}: {spec.dtype}{list(spec.shape)}{' (cast and broadcast)' if spec.coerce else ''}"
+            )
 
 
 def _mb(n: int) -> str:

@@ -6,7 +6,8 @@ keyword path (see ``manifest.flatten_call``). A new family is a new builder in `
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,7 +47,9 @@ def _unet_inputs(comp: ComponentRecipe, pipe: Any, dtype: str, h: int, w: int) -
         # Schedulers hand out int64 or float timesteps, 0-d or per sample; the UNet broadcasts and casts them to
         # float itself, so the stand-in does the same and the package sees one layout.
         TensorSpec("timestep", [batch], "float32", coerce=True),
-        TensorSpec("encoder_hidden_states", [batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim], dtype),
+        TensorSpec(
+            "encoder_hidden_states", [batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim], dtype
+        ),
     ]
     if unet.config.time_cond_proj_dim is not None:
         specs.append(TensorSpec("timestep_cond", [batch, unet.config.time_cond_proj_dim], dtype))

@@ -155,9 +155,13 @@ def read_manifest(artifact: str | Path) -> Manifest:
             "(the manifest is written last; an interrupted build leaves none); rebuild it with `diffbake build RECIPE`"
         )
     if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
+        raise ArtifactError(
+            f"{path}: {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have"
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes)
+        data = json.loads(
+            path.read_text(encoding="utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes
+        )
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not a valid manifest ({e}); rebuild the artifact") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:

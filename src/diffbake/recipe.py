@@ -108,7 +108,9 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml") from None
+        raise RecipeError(
+            f"{path}: no such recipe file; pass the path of a TOML recipe such as recipes/tiny-sd.toml"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e})") from e
     return parse_recipe(text, path=path)
@@ -199,7 +201,9 @@ def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) 
                     if family.pixel_multiple_of_latent == 2
                     else f"the VAE scale factor of this {family.name} pipeline"
                 )
-                raise RecipeError(f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}")
+                raise RecipeError(
+                    f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}"
+                )
         cfg, tokens = comp.cfg, comp.shapes.text_tokens
         if name == family.denoiser:
             if not family.has_cfg_batch and cfg:
@@ -227,14 +231,19 @@ def _require_cuda(where: str) -> None:
     if not torch.cuda.is_available():
         raise RecipeError(
             f"{where}: [target] device = 'cuda' but this host has no CUDA GPU; AOTInductor generates and tunes "
-            "CUDA code on the GPU itself, so build on a host with the target GPU, or set device = \"cpu\""
+            'CUDA code on the GPU itself, so build on a host with the target GPU, or set device = "cpu"'
         )
 
 
 def _typename(value: Any) -> str:
-    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer", float: "a float"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        dict: "a table",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+    }.get(type(value), type(value).__name__)
 
 
 class _Validator:
@@ -246,7 +255,9 @@ class _Validator:
     def keys(self, table: dict, known: tuple[str, ...], section: str, what: str = "key") -> None:
         for key in table:
             if key not in known:
-                raise RecipeError(f"{self.where}: unknown {what} {key!r} in {section}; known {what}s: {', '.join(known)}")
+                raise RecipeError(
+                    f"{self.where}: unknown {what} {key!r} in {section}; known {what}s: {', '.join(known)}"
+                )
 
     def table(self, data: dict, key: str, required: bool = False, section: str = "") -> dict:
         label = f"{section} {key}".strip() if section else f"[{key}]"
@@ -266,7 +277,9 @@ class _Validator:
             return None
         value = table[key]
         if not isinstance(value, str) or not value.strip():
-            raise RecipeError(f"{self.where}: {section} {key} must be a non-empty string, found {_typename(value)} {value!r}")
+            raise RecipeError(
+                f"{self.where}: {section} {key} must be a non-empty string, found {_typename(value)} {value!r}"
+            )
         return value
 
     def choice(self, table: dict, key: str, section: str, choices: tuple[str, ...], default: str) -> str:
@@ -284,5 +297,7 @@ class _Validator:
             return None
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise RecipeError(f"{self.where}: {section} {key} must be a positive integer, found {_typename(value)} {value!r}")
+            raise RecipeError(
+                f"{self.where}: {section} {key} must be a positive integer, found {_typename(value)} {value!r}"
+            )
         return value

@@ -18,9 +18,10 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
@@ -153,7 +154,12 @@ class CompiledProgram:
 
     def _shape_hint(self, spec: TensorSpec, value: torch.Tensor) -> str:
         s = self.entry.shapes
-        if self.entry.cfg and value.dim() and value.shape[0] * 2 == spec.shape[0] and list(value.shape[1:]) == spec.shape[1:]:
+        if (
+            self.entry.cfg
+            and value.dim()
+            and value.shape[0] * 2 == spec.shape[0]
+            and list(value.shape[1:]) == spec.shape[1:]
+        ):
             return (
                 "guidance_scale <= 1 turns classifier-free guidance off, but this artifact was built with cfg = true: "
                 f"call with guidance_scale > 1, or rebuild with [components.{self.name}] cfg = false"
@@ -250,7 +256,9 @@ class CompiledUNet2DConditionModel(_CompiledModel):
         # SDXL reads add_embedding.linear_1.in_features to check its added time ids; answer from the config.
         if self.config.get("addition_embed_type") != "text_time":
             raise AttributeError("add_embedding")
-        return SimpleNamespace(linear_1=SimpleNamespace(in_features=self.config["projection_class_embeddings_input_dim"]))
+        return SimpleNamespace(
+            linear_1=SimpleNamespace(in_features=self.config["projection_class_embeddings_input_dim"])
+        )
 
 
 class CompiledFluxTransformer2DModel(_CompiledModel, CacheMixin):

@@ -59,7 +59,9 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
                 "pipeline saved with save_pretrained"
             )
         index = _read_json(folder / MODEL_INDEX, where)
-        vae_config = _read_json(folder / "vae" / "config.json", where) if (folder / "vae" / "config.json").is_file() else {}
+        vae_config = (
+            _read_json(folder / "vae" / "config.json", where) if (folder / "vae" / "config.json").is_file() else {}
+        )
         return _info("local", str(folder.resolve()), None, index, vae_config, where)
     if _looks_like_path(model):
         raise SourceNotFoundError(

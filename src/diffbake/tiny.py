@@ -305,7 +305,7 @@ def _flux():
 _BUILDERS = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
 
 
-def make_tiny_pipeline(family: str) -> "diffusers.DiffusionPipeline":
+def make_tiny_pipeline(family: str) -> diffusers.DiffusionPipeline:
     """Build the tiny float32 pipeline for ``family`` (one of ``TINY_FAMILIES``)."""
     if family not in _BUILDERS:
         raise ValueError(f"Unknown tiny pipeline family {family!r}; known families: {', '.join(TINY_FAMILIES)}")

@@ -29,9 +29,13 @@ def verify_files(artifact: str | Path, manifest: Manifest) -> None:
     for rel, entry in manifest.files.items():
         path = root / rel
         if path.is_symlink():
-            raise IntegrityError(f"{path}: is a symbolic link; an artifact holds regular files only; rebuild or re-download it")
+            raise IntegrityError(
+                f"{path}: is a symbolic link; an artifact holds regular files only; rebuild or re-download it"
+            )
         if not path.is_file():
-            raise IntegrityError(f"{path}: listed in the manifest but missing; the artifact is incomplete; rebuild or re-download it")
+            raise IntegrityError(
+                f"{path}: listed in the manifest but missing; the artifact is incomplete; rebuild or re-download it"
+            )
         size = path.stat().st_size
         if size != entry.size:
             raise IntegrityError(
@@ -88,7 +92,9 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
             f"load it with device={built['device']!r}, or rebuild the recipe with [target] device = {device!r}"
         )
     if device == "cuda" and not torch.cuda.is_available():
-        raise CompatibilityError("device: this artifact was compiled for 'cuda', but this host has no CUDA GPU; load it on a GPU host")
+        raise CompatibilityError(
+            "device: this artifact was compiled for 'cuda', but this host has no CUDA GPU; load it on a GPU host"
+        )
     here = host_facts(device)
 
     def refuse(fld: str, remedy: str, was: Any = None, now: Any = None) -> None:
@@ -98,7 +104,12 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
     wanted_torch = manifest.versions.get("torch")
     if wanted_torch != torch.__version__:
         # Compiled packages link against one torch build's C++ ABI; another build can fail or crash at load.
-        refuse("torch", f"install torch=={wanted_torch} here, or rebuild the artifact with this torch", wanted_torch, torch.__version__)
+        refuse(
+            "torch",
+            f"install torch=={wanted_torch} here, or rebuild the artifact with this torch",
+            wanted_torch,
+            torch.__version__,
+        )
     for fld in ("platform", "machine"):
         if built.get(fld) != here[fld]:
             refuse(fld, "rebuild the artifact on a host of this platform")
@@ -106,7 +117,11 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
         want = _CPU_CAPABILITY_RANK.get(str(built.get("cpu_capability")))
         have = _CPU_CAPABILITY_RANK.get(str(here["cpu_capability"]))
         if want is None or have is None or have < want:
-            refuse("cpu_capability", "its code uses instructions this CPU lacks; rebuild the artifact on (or for) this CPU")
+            refuse(
+                "cpu_capability", "its code uses instructions this CPU lacks; rebuild the artifact on (or for) this CPU"
+            )
     else:
         if built.get("compute_capability") != here["compute_capability"]:
-            refuse("compute_capability", "CUDA code is built for one GPU architecture; rebuild the artifact on this GPU")
+            refuse(
+                "compute_capability", "CUDA code is built for one GPU architecture; rebuild the artifact on this GPU"
+            )
