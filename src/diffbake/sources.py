@@ -83,8 +83,8 @@ def load_pipeline(info: SourceInfo, dtype: str):
     if info.kind == "tiny":
         from .tiny import make_tiny_pipeline
 
-        pipe = make_tiny_pipeline(info.location)
-        return pipe.to(dtype=torch_dtype)
+        pipe = make_tiny_pipeline(info.location)  # built in float32
+        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     try:
         return DiffusionPipeline.from_pretrained(info.location, revision=info.revision, dtype=torch_dtype)
     except (OSError, ValueError) as e:

@@ -1,0 +1,128 @@
+"""Measure an artifact against eager diffusers: build time, size, load time, denoiser step and image latency.
+
+    python benchmarks/measure.py recipes/tiny-sd.toml [--out DIR] [--reuse] [--repeats 20]
+
+All figures come from one run on one machine; compare them as ratios. Latencies are medians after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import diffbake
+from diffbake.families import VAE_DECODER
+from diffbake.inputs import example_inputs
+from diffbake.manifest import read_manifest
+from diffbake.recipe import check_against_source, load_recipe
+from diffbake.sources import inspect_source, load_pipeline
+
+LOAD_SCRIPT = "import sys, time; t = time.perf_counter(); import diffbake; diffbake.load(sys.argv[1]); print(time.perf_counter() - t)"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--reuse", action="store_true", help="measure an existing artifact instead of rebuilding")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    recipe = load_recipe(args.recipe)
+    out = args.out or Path("artifacts") / recipe.name
+    report: dict = {"recipe": str(args.recipe), "threads": torch.get_num_threads()}
+    if not (args.reuse and out.exists()):
+        start = time.perf_counter()
+        diffbake.build(recipe, out, force=True)
+        report["build_seconds"] = round(time.perf_counter() - start, 2)
+    manifest = read_manifest(out)
+    report["build_seconds_per_component"] = {n: c.build_seconds for n, c in manifest.components.items()}
+    report["artifact_mb"] = round(sum(f.size for f in manifest.files.values()) / 1e6, 2)
+    report["max_abs_error"] = {n: c.max_abs_error for n, c in manifest.components.items()}
+
+    fresh = [
+        float(
+            subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out)], capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        for _ in range(3)
+    ]
+    report["load_seconds_fresh_process_incl_imports"] = round(min(fresh), 3)
+    start = time.perf_counter()
+    compiled = diffbake.load(out)
+    report["load_seconds_in_process"] = round(time.perf_counter() - start, 3)
+
+    info = inspect_source(recipe)
+    recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
+    eager = load_pipeline(info, recipe.dtype)
+    family = info.family
+
+    with torch.inference_mode():
+        for name, entry in manifest.components.items():
+            inputs = example_inputs(family, entry.inputs)
+            kwargs = {}
+            for spec, value in zip(entry.inputs, inputs):
+                head, _, leaf = spec.name.partition(".")
+                if leaf:
+                    kwargs.setdefault(head, {})[leaf] = value
+                else:
+                    kwargs[head] = value
+            if name == VAE_DECODER:
+                eager_fn = lambda: eager.vae.decode(**kwargs, return_dict=False)  # noqa: E731
+                compiled_fn = lambda: compiled.vae.decode(**kwargs, return_dict=False)  # noqa: E731
+            else:
+                eager_fn = lambda: getattr(eager, name)(**kwargs, return_dict=False)  # noqa: E731
+                compiled_fn = lambda: getattr(compiled, name)(**kwargs, return_dict=False)  # noqa: E731
+            e = median_seconds(eager_fn, args.repeats)
+            c = median_seconds(compiled_fn, args.repeats)
+            report[f"{name}_ms"] = {
+                "eager": round(e * 1e3, 3),
+                "artifact": round(c * 1e3, 3),
+                "speedup": round(e / c, 2),
+            }
+
+        denoiser = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+        s = denoiser.shapes
+        call = dict(
+            prompt="a photo of a cat",
+            num_inference_steps=10,
+            height=s["height"],
+            width=s["width"],
+            num_images_per_prompt=s["batch"],
+            output_type="np",
+        )
+        if s.get("text_tokens"):
+            call["max_sequence_length"] = s["text_tokens"]
+        for pipe in (eager, compiled):
+            pipe.set_progress_bar_config(disable=True)
+        e = median_seconds(lambda: eager(**call), max(3, args.repeats // 4), warmup=1)
+        c = median_seconds(lambda: compiled(**call), max(3, args.repeats // 4), warmup=1)
+        report["image_10_steps_ms"] = {
+            "eager": round(e * 1e3, 1),
+            "artifact": round(c * 1e3, 1),
+            "speedup": round(e / c, 2),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
