@@ -59,9 +59,11 @@ def test_more_images_than_compiled_are_refused(sd):
 def test_guidance_off_on_a_cfg_build_says_how_to_rebuild(sd):
     with pytest.raises(InputMismatchError) as e:
         sd("a cat", guidance_scale=1.0, num_inference_steps=1)
-    assert str(e.value).endswith(
-        "guidance_scale <= 1 turns classifier-free guidance off, but this artifact was built with cfg = true: "
-        "call with guidance_scale > 1, or rebuild with [components.unet] cfg = false"
+    assert str(e.value) == (
+        "unet: input 'sample' has shape (1, 4, 32, 32), but this artifact was compiled for (2, 4, 32, 32) "
+        "(1 image(s) per call at 64x64 pixels, with classifier-free guidance); this artifact was built with "
+        "cfg = true for 1 image(s) per call: call with guidance_scale > 1 (guidance_scale <= 1 turns "
+        "classifier-free guidance off) and 1 image(s) in all, or rebuild with [components.unet] cfg = false"
     )
 
 

@@ -162,7 +162,8 @@ def generate(
     manifest = read_manifest(artifact)
     family = FAMILIES[manifest.source["family"]]
     # The call must match the compiled shapes; take them from the denoiser (or the VAE if only it is compiled).
-    shapes = (manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]).shapes
+    entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+    shapes, denoiser_cfg = entry.shapes, entry.cfg
     kwargs = {"height": shapes["height"], "width": shapes["width"], "num_inference_steps": steps}
     if shapes.get("text_tokens"):
         kwargs["max_sequence_length"] = shapes["text_tokens"]
@@ -170,6 +171,8 @@ def generate(
         kwargs["negative_prompt"] = negative_prompt
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
+    elif denoiser_cfg is False:
+        kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
     kwargs["num_images_per_prompt"] = shapes["batch"]
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()

@@ -154,15 +154,18 @@ class CompiledProgram:
 
     def _shape_hint(self, spec: TensorSpec, value: torch.Tensor) -> str:
         s = self.entry.shapes
-        if (
-            self.entry.cfg
-            and value.dim()
-            and value.shape[0] * 2 == spec.shape[0]
-            and list(value.shape[1:]) == spec.shape[1:]
-        ):
+        only_batch_differs = value.dim() == len(spec.shape) and list(value.shape[1:]) == spec.shape[1:]
+        if only_batch_differs and self.entry.cfg and value.shape[0] * 2 == spec.shape[0]:
             return (
-                "guidance_scale <= 1 turns classifier-free guidance off, but this artifact was built with cfg = true: "
-                f"call with guidance_scale > 1, or rebuild with [components.{self.name}] cfg = false"
+                f"this artifact was built with cfg = true for {s['batch']} image(s) per call: call with "
+                f"guidance_scale > 1 (guidance_scale <= 1 turns classifier-free guidance off) and {s['batch']} "
+                f"image(s) in all, or rebuild with [components.{self.name}] cfg = false"
+            )
+        if only_batch_differs and self.entry.cfg is False and value.shape[0] == spec.shape[0] * 2:
+            return (
+                f"this artifact was built with cfg = false for {s['batch']} image(s) per call: call with "
+                f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {s['batch']} image(s) "
+                f"in all, or rebuild with [components.{self.name}] cfg = true"
             )
         call = f"height={s['height']}, width={s['width']}"
         if s.get("text_tokens"):

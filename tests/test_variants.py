@@ -1,0 +1,84 @@
+"""One more build that combines options that do not interact: a built-in tiny source, bfloat16, no CFG batch,
+two images per call, and a non-square size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+import diffbake
+from diffbake.cli import cli
+from diffbake.errors import InputMismatchError
+from diffbake.manifest import read_manifest
+
+RECIPE = """
+[source]
+model = "tiny:sd"
+[target]
+dtype = "bfloat16"
+[components.unet]
+shapes = { batch = 2, height = 64, width = 96 }
+cfg = false
+[components.vae_decoder]
+shapes = { batch = 2, height = 64, width = 96 }
+"""
+CALL = dict(prompt="a photo of a cat", guidance_scale=1.0, num_images_per_prompt=2, height=64, width=96)
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("variants")
+    (folder / "sd-bf16.toml").write_text(RECIPE)
+    return diffbake.build(folder / "sd-bf16.toml", folder / "sd-bf16")
+
+
+def test_bfloat16_images_match_stock_diffusers(bf16, saved_pipelines):
+    # tiny:sd is deterministic, so the saved tiny pipeline holds the same weights.
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd"), dtype=torch.bfloat16)
+    pipe = diffbake.load(bf16)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    got, want = (
+        p(**CALL, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        for p in (pipe, stock)
+    )
+    assert got.shape == (2, 64, 96, 3)
+    assert np.abs(got - want).max() <= 5e-2  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_manifest_records_dtype_and_no_cfg(bf16):
+    m = read_manifest(bf16)
+    unet = m.components["unet"]
+    assert m.dtype == "bfloat16" and m.source == {"model": "tiny:sd", "kind": "tiny", "revision": None, "family": "sd"}
+    assert unet.cfg is False
+    assert [(i.name, i.shape, i.dtype) for i in unet.inputs] == [
+        ("sample", [2, 4, 32, 48], "bfloat16"),
+        ("timestep", [2], "float32"),
+        ("encoder_hidden_states", [2, 77, 32], "bfloat16"),
+    ]
+    assert {c.dtype for c in unet.constants.values()} == {"bfloat16"}
+    assert 0 < unet.max_abs_error <= unet.tolerance
+
+
+def test_guidance_on_a_build_without_cfg_says_how_to_rebuild(bf16):
+    pipe = diffbake.load(bf16)
+    with pytest.raises(InputMismatchError) as e:
+        pipe(**{**CALL, "guidance_scale": 7.5}, num_inference_steps=1)
+    assert str(e.value).endswith(
+        "this artifact was built with cfg = false for 2 image(s) per call: call with guidance_scale <= 1 (a larger "
+        "one turns classifier-free guidance on) and 2 image(s) in all, or rebuild with [components.unet] cfg = true"
+    )
+
+
+def test_generate_uses_the_compiled_batch_and_no_guidance(bf16, tmp_path: Path):
+    png = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["generate", str(bf16), "--prompt", "a cat", "--steps", "2", "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    for path in (png, tmp_path / "out-1.png"):
+        with Image.open(path) as image:
+            assert image.size == (96, 64)
