@@ -36,6 +36,15 @@ def _quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=".*register_constant.*")
 
 
+def _quiet_loading_bars() -> None:
+    # Per-file load/save bars of diffusers and transformers; the denoising loop keeps its own bar.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 class _TerminalReporter:
     """One line per stage with its duration; a ticking timer on a terminal while a stage runs."""
 
@@ -108,6 +117,7 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
     """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
     from .builder import build as run_build
 
+    _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"building {recipe}", err=True)
     dest = run_build(recipe, out, force=force, reporter=_TerminalReporter())
@@ -147,13 +157,10 @@ def generate(
 ) -> None:
     """Generate images with a built ARTIFACT, at the size it was compiled for."""
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     from .runtime import load
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    _quiet_loading_bars()
     start = time.perf_counter()
     pipe = load(artifact)
     click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)

@@ -24,9 +24,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.cache_utils import CacheMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError
 from .families import FAMILIES, VAE_DECODER
@@ -183,16 +187,23 @@ def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
 
 
 class _CompiledModel(ModelMixin, ConfigMixin):
-    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters."""
+    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters.
+
+    A subclass names the eager class it stands for, the method the compiled code replaces, that method's
+    return_dict output type, and the arguments the eager method accepts but ignores.
+    """
 
     config_name = "config.json"
     _stands_for: type[torch.nn.Module]
+    _method = "forward"
+    _output: type
+    _ignored: tuple[str, ...] = ()
 
     def __init__(self, program: CompiledProgram, config: dict[str, Any]):
         super().__init__()
         self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
         self._program = program
-        self._signature = inspect.signature(self._stands_for.forward)
+        self._signature = inspect.signature(getattr(self._stands_for, self._method))
 
     @property
     def device(self) -> torch.device:
@@ -217,42 +228,36 @@ class _CompiledModel(ModelMixin, ConfigMixin):
             )
         return self
 
-    def _run(self, method_signature: inspect.Signature, args: tuple, kwargs: dict) -> torch.Tensor:
-        bound = method_signature.bind(self, *args, **kwargs)
+    def _invoke(self, args: tuple, kwargs: dict) -> Any:
+        """Call the compiled code as the eager method would be called, and return what it would return."""
+        bound = self._signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
         arguments = dict(bound.arguments)
-        arguments.pop(next(iter(method_signature.parameters)))  # self
-        top = {name.split(".")[0] for name in self._program.input_names}
+        arguments.pop(next(iter(self._signature.parameters)))  # self
+        return_dict = arguments.pop("return_dict", True)
+        compiled = {name.split(".")[0] for name in self._program.input_names}
         for name, value in arguments.items():
-            if name in top or name == "return_dict":
+            if name in compiled or name in self._ignored:
                 continue
-            default = method_signature.parameters[name].default
+            default = self._signature.parameters[name].default
             # None, the default, or an empty kwargs dict (Flux passes joint_attention_kwargs={}) change nothing.
-            unused = value is None or (isinstance(value, dict) and not value) or value is default or value == default
-            if not unused:
+            if not (value is None or value is default or value == default or (isinstance(value, dict) and not value)):
                 raise InputMismatchError(
                     f"{self._program.name}: argument {name!r} is not part of the compiled code (it was compiled for "
                     f"{', '.join(self._program.input_names)}); call without it"
                 )
-        return self._program(flatten_call(self._program.input_names, arguments))
-
-    def _return_dict(self, kwargs: dict, args: tuple, signature: inspect.Signature) -> bool:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        return bool(bound.arguments.get("return_dict", True))
+        sample = self._program(flatten_call(self._program.input_names, arguments))
+        return self._output(sample=sample) if return_dict else (sample,)
 
 
 class CompiledUNet2DConditionModel(_CompiledModel):
     """Stands in for ``UNet2DConditionModel``."""
 
-    from diffusers import UNet2DConditionModel as _stands_for
+    _stands_for = UNet2DConditionModel
+    _output = UNet2DConditionOutput
 
     def forward(self, *args: Any, **kwargs: Any):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        sample = self._run(self._signature, args, kwargs)
-        if not self._return_dict(kwargs, args, self._signature):
-            return (sample,)
-        return UNet2DConditionOutput(sample=sample)
+        return self._invoke(args, kwargs)
 
     @property
     def add_embedding(self) -> SimpleNamespace:
@@ -267,35 +272,27 @@ class CompiledUNet2DConditionModel(_CompiledModel):
 class CompiledFluxTransformer2DModel(_CompiledModel, CacheMixin):
     """Stands in for ``FluxTransformer2DModel``; ``cache_context`` comes from diffusers' CacheMixin."""
 
-    from diffusers import FluxTransformer2DModel as _stands_for
+    _stands_for = FluxTransformer2DModel
+    _output = Transformer2DModelOutput
 
     def forward(self, *args: Any, **kwargs: Any):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        sample = self._run(self._signature, args, kwargs)
-        if not self._return_dict(kwargs, args, self._signature):
-            return (sample,)
-        return Transformer2DModelOutput(sample=sample)
+        return self._invoke(args, kwargs)
 
 
 class CompiledAutoencoderKL(_CompiledModel):
     """Stands in for ``AutoencoderKL``: ``decode`` runs compiled code; encoding is not part of the artifact."""
 
-    from diffusers import AutoencoderKL as _stands_for
+    _stands_for = AutoencoderKL
+    _method = "decode"
+    _output = DecoderOutput
+    _ignored = ("generator",)  # AutoencoderKL.decode accepts a generator and does not use it
 
     def __init__(self, program: CompiledProgram, config: dict[str, Any]):
         # The decoder's dtype is fixed at build time, so the pipelines' upcast-to-float32 path must not run.
         super().__init__(program, {**config, "force_upcast": False})
-        self._signature = inspect.signature(self._stands_for.decode)
 
     def decode(self, *args: Any, **kwargs: Any):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        kwargs.pop("generator", None)  # AutoencoderKL.decode accepts and ignores it
-        sample = self._run(self._signature, args, kwargs)
-        if not self._return_dict(kwargs, args, self._signature):
-            return (sample,)
-        return DecoderOutput(sample=sample)
+        return self._invoke(args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any):
         raise InputMismatchError(
