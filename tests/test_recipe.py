@@ -66,7 +66,7 @@ def test_flux_text_tokens_default_to_512():
             GOOD.replace(
                 "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"
             ),
-            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg",
+            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, fuse_qkv, channels_last, quantization",
         ),
         (
             GOOD + "[components.text_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",
@@ -200,3 +200,78 @@ def test_shipped_recipes_are_valid():
     for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml")):
         recipe = load_recipe(path)
         assert recipe.components, path
+
+
+QUANT = GOOD.replace(
+    "[components.vae_decoder]",
+    'quantization = { method = "int8_dynamic", exclude = ["*proj_out*"] }\n[components.vae_decoder]',
+)
+
+
+def test_optimization_keys_parse():
+    r = parse(
+        QUANT.replace("[components.vae_decoder]", "fuse_qkv = true\nchannels_last = true\n[components.vae_decoder]")
+    )
+    unet = r.components["unet"]
+    assert unet.fuse_qkv and unet.channels_last and unet.transformed
+    assert unet.quantization.to_dict() == {
+        "method": "int8_dynamic",
+        "include": ["*"],
+        "exclude": ["*proj_out*"],
+        "min_features": 0,
+    }
+    assert not r.components["vae_decoder"].transformed
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            '"int8_dynamic"',
+            '"int4"',
+            "r.toml: [components.unet] quantization method = 'int4' is not supported; expected one of: "
+            "int8_weight_only, int8_dynamic, float8_weight_only, float8_dynamic",
+        ),
+        (
+            'method = "int8_dynamic", ',
+            "",
+            "r.toml: missing 'method' in [components.unet] quantization; one of: int8_weight_only, int8_dynamic, "
+            "float8_weight_only, float8_dynamic",
+        ),
+        (
+            'exclude = ["*proj_out*"]',
+            'exclude = "*proj_out*"',
+            'r.toml: [components.unet] quantization exclude must be an array of name patterns such as ["*attn*"]',
+        ),
+        (
+            'exclude = ["*proj_out*"]',
+            "min_features = -1",
+            "r.toml: [components.unet] quantization min_features must be a non-negative integer, found -1",
+        ),
+        (
+            'exclude = ["*proj_out*"]',
+            "bits = 4",
+            "r.toml: unknown key 'bits' in [components.unet] quantization; known keys: method, include, exclude, "
+            "min_features",
+        ),
+        (
+            "quantization = {",
+            "fuse_qkv = 1\nquantization = {",
+            "r.toml: [components.unet] fuse_qkv must be true or false, found an integer 1",
+        ),
+    ],
+)
+def test_bad_optimization_keys(old, new, message):
+    with pytest.raises(RecipeError) as e:
+        parse(QUANT.replace(old, new))
+    assert str(e.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_float8_dynamic_needs_a_recent_gpu():
+    with pytest.raises(RecipeError) as e:
+        parse(QUANT.replace('"int8_dynamic"', '"float8_dynamic"'))
+    assert str(e.value) == (
+        "r.toml: [components.unet] quantization method = 'float8_dynamic' needs a CUDA GPU of compute capability "
+        "8.9 or newer (found device = 'cpu'); use float8_weight_only or int8_dynamic instead"
+    )

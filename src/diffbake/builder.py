@@ -26,7 +26,7 @@ from .aoti import compile_package
 from .artifact import Staging
 from .errors import BuildError, VerificationError
 from .export import FlatCall, export_component
-from .families import VAE_DECODER, Family
+from .families import VAE_DECODER
 from .inputs import component_inputs, example_inputs
 from .manifest import (
     CONFIG_FILE,
@@ -44,7 +44,8 @@ from .manifest import (
 )
 from .recipe import ComponentRecipe, Recipe, check_against_source, load_recipe
 from .runtime import CompiledProgram
-from .sources import SourceInfo, inspect_source, load_pipeline
+from .sources import SourceInfo, inspect_source, load_module, load_pipeline
+from .transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from .verify import host_facts
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def build(
 
     with Staging(dest) as staging:
         entries = {
-            name: _build_component(comp, pipe, info.family, recipe, staging.path, rep)
+            name: _build_component(comp, pipe, info, recipe, staging.path, rep)
             for name, comp in recipe.components.items()
         }
         with rep.stage("save the eager components"):
@@ -126,18 +127,27 @@ def build(
 
 
 def _build_component(
-    comp: ComponentRecipe, pipe: Any, family: Family, recipe: Recipe, root: Path, rep: Reporter
+    comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe, root: Path, rep: Reporter
 ) -> ComponentEntry:
-    name = comp.name
+    name, family = comp.name, info.family
     start = time.perf_counter()
-    module = pipe.vae if name == VAE_DECODER else getattr(pipe, name)
+    attr = "vae" if name == VAE_DECODER else name
+    method = "decode" if name == VAE_DECODER else "forward"
+    module = getattr(pipe, attr)
     module.to(recipe.device).eval()
     specs = component_inputs(family, comp, pipe, recipe.dtype)
     example = [t.to(recipe.device) for t in example_inputs(family, specs)]
-    flat = FlatCall(module, "decode" if name == VAE_DECODER else "forward", [s.name for s in specs]).eval()
+    names = [s.name for s in specs]
 
+    with rep.stage(f"{name}: float32 eager reference"):
+        # What every error is finally measured against: the untransformed component in float32.
+        reference32 = _float32_reference(info, attr, method, names, example, module, comp, recipe)
+    transforms = _apply_transforms(comp, module, rep)
+    flat = FlatCall(module, method, names).eval()
     with torch.no_grad():
-        reference = flat(*example)
+        reference = flat(*example)  # the eager component exactly as compiled: same dtype and transforms
+    if comp.quantization is not None:
+        unwrap_for_export(module)
     with rep.stage(f"{name}: export"):
         exported = export_component(name, flat, example)
     folder = root / name
@@ -161,24 +171,75 @@ def _build_component(
         inputs=specs,
         output=output,
         constants=constants,
+        transforms=transforms,
         max_abs_error=0.0,
         tolerance=0.0,
+        error_vs_float32=0.0,
         build_seconds=0.0,
     )
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
-        compiled = CompiledProgram(root, entry, recipe.device)(example)
-        error = (compiled.float() - reference.float()).abs().max().item()
+        compiled = CompiledProgram(root, entry, recipe.device)(example).float()
+        error = (compiled - reference.float()).abs().max().item()
+        error32 = (compiled - reference32).abs().max().item()
         atol, rtol = TOLERANCES[recipe.dtype]
+        if comp.quantization is not None:
+            q_atol, q_rtol = QUANT_TOLERANCES[comp.quantization.method]
+            atol, rtol = max(atol, q_atol), max(rtol, q_rtol)
         tolerance = atol + rtol * reference.float().abs().max().item()
         del compiled
     if not math.isfinite(error) or error > tolerance:
         raise VerificationError(
             f"{name}: compiled output differs from eager by {error:.3g} (max abs), more than the {tolerance:.3g} "
-            f"allowed for {recipe.dtype}; report it with DIFFBAKE_DEBUG=1 output, or try another dtype"
+            f"allowed for {_describe_build(recipe, comp)}; report it with DIFFBAKE_DEBUG=1 output, or try another "
+            "dtype or quantization"
         )
-    logger.info("%s: max abs error vs eager %.3g (tolerance %.3g)", name, error, tolerance)
-    return replace(entry, max_abs_error=error, tolerance=tolerance, build_seconds=round(time.perf_counter() - start, 2))
+    logger.info("%s: max abs error vs eager %.3g (tolerance %.3g), vs float32 %.3g", name, error, tolerance, error32)
+    return replace(
+        entry,
+        max_abs_error=error,
+        tolerance=tolerance,
+        error_vs_float32=error32,
+        build_seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _describe_build(recipe: Recipe, comp: ComponentRecipe) -> str:
+    return recipe.dtype + (f" with {comp.quantization.method}" if comp.quantization else "")
+
+
+def _float32_reference(
+    info: SourceInfo,
+    attr: str,
+    method: str,
+    names: list[str],
+    example: list[torch.Tensor],
+    module: torch.nn.Module,
+    comp: ComponentRecipe,
+    recipe: Recipe,
+) -> torch.Tensor:
+    # A float32 build without transforms is its own reference; otherwise load the component alone in float32.
+    own = recipe.dtype == "float32" and not comp.transformed
+    module32 = module if own else load_module(info, attr, "float32").to(recipe.device).eval()
+    inputs = [t.float() if t.is_floating_point() else t for t in example]
+    with torch.no_grad():
+        out = FlatCall(module32, method, names)(*inputs).float()
+    del module32
+    return out
+
+
+def _apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Reporter) -> dict[str, Any]:
+    """fuse QKV -> channels_last -> quantize, in that order; returns what was applied, for the manifest."""
+    done: dict[str, Any] = {"fuse_qkv": comp.fuse_qkv, "channels_last": comp.channels_last, "quantization": None}
+    if comp.fuse_qkv:
+        with rep.stage(f"{comp.name}: fuse QKV projections"):
+            fuse_qkv(comp.name, module)
+    if comp.channels_last:
+        channels_last(module)
+    if comp.quantization is not None:
+        with rep.stage(f"{comp.name}: quantize ({comp.quantization.method})"):
+            done["quantization"] = quantize(comp.name, module, comp.quantization)
+    return done
 
 
 def _save_weights(name: str, exported: Any, folder: Path) -> dict[str, ConstantSpec]:

@@ -127,7 +127,11 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
     size = sum(f.size for f in manifest.files.values())
     click.echo(f"built {dest} ({_mb(size)}) in {time.perf_counter() - start:.1f} s", err=True)
     for name, c in manifest.components.items():
-        click.echo(f"  {name}: max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e})", err=True)
+        click.echo(
+            f"  {name}: max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e}), "
+            f"vs float32 eager {c.error_vs_float32:.2e}",
+            err=True,
+        )
     click.echo(str(dest))
 
 
@@ -220,11 +224,23 @@ def inspect(artifact: Path, as_json: bool) -> None:
         click.echo(
             f"    package {_mb(pkg)}, weights {_mb(weights)} ({len(c.constants)} tensors), built in {c.build_seconds:.1f} s"
         )
-        click.echo(f"    max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e})")
+        click.echo(f"    transforms: {_describe_transforms(c.transforms)}")
+        click.echo(
+            f"    max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e}), "
+            f"vs float32 eager {c.error_vs_float32:.2e}"
+        )
         for spec in c.inputs:
             click.echo(
                 f"    input {spec.name}: {spec.dtype}{list(spec.shape)}{' (cast and broadcast)' if spec.coerce else ''}"
             )
+
+
+def _describe_transforms(t: dict) -> str:
+    done = [k for k in ("fuse_qkv", "channels_last") if t.get(k)]
+    q = t.get("quantization")
+    if q:
+        done.append(f"{q['method']} on {q['layers']} linear layers")
+    return ", ".join(done) or "none"
 
 
 def _mb(n: int) -> str:

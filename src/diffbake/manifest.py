@@ -72,8 +72,10 @@ class ComponentEntry:
     inputs: list[TensorSpec]
     output: TensorSpec
     constants: dict[str, ConstantSpec]
-    max_abs_error: float
+    transforms: dict[str, Any]  # fuse_qkv, channels_last, quantization (with torchao's config) as applied
+    max_abs_error: float  # compiled vs the eager component it was compiled from (same dtype and transforms)
     tolerance: float
+    error_vs_float32: float  # compiled vs the float32 eager component without transforms
     build_seconds: float
 
 

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,37 @@ TINY_PREFIX = "tiny:"
 _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
 _TARGET_KEYS = ("device", "dtype")
-_COMPONENT_KEYS = ("shapes", "cfg")
+_COMPONENT_KEYS = ("shapes", "cfg", "fuse_qkv", "channels_last", "quantization")
 _SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
+_QUANT_KEYS = ("method", "include", "exclude", "min_features")
+
+# Recipe name -> torchao config class (see transforms.py); torchao is imported only when a recipe quantizes.
+QUANT_METHODS: dict[str, str] = {
+    "int8_weight_only": "Int8WeightOnlyConfig",
+    "int8_dynamic": "Int8DynamicActivationInt8WeightConfig",
+    "float8_weight_only": "Float8WeightOnlyConfig",
+    "float8_dynamic": "Float8DynamicActivationFloat8WeightConfig",
+}
+# Methods whose kernels need a CUDA GPU of at least this compute capability.
+QUANT_MIN_CUDA_CAPABILITY: dict[str, tuple[int, int]] = {"float8_dynamic": (8, 9)}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """torchao quantization of a component's linear layers."""
+
+    method: str
+    include: tuple[str, ...] = ("*",)  # fnmatch patterns on module names, e.g. "*attn*"
+    exclude: tuple[str, ...] = ()
+    min_features: int = 0  # quantize a linear only if in_features and out_features are both at least this
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "min_features": self.min_features,
+        }
 
 
 @dataclass(frozen=True)
@@ -70,6 +99,13 @@ class ComponentRecipe:
     name: str
     shapes: Shapes
     cfg: bool | None = None  # None: the family's default
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    quantization: Quantization | None = None
+
+    @property
+    def transformed(self) -> bool:
+        return self.fuse_qkv or self.channels_last or self.quantization is not None
 
 
 @dataclass(frozen=True)
@@ -167,7 +203,9 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
         if name == VAE_DECODER and (cfg is not None or ints["text_tokens"] is not None):
             extra = "cfg" if cfg is not None else "shapes.text_tokens"
             raise RecipeError(f"{where}: {section} {extra} applies to the denoiser only; remove it here")
-        components[name] = ComponentRecipe(name, Shapes(**ints), cfg)
+        flags = {k: v.boolean(table, k, section) for k in ("fuse_qkv", "channels_last")}
+        quant = _quantization(v, v.table(table, "quantization", section=section), section, device)
+        components[name] = ComponentRecipe(name, Shapes(**ints), cfg, quantization=quant, **flags)
 
     return Recipe(model, revision, device, dtype, components, text=text, path=Path(path) if path else None)
 
@@ -221,8 +259,39 @@ def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) 
                     "length; remove the key"
                 )
         shapes = Shapes(comp.shapes.batch, comp.shapes.height, comp.shapes.width, tokens)
-        filled[name] = ComponentRecipe(name, shapes, cfg)
+        filled[name] = replace(comp, shapes=shapes, cfg=cfg)
     return Recipe(recipe.model, recipe.revision, recipe.device, recipe.dtype, filled, recipe.text, recipe.path)
+
+
+def _quantization(v: _Validator, table: dict, section: str, device: str) -> Quantization | None:
+    if not table:
+        return None
+    label = f"{section} quantization"
+    v.keys(table, _QUANT_KEYS, label)
+    if "method" not in table:
+        raise RecipeError(f"{v.where}: missing 'method' in {label}; one of: {', '.join(QUANT_METHODS)}")
+    method = v.choice(table, "method", label, tuple(QUANT_METHODS), default="")
+    need = QUANT_MIN_CUDA_CAPABILITY.get(method)
+    if need is not None:
+        import torch
+
+        have = torch.cuda.get_device_capability() if device == "cuda" and torch.cuda.is_available() else None
+        if have is None or have < need:
+            found = f"compute capability {have[0]}.{have[1]}" if have else f"device = {device!r}"
+            raise RecipeError(
+                f"{v.where}: {label} method = {method!r} needs a CUDA GPU of compute capability "
+                f"{need[0]}.{need[1]} or newer (found {found}); use float8_weight_only or int8_dynamic instead"
+            )
+    patterns = {}
+    for key, default in (("include", ["*"]), ("exclude", [])):
+        value = table.get(key, default)
+        if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+            raise RecipeError(f'{v.where}: {label} {key} must be an array of name patterns such as ["*attn*"]')
+        patterns[key] = tuple(value)
+    min_features = table.get("min_features", 0)
+    if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 0:
+        raise RecipeError(f"{v.where}: {label} min_features must be a non-negative integer, found {min_features!r}")
+    return Quantization(method, patterns["include"], patterns["exclude"], min_features)
 
 
 def _require_cuda(where: str) -> None:
@@ -279,6 +348,14 @@ class _Validator:
         if not isinstance(value, str) or not value.strip():
             raise RecipeError(
                 f"{self.where}: {section} {key} must be a non-empty string, found {_typename(value)} {value!r}"
+            )
+        return value
+
+    def boolean(self, table: dict, key: str, section: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise RecipeError(
+                f"{self.where}: {section} {key} must be true or false, found {_typename(value)} {value!r}"
             )
         return value
 

@@ -91,6 +91,30 @@ def load_pipeline(info: SourceInfo, dtype: str):
         raise SourceError(f"cannot load the pipeline from {info.location!r}: {e}") from e
 
 
+def load_module(info: SourceInfo, attr: str, dtype: str):
+    """Load one component (``unet``, ``transformer``, ``vae``) of the source alone, in ``dtype``.
+
+    Used for the float32 reference of a build in another dtype, so the whole pipeline is never held twice.
+    """
+    import diffusers
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if info.kind == "tiny":
+        from .tiny import make_tiny_pipeline
+
+        return getattr(make_tiny_pipeline(info.location), attr).to(dtype=torch_dtype)
+    try:
+        if info.kind == "local":
+            index = _read_json(Path(info.location) / MODEL_INDEX, info.location)
+        else:
+            index = _hub_json(info.location, MODEL_INDEX, info.revision, info.location)
+        cls = getattr(diffusers, index[attr][1])
+        return cls.from_pretrained(info.location, subfolder=attr, revision=info.revision, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise SourceError(f"cannot load {attr!r} from {info.location!r}: {e}") from e
+
+
 def _info(kind: str, location: str, revision: str | None, index: dict, vae_config: dict, where: str) -> SourceInfo:
     class_name = index.get("_class_name", "")
     family = family_for_pipeline_class(class_name)
