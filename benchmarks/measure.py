@@ -56,7 +56,7 @@ def main() -> None:
     manifest = read_manifest(out)
     report["build_seconds_per_component"] = {n: c.build_seconds for n, c in manifest.components.items()}
     report["artifact_mb"] = round(sum(f.size for f in manifest.files.values()) / 1e6, 2)
-    report["max_abs_error"] = {n: c.max_abs_error for n, c in manifest.components.items()}
+    report["max_abs_error"] = {n: c.variants[0].max_abs_error for n, c in manifest.components.items()}
 
     fresh = [
         float(
@@ -78,9 +78,10 @@ def main() -> None:
 
     with torch.inference_mode():
         for name, entry in manifest.components.items():
-            inputs = example_inputs(family, entry.inputs)
+            variant = entry.variants[0]
+            inputs = example_inputs(family, variant.inputs, variant.dims)
             kwargs = {}
-            for spec, value in zip(entry.inputs, inputs):
+            for spec, value in zip(variant.inputs, inputs):
                 head, _, leaf = spec.name.partition(".")
                 if leaf:
                     kwargs.setdefault(head, {})[leaf] = value
@@ -101,7 +102,7 @@ def main() -> None:
             }
 
         denoiser = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
-        s = denoiser.shapes
+        s = {k: (v[0] if isinstance(v, list) else v) for k, v in denoiser.variants[0].shapes.items()}
         call = dict(
             prompt="a photo of a cat",
             num_inference_steps=10,

@@ -37,7 +37,7 @@ def test_build_prints_each_stage_and_the_artifact(demo):
         "write manifest",
     ):
         assert f"  {stage} done in " in output
-    assert "unet: max abs error vs eager" in output
+    assert "  unet [batch=1, height=64, width=64, cfg=true]: max abs error vs eager" in output
     assert output.rstrip().splitlines()[-1] == str(out)
     assert (out / "manifest.json").is_file()
     assert not list(out.parent.glob(".tiny-sd.partial-*"))
@@ -60,8 +60,9 @@ def test_inspect_shows_components_and_manifest(demo):
     result = CliRunner().invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
     assert f"{out}: StableDiffusionPipeline (sd) from tiny:sd" in result.output
-    assert "  unet (UNet2DConditionModel): batch=1, height=64, width=64, cfg=true" in result.output
-    assert "    input sample: float32[2, 4, 32, 32]" in result.output
+    assert "  unet (UNet2DConditionModel): 1 variant(s), built in " in result.output
+    assert "    [batch=1, height=64, width=64, cfg=true] package " in result.output
+    assert "      input sample: float32[2, 4, 32, 32]" in result.output
     assert "max abs error vs eager" in result.output
     as_json = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
     assert json.loads(as_json.output)["format"] == "diffbake-artifact"

@@ -45,7 +45,7 @@ def test_manifest_records_each_transform_and_both_errors(optimized):
     assert q["layers"] > 0 and q["config"]["_type"] == "Int8DynamicActivationInt8WeightConfig"
     assert q["config"]["_data"]["set_inductor_config"] is False
     assert vae.transforms["quantization"]["method"] == "float8_weight_only" and vae.transforms["fuse_qkv"] is False
-    for c in (unet, vae):
+    for c in (unet.variants[0], vae.variants[0]):
         assert 0 < c.max_abs_error <= c.tolerance
         assert c.error_vs_float32 > 0  # quantization moves the output away from float32 eager
 
@@ -89,7 +89,7 @@ def test_loaded_unet_matches_eager_with_the_same_transforms(optimized):
     with torch.no_grad():
         want = eager(sample, 500, encoder_hidden_states=text).sample
     got = pipe.unet(sample, 500, encoder_hidden_states=text).sample
-    tolerance = read_manifest(optimized).components["unet"].tolerance
+    tolerance = read_manifest(optimized).components["unet"].variants[0].tolerance
     assert (got - want).abs().max().item() <= tolerance
 
 

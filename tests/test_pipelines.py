@@ -107,15 +107,17 @@ def test_manifest_records_what_was_built(artifacts):
     assert m.host["device"] == "cpu" and m.host["dtype"] == "float32"
     assert m.versions["torch"] == torch.__version__
     unet = m.components["unet"]
-    assert [(i.name, i.shape) for i in unet.inputs] == [
+    variant = unet.variants[0]
+    assert [(i.name, i.shape) for i in variant.inputs] == [
         ("sample", [4, 4, 32, 32]),  # batch 2 doubled by CFG; 64 px / VAE scale factor 2
         ("timestep", [4]),
         ("encoder_hidden_states", [4, 77, 64]),
         ("added_cond_kwargs.text_embeds", [4, 32]),
         ("added_cond_kwargs.time_ids", [4, 6]),
     ]
-    assert 0 <= unet.max_abs_error <= unet.tolerance
-    assert unet.shapes == {"batch": 2, "height": 64, "width": 64} and unet.cfg is True
+    assert 0 <= variant.max_abs_error <= variant.tolerance
+    assert variant.shapes == {"batch": 2, "height": 64, "width": 64} and variant.cfg is True
+    assert variant.package == "unet/model.pt2" and variant.dims == {}
     # Every file is listed with its size; the weights hold exactly the constants the package names.
     for rel, f in m.files.items():
         assert (artifacts("sdxl") / rel).stat().st_size == f.size

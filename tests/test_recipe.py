@@ -10,7 +10,7 @@ import torch
 
 from diffbake.errors import DiffbakeError, RecipeError
 from diffbake.families import FAMILIES
-from diffbake.recipe import Shapes, check_against_source, load_recipe, parse_recipe
+from diffbake.recipe import Shapes, Variant, check_against_source, load_recipe, parse_recipe
 
 GOOD = """
 [source]
@@ -32,11 +32,10 @@ def parse(text: str):
 def test_good_recipe_parses_with_defaults():
     r = parse(GOOD)
     assert (r.model, r.revision, r.device, r.dtype) == ("tiny:sd", None, "cpu", "bfloat16")
-    assert r.components["unet"].shapes == Shapes(2, 64, 96)
-    assert r.components["unet"].cfg is None
+    assert r.components["unet"].variants == (Variant(Shapes(2, 64, 96), None),)
     filled = check_against_source(r, FAMILIES["sd"], vae_scale_factor=8)
-    assert filled.components["unet"].cfg is True  # the SD default
-    assert filled.components["vae_decoder"].cfg is None
+    assert filled.components["unet"].variants[0].cfg is True  # the SD default
+    assert filled.components["vae_decoder"].variants[0].cfg is None
 
 
 def test_target_defaults_to_cpu_float32():
@@ -48,7 +47,7 @@ def test_flux_text_tokens_default_to_512():
     r = parse(
         '[source]\nmodel = "tiny:flux"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n'
     )
-    assert check_against_source(r, FAMILIES["flux"], 8).components["transformer"].shapes.text_tokens == 512
+    assert check_against_source(r, FAMILIES["flux"], 8).components["transformer"].variants[0].shapes.text_tokens == 512
 
 
 @pytest.mark.parametrize(

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch._inductor import aoti_load_package
 
 from . import __version__
 from .aoti import compile_package
 from .artifact import Staging
 from .errors import BuildError, VerificationError
-from .export import FlatCall, export_component
+from .export import FlatCall, dynamic_shapes, export_component
 from .families import VAE_DECODER
 from .inputs import component_inputs, example_inputs
 from .manifest import (
@@ -41,9 +42,10 @@ from .manifest import (
     FileEntry,
     Manifest,
     TensorSpec,
+    VariantEntry,
 )
-from .recipe import ComponentRecipe, Recipe, check_against_source, load_recipe
-from .runtime import CompiledProgram
+from .recipe import ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
+from .runtime import CompiledComponent
 from .sources import SourceInfo, inspect_source, load_module, load_pipeline
 from .transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from .verify import host_facts
@@ -135,97 +137,132 @@ def _build_component(
     method = "decode" if name == VAE_DECODER else "forward"
     module = getattr(pipe, attr)
     module.to(recipe.device).eval()
-    specs = component_inputs(family, comp, pipe, recipe.dtype)
-    example = [t.to(recipe.device) for t in example_inputs(family, specs)]
-    names = [s.name for s in specs]
+    plans = [_plan(family, comp, v, pipe, recipe) for v in comp.variants]
+    names = [s.name for s in plans[0].specs]
 
     with rep.stage(f"{name}: float32 eager reference"):
         # What every error is finally measured against: the untransformed component in float32.
-        reference32 = _float32_reference(info, attr, method, names, example, module, comp, recipe)
+        own = recipe.dtype == "float32" and not comp.transformed
+        module32 = module if own else load_module(info, attr, "float32").to(recipe.device).eval()
+        for plan in plans:
+            plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
+        del module32
     transforms = _apply_transforms(comp, module, rep)
-    flat = FlatCall(module, method, names).eval()
-    with torch.no_grad():
-        reference = flat(*example)  # the eager component exactly as compiled: same dtype and transforms
+    for plan in plans:  # the eager component exactly as compiled: same dtype and transforms
+        plan.reference = [_run(module, method, names, p) for p in plan.points]
     if comp.quantization is not None:
         unwrap_for_export(module)
-    with rep.stage(f"{name}: export"):
-        exported = export_component(name, flat, example)
+    flat = FlatCall(module, method, names).eval()
+
     folder = root / name
     folder.mkdir()
-    with rep.stage(f"{name}: compile (AOTInductor)"):
-        compile_package(name, exported, folder / PACKAGE_FILE)
-    with rep.stage(f"{name}: save weights"):
-        constants = _save_weights(name, exported, folder)
-        module.save_config(folder)
+    module.save_config(folder)
+    constants: dict[str, ConstantSpec] | None = None
+    variants = []
+    for i, plan in enumerate(plans):
+        label = name if len(plans) == 1 else f"{name} [{i + 1}/{len(plans)}: {_describe_shapes(plan.variant)}]"
+        with rep.stage(f"{label}: export"):
+            exported = export_component(name, flat, plan.points[0], dynamic_shapes(plan.specs, plan.dims))
+        package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
+        with rep.stage(f"{label}: compile (AOTInductor)"):
+            compile_package(name, exported, package)
+        fqns = aoti_load_package(str(package)).get_constant_fqns()
+        if constants is None:
+            with rep.stage(f"{name}: save weights"):
+                constants = _save_weights(name, exported, fqns, folder)
+        elif set(fqns) != set(constants):
+            raise BuildError(
+                f"{name}: variant {i + 1} names other constants than variant 1, so they cannot share one weights "
+                "file; report it with DIFFBAKE_DEBUG=1 output"
+            )
+        output = TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch."))
+        variants.append(
+            VariantEntry(
+                package=package.relative_to(root).as_posix(),
+                shapes=plan.variant.shapes.to_dict(),
+                cfg=plan.variant.cfg,
+                inputs=plan.specs,
+                dims=plan.dims,
+                output=output,
+                max_abs_error=0.0,
+                tolerance=0.0,
+                error_vs_float32=0.0,
+            )
+        )
+        del exported
 
-    rel = Path(name)
-    output = TensorSpec("sample", list(reference.shape), str(reference.dtype).removeprefix("torch."))
     entry = ComponentEntry(
         name=name,
         class_name=type(module).__name__,
-        package=(rel / PACKAGE_FILE).as_posix(),
-        weights=(rel / WEIGHTS_FILE).as_posix(),
-        config=(rel / CONFIG_FILE).as_posix(),
-        shapes=comp.shapes.to_dict(),
-        cfg=comp.cfg,
-        inputs=specs,
-        output=output,
-        constants=constants,
+        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
+        config=(Path(name) / CONFIG_FILE).as_posix(),
+        constants=constants or {},
         transforms=transforms,
-        max_abs_error=0.0,
-        tolerance=0.0,
-        error_vs_float32=0.0,
+        variants=variants,
         build_seconds=0.0,
     )
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
-        compiled = CompiledProgram(root, entry, recipe.device)(example).float()
-        error = (compiled - reference.float()).abs().max().item()
-        error32 = (compiled - reference32).abs().max().item()
-        atol, rtol = TOLERANCES[recipe.dtype]
-        if comp.quantization is not None:
-            q_atol, q_rtol = QUANT_TOLERANCES[comp.quantization.method]
-            atol, rtol = max(atol, q_atol), max(rtol, q_rtol)
-        tolerance = atol + rtol * reference.float().abs().max().item()
+        compiled = CompiledComponent(root, entry, recipe.device)
+        checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
         del compiled
+    return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
+
+
+class _Plan:
+    """One variant's inputs and reference outputs at its check points (the traced size, and max if dynamic)."""
+
+    def __init__(self, variant: Variant, specs: list[TensorSpec], dims: dict, points: list[list[torch.Tensor]]):
+        self.variant, self.specs, self.dims, self.points = variant, specs, dims, points
+        self.reference: list[torch.Tensor] = []
+        self.reference32: list[torch.Tensor] = []
+
+
+def _plan(family: Any, comp: ComponentRecipe, variant: Variant, pipe: Any, recipe: Recipe) -> _Plan:
+    specs, dims = component_inputs(family, comp, variant, pipe, recipe.dtype)
+    points = [example_inputs(family, specs, dims)]
+    if dims:
+        points.append(example_inputs(family, specs, dims, seed=1, at="max"))
+    return _Plan(variant, specs, dims, [[t.to(recipe.device) for t in p] for p in points])
+
+
+def _run(module: Any, method: str, names: list[str], inputs: list[torch.Tensor], float32: bool = False):
+    if float32:
+        inputs = [t.float() if t.is_floating_point() else t for t in inputs]
+    with torch.no_grad():
+        out = FlatCall(module, method, names)(*inputs)
+    return out.float() if float32 else out
+
+
+def _verify(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+    atol, rtol = TOLERANCES[recipe.dtype]
+    if comp.quantization is not None:
+        q_atol, q_rtol = QUANT_TOLERANCES[comp.quantization.method]
+        atol, rtol = max(atol, q_atol), max(rtol, q_rtol)
+    error = error32 = tolerance = 0.0
+    for point, reference, reference32 in zip(plan.points, plan.reference, plan.reference32, strict=True):
+        out = compiled(point).float()
+        error = max(error, (out - reference.float()).abs().max().item())
+        error32 = max(error32, (out - reference32).abs().max().item())
+        tolerance = max(tolerance, atol + rtol * reference.float().abs().max().item())
     if not math.isfinite(error) or error > tolerance:
         raise VerificationError(
-            f"{name}: compiled output differs from eager by {error:.3g} (max abs), more than the {tolerance:.3g} "
-            f"allowed for {_describe_build(recipe, comp)}; report it with DIFFBAKE_DEBUG=1 output, or try another "
-            "dtype or quantization"
+            f"{name}: compiled output ({_describe_shapes(plan.variant)}) differs from eager by {error:.3g} (max abs), "
+            f"more than the {tolerance:.3g} allowed for {_describe_build(recipe, comp)}; report it with "
+            "DIFFBAKE_DEBUG=1 output, or try another dtype or quantization"
         )
     logger.info("%s: max abs error vs eager %.3g (tolerance %.3g), vs float32 %.3g", name, error, tolerance, error32)
-    return replace(
-        entry,
-        max_abs_error=error,
-        tolerance=tolerance,
-        error_vs_float32=error32,
-        build_seconds=round(time.perf_counter() - start, 2),
-    )
+    return replace(compiled.entry, max_abs_error=error, tolerance=tolerance, error_vs_float32=error32)
+
+
+def _describe_shapes(variant: Variant) -> str:
+    d = variant.shapes.to_dict()
+    text = ", ".join(f"{k}={v}" for k, v in d.items())
+    return text + (f", cfg={str(variant.cfg).lower()}" if variant.cfg is not None else "")
 
 
 def _describe_build(recipe: Recipe, comp: ComponentRecipe) -> str:
     return recipe.dtype + (f" with {comp.quantization.method}" if comp.quantization else "")
-
-
-def _float32_reference(
-    info: SourceInfo,
-    attr: str,
-    method: str,
-    names: list[str],
-    example: list[torch.Tensor],
-    module: torch.nn.Module,
-    comp: ComponentRecipe,
-    recipe: Recipe,
-) -> torch.Tensor:
-    # A float32 build without transforms is its own reference; otherwise load the component alone in float32.
-    own = recipe.dtype == "float32" and not comp.transformed
-    module32 = module if own else load_module(info, attr, "float32").to(recipe.device).eval()
-    inputs = [t.float() if t.is_floating_point() else t for t in example]
-    with torch.no_grad():
-        out = FlatCall(module32, method, names)(*inputs).float()
-    del module32
-    return out
 
 
 def _apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Reporter) -> dict[str, Any]:
@@ -242,12 +279,10 @@ def _apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Repor
     return done
 
 
-def _save_weights(name: str, exported: Any, folder: Path) -> dict[str, ConstantSpec]:
+def _save_weights(name: str, exported: Any, names: list[str], folder: Path) -> dict[str, ConstantSpec]:
     """Save exactly the constants the package names, contiguous, and record each one's layout."""
     from safetensors.torch import save_file
-    from torch._inductor import aoti_load_package
 
-    names = aoti_load_package(str(folder / PACKAGE_FILE)).get_constant_fqns()
     available = {**exported.state_dict, **exported.constants}
     missing = [n for n in names if n not in available]
     if missing:

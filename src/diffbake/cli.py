@@ -18,6 +18,7 @@ import click
 
 from .errors import DiffbakeError
 from .families import FAMILIES, VAE_DECODER
+from .manifest import VariantEntry
 
 DEBUG_ENV = "DIFFBAKE_DEBUG"
 
@@ -127,11 +128,12 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
     size = sum(f.size for f in manifest.files.values())
     click.echo(f"built {dest} ({_mb(size)}) in {time.perf_counter() - start:.1f} s", err=True)
     for name, c in manifest.components.items():
-        click.echo(
-            f"  {name}: max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e}), "
-            f"vs float32 eager {c.error_vs_float32:.2e}",
-            err=True,
-        )
+        for v in c.variants:
+            click.echo(
+                f"  {name} [{_shapes(v)}]: max abs error vs eager {v.max_abs_error:.2e} (tolerance "
+                f"{v.tolerance:.2e}), vs float32 eager {v.error_vs_float32:.2e}",
+                err=True,
+            )
     click.echo(str(dest))
 
 
@@ -142,6 +144,9 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--guidance-scale", type=float, default=None, help="Guidance scale [default: the pipeline's].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+@click.option("--height", type=click.IntRange(min=1), help="Pixels [default: the compiled height].")
+@click.option("--width", type=click.IntRange(min=1), help="Pixels [default: the compiled width].")
+@click.option("--images", type=click.IntRange(min=1), help="Images per call [default: the compiled batch].")
 @click.option(
     "--out",
     "-o",
@@ -157,6 +162,9 @@ def generate(
     steps: int,
     guidance_scale: float | None,
     seed: int,
+    height: int | None,
+    width: int | None,
+    images: int | None,
     out: Path,
 ) -> None:
     """Generate images with a built ARTIFACT, at the size it was compiled for."""
@@ -172,19 +180,25 @@ def generate(
 
     manifest = read_manifest(artifact)
     family = FAMILIES[manifest.source["family"]]
-    # The call must match the compiled shapes; take them from the denoiser (or the VAE if only it is compiled).
+    # The call must match the compiled shapes; take them from the denoiser's first variant (or the VAE's if only
+    # it is compiled), at the low end of a dynamic range unless given.
     entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
-    shapes, denoiser_cfg = entry.shapes, entry.cfg
-    kwargs = {"height": shapes["height"], "width": shapes["width"], "num_inference_steps": steps}
-    if shapes.get("text_tokens"):
-        kwargs["max_sequence_length"] = shapes["text_tokens"]
+    variant = entry.variants[0]
+    low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
+    kwargs = {
+        "height": height or low["height"],
+        "width": width or low["width"],
+        "num_inference_steps": steps,
+        "num_images_per_prompt": images or low["batch"],
+    }
+    if low.get("text_tokens"):
+        kwargs["max_sequence_length"] = low["text_tokens"]
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    elif denoiser_cfg is False:
+    elif variant.cfg is False:
         kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
-    kwargs["num_images_per_prompt"] = shapes["batch"]
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()
     images = pipe(prompt, generator=generator, **kwargs).images
@@ -216,23 +230,25 @@ def inspect(artifact: Path, as_json: bool) -> None:
     click.echo("  built with: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo(f"  size: {_mb(total)} in {len(m.files)} files")
     for name, c in m.components.items():
-        pkg, weights = m.files[c.package].size, m.files[c.weights].size
-        shapes = ", ".join(f"{k}={v}" for k, v in c.shapes.items()) + (
-            f", cfg={str(c.cfg).lower()}" if c.cfg is not None else ""
-        )
-        click.echo(f"  {name} ({c.class_name}): {shapes}")
-        click.echo(
-            f"    package {_mb(pkg)}, weights {_mb(weights)} ({len(c.constants)} tensors), built in {c.build_seconds:.1f} s"
-        )
+        weights = m.files[c.weights].size
+        click.echo(f"  {name} ({c.class_name}): {len(c.variants)} variant(s), built in {c.build_seconds:.1f} s")
+        click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
         click.echo(f"    transforms: {_describe_transforms(c.transforms)}")
-        click.echo(
-            f"    max abs error vs eager {c.max_abs_error:.2e} (tolerance {c.tolerance:.2e}), "
-            f"vs float32 eager {c.error_vs_float32:.2e}"
-        )
-        for spec in c.inputs:
+        for v in c.variants:
+            click.echo(f"    [{_shapes(v)}] package {_mb(m.files[v.package].size)}")
             click.echo(
-                f"    input {spec.name}: {spec.dtype}{list(spec.shape)}{' (cast and broadcast)' if spec.coerce else ''}"
+                f"      max abs error vs eager {v.max_abs_error:.2e} (tolerance {v.tolerance:.2e}), "
+                f"vs float32 eager {v.error_vs_float32:.2e}"
             )
+            for spec in v.inputs:
+                dims = [d if isinstance(d, int) else f"{d}={v.dims[d].min}..{v.dims[d].max}" for d in spec.shape]
+                coerced = " (cast and broadcast)" if spec.coerce else ""
+                click.echo(f"      input {spec.name}: {spec.dtype}[{', '.join(map(str, dims))}]{coerced}")
+
+
+def _shapes(variant: VariantEntry) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in variant.shapes.items())
+    return text + (f", cfg={str(variant.cfg).lower()}" if variant.cfg is not None else "")
 
 
 def _describe_transforms(t: dict) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import BuildError
-from .manifest import unflatten_call
+from .manifest import DimSpec, TensorSpec, unflatten_call
 
 
 class FlatCall(torch.nn.Module):
@@ -28,15 +28,36 @@ class FlatCall(torch.nn.Module):
         return getattr(self.model, self.method)(**kwargs, return_dict=False)[0]
 
 
-def export_component(name: str, flat: FlatCall, example: list[torch.Tensor]) -> Any:
-    """Export with static shapes; a failure names the component.
+def dynamic_shapes(specs: list[TensorSpec], dims: dict[str, DimSpec]) -> dict[str, Any] | None:
+    """torch.export's dynamic_shapes for a flat call: one Dim per named dimension, shared across inputs."""
+    if not dims:
+        return None
+    objects = {}
+    for name, d in dims.items():
+        if d.multiple > 1:
+            # A multiple of k is k * Dim: export then proves divisibility instead of specializing the size.
+            objects[name] = d.multiple * torch.export.Dim(
+                f"{name}_div{d.multiple}", min=d.min // d.multiple, max=d.max // d.multiple
+            )
+        else:
+            objects[name] = torch.export.Dim(name, min=d.min, max=d.max)
+    per_input = tuple(
+        {i: objects[size] for i, size in enumerate(spec.shape) if isinstance(size, str)} or None for spec in specs
+    )
+    return {"args": per_input}
+
+
+def export_component(
+    name: str, flat: FlatCall, example: list[torch.Tensor], shapes: dict[str, Any] | None = None
+) -> Any:
+    """Export, with the given dynamic shapes if any; a failure names the component.
 
     Raises:
         BuildError: torch.export could not trace the component.
     """
     try:
         with torch.no_grad():
-            return torch.export.export(flat, tuple(example), strict=False)
+            return torch.export.export(flat, tuple(example), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many unrelated types; all mean the same to the user
         raise BuildError(
             f"{name}: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

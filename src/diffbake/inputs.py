@@ -1,47 +1,110 @@
-"""The compiled components' inputs, from each pipeline's real call contract and the recipe's shapes.
+"""The compiled components' inputs, from each pipeline's real call contract and a variant's shapes.
 
 Each builder returns the flat list of inputs the pipeline passes to a component, in a fixed order, named by their
-keyword path (see ``manifest.flatten_call``). A new family is a new builder in ``_DENOISER_INPUTS``.
+keyword path (see ``manifest.flatten_call``), and the dynamic dimensions they use. A dimension that the recipe
+gives as a range becomes a named symbol shared by every input that carries it (the batch of ``sample`` and of
+``encoder_hidden_states``, say). A new family is a new builder in ``_DENOISER_INPUTS``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .errors import RecipeError
 from .families import VAE_DECODER, Family
-from .manifest import TensorSpec
-from .recipe import ComponentRecipe
+from .manifest import DimSpec, TensorSpec
+from .recipe import ComponentRecipe, Size, Variant
+
+Dims = dict[str, DimSpec]
 
 
-def component_inputs(family: Family, comp: ComponentRecipe, pipe: Any, dtype: str) -> list[TensorSpec]:
-    """Input specs of one component, as the pipeline calls it at the recipe's shapes."""
-    latent_h = comp.shapes.height // pipe.vae_scale_factor
-    latent_w = comp.shapes.width // pipe.vae_scale_factor
+class _Shaper:
+    """Turns recipe sizes into static sizes or named dynamic dimensions."""
+
+    def __init__(self) -> None:
+        self.dims: Dims = {}
+
+    def size(self, symbol: str, size: Size, scale: int = 1, multiple: int = 1) -> int | str:
+        """``size`` (in recipe units) times ``scale``; a range becomes the symbol, a multiple of ``multiple``."""
+        if not isinstance(size, tuple):
+            return size * scale
+        self.dims[symbol] = DimSpec(size[0] * scale, size[1] * scale, multiple)
+        return symbol
+
+
+def component_inputs(
+    family: Family, comp: ComponentRecipe, variant: Variant, pipe: Any, dtype: str
+) -> tuple[list[TensorSpec], Dims]:
+    """Input specs of one component as the pipeline calls it, and the dynamic dimensions they use."""
+    shaper = _Shaper()
+    latent = _latent_sizes(comp, variant, pipe, family)
     if comp.name == VAE_DECODER:
-        return [TensorSpec("z", [comp.shapes.batch, pipe.vae.config.latent_channels, latent_h, latent_w], dtype)]
-    return _DENOISER_INPUTS[family.name](comp, pipe, dtype, latent_h, latent_w)
+        shape = [
+            shaper.size("batch", variant.shapes.batch),
+            pipe.vae.config.latent_channels,
+            shaper.size("height", latent["height"]),
+            shaper.size("width", latent["width"]),
+        ]
+        return [TensorSpec("z", shape, dtype)], shaper.dims
+    return _DENOISER_INPUTS[family.name](shaper, variant, pipe, dtype, latent), shaper.dims
 
 
-def example_inputs(family: Family, specs: list[TensorSpec], seed: int = 0) -> list[torch.Tensor]:
-    """Seeded random inputs of the given specs; timesteps in the range the family's denoiser sees."""
+def example_inputs(
+    family: Family, specs: list[TensorSpec], dims: Dims, seed: int = 0, at: str = "example"
+) -> list[torch.Tensor]:
+    """Seeded random inputs; dynamic dimensions at an ``example`` size (what export traces) or at their ``max``.
+
+    Timesteps are drawn from the range the family's denoiser sees.
+    """
+    sizes = {name: (d.max if at == "max" else _example_size(d)) for name, d in dims.items()}
     g = torch.Generator().manual_seed(seed)
     out = []
     for spec in specs:
-        dtype = getattr(torch, spec.dtype)
+        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
         if spec.name == "timestep":
-            t = torch.rand(spec.shape, generator=g) * family.max_timestep
+            t = torch.rand(shape, generator=g) * family.max_timestep
         else:
-            t = torch.randn(spec.shape, generator=g)
-        out.append(t.to(dtype))
+            t = torch.randn(shape, generator=g)
+        out.append(t.to(getattr(torch, spec.dtype)))
     return out
 
 
-def _unet_inputs(comp: ComponentRecipe, pipe: Any, dtype: str, h: int, w: int) -> list[TensorSpec]:
+def _example_size(d: DimSpec) -> int:
+    # export specializes a dimension traced at size 1, so trace at 2 (times the multiple) where the range allows.
+    inner = max(2, math.ceil(d.min / d.multiple))
+    return min(inner * d.multiple, d.max // d.multiple * d.multiple)
+
+
+def _latent_sizes(comp: ComponentRecipe, variant: Variant, pipe: Any, family: Family) -> dict[str, Size]:
+    f = pipe.vae_scale_factor
+    out: dict[str, Size] = {}
+    for dim in ("height", "width"):
+        size = getattr(variant.shapes, dim)
+        out[dim] = (size[0] // f, size[1] // f) if isinstance(size, tuple) else size // f
+    if comp.name != VAE_DECODER and family.name in ("sd", "sdxl") and variant.shapes.dynamic:
+        # A dynamic latent size must stay a multiple of what the UNet downsamples by, or export specializes it.
+        down = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        for dim, size in out.items():
+            if isinstance(size, tuple) and (size[0] % down or size[1] % down):
+                raise RecipeError(
+                    f"[components.{comp.name}] shapes.{dim} = {list(getattr(variant.shapes, dim))}: a dynamic range "
+                    f"must start and end at multiples of {down * f} pixels for this UNet (it halves the latent "
+                    f"{down.bit_length() - 1} times)"
+                )
+    return out
+
+
+def _unet_inputs(shaper: _Shaper, variant: Variant, pipe: Any, dtype: str, latent: dict) -> list[TensorSpec]:
     unet = pipe.unet
-    batch = comp.shapes.batch * (2 if comp.cfg else 1)
+    double = 2 if variant.cfg else 1
+    batch = shaper.size("batch", variant.shapes.batch, scale=double, multiple=double)
+    down = 2 ** (len(unet.config.block_out_channels) - 1)
+    h = shaper.size("height", latent["height"], multiple=down)
+    w = shaper.size("width", latent["width"], multiple=down)
     specs = [
         TensorSpec("sample", [batch, unet.config.in_channels, h, w], dtype),
         # Schedulers hand out int64 or float timesteps, 0-d or per sample; the UNet broadcasts and casts them to
@@ -63,10 +126,18 @@ def _unet_inputs(comp: ComponentRecipe, pipe: Any, dtype: str, h: int, w: int) -
     return specs
 
 
-def _flux_inputs(comp: ComponentRecipe, pipe: Any, dtype: str, h: int, w: int) -> list[TensorSpec]:
+def _flux_inputs(shaper: _Shaper, variant: Variant, pipe: Any, dtype: str, latent: dict) -> list[TensorSpec]:
     cfg = pipe.transformer.config
-    batch, tokens = comp.shapes.batch, comp.shapes.text_tokens
-    seq = (h // 2) * (w // 2)  # 2x2 latent patches packed into one token
+    batch = shaper.size("batch", variant.shapes.batch)
+    tokens = shaper.size("text_tokens", variant.shapes.text_tokens)
+
+    # 2x2 latent patches are packed into one token: the image token count is (h / 2) * (w / 2).
+    def lo_hi(size: Size) -> tuple[int, int]:
+        return size if isinstance(size, tuple) else (size, size)
+
+    (h0, h1), (w0, w1) = lo_hi(latent["height"]), lo_hi(latent["width"])
+    seq_range = ((h0 // 2) * (w0 // 2), (h1 // 2) * (w1 // 2))
+    seq = shaper.size("image_tokens", seq_range if seq_range[0] != seq_range[1] else seq_range[0])
     specs = [
         TensorSpec("hidden_states", [batch, seq, cfg.in_channels], dtype),
         TensorSpec("encoder_hidden_states", [batch, tokens, cfg.joint_attention_dim], dtype),

@@ -42,15 +42,30 @@ NAME_SEP = "."
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output of a compiled package."""
+    """One input or output of a compiled package.
+
+    A shape entry is a size, or the name of a dynamic dimension described in the variant's ``dims``.
+    """
 
     name: str
-    shape: list[int]
+    shape: list[int | str]
     dtype: str  # torch dtype name without the "torch." prefix
     # A coerced input is cast to ``dtype`` and broadcast to ``shape`` by the stand-in, because the eager module
     # does the same to it (a scalar or int64 timestep) and the scheduler decides what the pipeline passes.
     coerce: bool = False
     layout: str = "contiguous"
+
+
+@dataclass(frozen=True)
+class DimSpec:
+    """A dynamic dimension: every value in [min, max] that is a multiple of ``multiple``."""
+
+    min: int
+    max: int
+    multiple: int = 1
+
+    def admits(self, value: int) -> bool:
+        return self.min <= value <= self.max and value % self.multiple == 0
 
 
 @dataclass(frozen=True)
@@ -61,21 +76,33 @@ class ConstantSpec:
 
 
 @dataclass(frozen=True)
-class ComponentEntry:
-    name: str
-    class_name: str  # the eager diffusers class this stands in for
-    package: str  # paths are relative to the artifact folder
-    weights: str
-    config: str
-    shapes: dict[str, int]  # the recipe's shapes: images per call, pixels, tokens
+class VariantEntry:
+    """One compiled package of a component; all variants of a component share its weights."""
+
+    package: str
+    shapes: dict[str, int | list[int]]  # the recipe's shapes: images per call, pixels, tokens; [min, max] ranges
     cfg: bool | None
     inputs: list[TensorSpec]
+    dims: dict[str, DimSpec]
     output: TensorSpec
-    constants: dict[str, ConstantSpec]
-    transforms: dict[str, Any]  # fuse_qkv, channels_last, quantization (with torchao's config) as applied
     max_abs_error: float  # compiled vs the eager component it was compiled from (same dtype and transforms)
     tolerance: float
     error_vs_float32: float  # compiled vs the float32 eager component without transforms
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.dims)
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    name: str
+    class_name: str  # the eager diffusers class this stands in for
+    weights: str  # paths are relative to the artifact folder
+    config: str
+    constants: dict[str, ConstantSpec]
+    transforms: dict[str, Any]  # fuse_qkv, channels_last, quantization (with torchao's config) as applied
+    variants: list[VariantEntry]
     build_seconds: float
 
 
@@ -198,9 +225,17 @@ def _manifest_from_dict(data: dict[str, Any]) -> Manifest:
     components = {}
     for name, c in data.pop("components").items():
         c = dict(c)
-        c["inputs"] = [TensorSpec(**i) for i in c["inputs"]]
-        c["output"] = TensorSpec(**c["output"])
         c["constants"] = {k: ConstantSpec(**v) for k, v in c["constants"].items()}
+        variants = []
+        for v in c["variants"]:
+            v = dict(v)
+            v["inputs"] = [TensorSpec(**i) for i in v["inputs"]]
+            v["output"] = TensorSpec(**v["output"])
+            v["dims"] = {k: DimSpec(**d) for k, d in v["dims"].items()}
+            variants.append(VariantEntry(**v))
+        if not variants:
+            raise ValueError(f"component {name!r} has no variants")
+        c["variants"] = variants
         components[name] = ComponentEntry(**c)
     files = {_safe_relpath(k): FileEntry(**v) for k, v in data.pop("files").items()}
     return Manifest(**data, components=components, files=files)

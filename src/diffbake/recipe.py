@@ -78,27 +78,39 @@ class Quantization:
         }
 
 
+Size = int | tuple[int, int]  # a static size, or an inclusive [min, max] range compiled as a dynamic dimension
+
+
 @dataclass(frozen=True)
 class Shapes:
-    """Static shapes of one compiled component, in the pipeline's terms (images per call, pixels, tokens)."""
+    """Shapes of one compiled variant, in the pipeline's terms (images per call, pixels, tokens)."""
 
-    batch: int
-    height: int
-    width: int
-    text_tokens: int | None = None
+    batch: Size
+    height: Size
+    width: Size
+    text_tokens: Size | None = None
 
-    def to_dict(self) -> dict[str, int]:
-        d = {"batch": self.batch, "height": self.height, "width": self.width}
-        if self.text_tokens is not None:
-            d["text_tokens"] = self.text_tokens
-        return d
+    def to_dict(self) -> dict[str, int | list[int]]:
+        d = {"batch": self.batch, "height": self.height, "width": self.width, "text_tokens": self.text_tokens}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
+
+    @property
+    def dynamic(self) -> bool:
+        return any(isinstance(v, tuple) for v in (self.batch, self.height, self.width, self.text_tokens))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled package of a component: its shapes, and whether the CFG batch doubling is compiled in."""
+
+    shapes: Shapes
+    cfg: bool | None = None  # None: the family's default (SD/SDXL: true; Flux has none)
 
 
 @dataclass(frozen=True)
 class ComponentRecipe:
     name: str
-    shapes: Shapes
-    cfg: bool | None = None  # None: the family's default
+    variants: tuple[Variant, ...]
     fuse_qkv: bool = False
     channels_last: bool = False
     quantization: Quantization | None = None
@@ -194,18 +206,32 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
         if not isinstance(table, dict):
             raise RecipeError(f"{where}: {section} must be a table, found {_typename(table)}")
         v.keys(table, _COMPONENT_KEYS, section)
-        shapes = v.table(table, "shapes", required=True, section=section)
-        v.keys(shapes, _SHAPE_KEYS, f"{section} shapes")
-        ints = {k: v.positive_int(shapes, k, f"{section} shapes", required=k != "text_tokens") for k in _SHAPE_KEYS}
-        cfg = table.get("cfg")
-        if cfg is not None and not isinstance(cfg, bool):
-            raise RecipeError(f"{where}: {section} cfg must be true or false, found {_typename(cfg)} {cfg!r}")
-        if name == VAE_DECODER and (cfg is not None or ints["text_tokens"] is not None):
-            extra = "cfg" if cfg is not None else "shapes.text_tokens"
-            raise RecipeError(f"{where}: {section} {extra} applies to the denoiser only; remove it here")
+        cfg = v.optional_bool(table, "cfg", section)
+        if name == VAE_DECODER and cfg is not None:
+            raise RecipeError(f"{where}: {section} cfg applies to the denoiser only; remove it here")
+        if "shapes" not in table:
+            raise RecipeError(f"{where}: missing {section} shapes")
+        entries = table["shapes"] if isinstance(table["shapes"], list) else [table["shapes"]]
+        if not entries:
+            raise RecipeError(f"{where}: {section} shapes is an empty array; give at least one shapes table")
+        variants = []
+        for i, entry in enumerate(entries):
+            label = f"{section} shapes" + (f"[{i}]" if isinstance(table["shapes"], list) else "")
+            if not isinstance(entry, dict):
+                raise RecipeError(f"{where}: {label} must be a table, found {_typename(entry)}")
+            v.keys(entry, _SHAPE_KEYS + ("cfg",), label)
+            sizes = {k: v.size(entry, k, label, required=k != "text_tokens") for k in _SHAPE_KEYS}
+            entry_cfg = v.optional_bool(entry, "cfg", label)
+            if name == VAE_DECODER and (entry_cfg is not None or sizes["text_tokens"] is not None):
+                extra = "cfg" if entry_cfg is not None else "text_tokens"
+                raise RecipeError(f"{where}: {label} {extra} applies to the denoiser only; remove it here")
+            variant = Variant(Shapes(**sizes), cfg if entry_cfg is None else entry_cfg)
+            if variant in variants:
+                raise RecipeError(f"{where}: {label} repeats an earlier variant; remove one")
+            variants.append(variant)
         flags = {k: v.boolean(table, k, section) for k in ("fuse_qkv", "channels_last")}
         quant = _quantization(v, v.table(table, "quantization", section=section), section, device)
-        components[name] = ComponentRecipe(name, Shapes(**ints), cfg, quantization=quant, **flags)
+        components[name] = ComponentRecipe(name, tuple(variants), quantization=quant, **flags)
 
     return Recipe(model, revision, device, dtype, components, text=text, path=Path(path) if path else None)
 
@@ -229,37 +255,40 @@ def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) 
                 f"{where}: {section}: a {family.name} pipeline has no component {name!r}; "
                 f"its compilable components are: {', '.join(family.components)}"
             )
-        for dim in ("height", "width"):
-            value = getattr(comp.shapes, dim)
-            if value % multiple:
-                lower = value // multiple * multiple
-                hint = f"use {lower} or {lower + multiple}" if lower else f"use {multiple}"
-                why = (
-                    f"twice the VAE scale factor {vae_scale_factor}, as {family.name} packs 2x2 latent patches"
-                    if family.pixel_multiple_of_latent == 2
-                    else f"the VAE scale factor of this {family.name} pipeline"
-                )
-                raise RecipeError(
-                    f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}"
-                )
-        cfg, tokens = comp.cfg, comp.shapes.text_tokens
-        if name == family.denoiser:
-            if not family.has_cfg_batch and cfg:
-                raise RecipeError(
-                    f"{where}: {section} cfg = true: {family.name} pipelines have no classifier-free guidance batch; "
-                    "remove the key"
-                )
-            if cfg is None and family.has_cfg_batch:
-                cfg = True
-            if family.has_text_tokens and tokens is None:
-                tokens = family.default_text_tokens
-            elif tokens is not None and not family.has_text_tokens:
-                raise RecipeError(
-                    f"{where}: {section} shapes.text_tokens: {family.name} pipelines use the tokenizer's fixed "
-                    "length; remove the key"
-                )
-        shapes = Shapes(comp.shapes.batch, comp.shapes.height, comp.shapes.width, tokens)
-        filled[name] = replace(comp, shapes=shapes, cfg=cfg)
+        variants = []
+        for variant in comp.variants:
+            for dim in ("height", "width"):
+                size = getattr(variant.shapes, dim)
+                for value in size if isinstance(size, tuple) else (size,):
+                    if value % multiple:
+                        lower = value // multiple * multiple
+                        hint = f"use {lower} or {lower + multiple}" if lower else f"use {multiple}"
+                        why = (
+                            f"twice the VAE scale factor {vae_scale_factor}, as {family.name} packs 2x2 latent patches"
+                            if family.pixel_multiple_of_latent == 2
+                            else f"the VAE scale factor of this {family.name} pipeline"
+                        )
+                        raise RecipeError(
+                            f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}"
+                        )
+            cfg, tokens = variant.cfg, variant.shapes.text_tokens
+            if name == family.denoiser:
+                if not family.has_cfg_batch and cfg:
+                    raise RecipeError(
+                        f"{where}: {section} cfg = true: {family.name} pipelines have no classifier-free guidance "
+                        "batch; remove the key"
+                    )
+                if cfg is None and family.has_cfg_batch:
+                    cfg = True
+                if family.has_text_tokens and tokens is None:
+                    tokens = family.default_text_tokens
+                elif tokens is not None and not family.has_text_tokens:
+                    raise RecipeError(
+                        f"{where}: {section} shapes.text_tokens: {family.name} pipelines use the tokenizer's fixed "
+                        "length; remove the key"
+                    )
+            variants.append(Variant(replace(variant.shapes, text_tokens=tokens), cfg))
+        filled[name] = replace(comp, variants=tuple(variants))
     return Recipe(recipe.model, recipe.revision, recipe.device, recipe.dtype, filled, recipe.text, recipe.path)
 
 
@@ -366,6 +395,25 @@ class _Validator:
                 f"{self.where}: {section} {key} = {value!r} is not supported; expected one of: {', '.join(choices)}"
             )
         return value
+
+    def optional_bool(self, table: dict, key: str, section: str) -> bool | None:
+        return self.boolean(table, key, section) if key in table else None
+
+    def size(self, table: dict, key: str, section: str, required: bool) -> Size | None:
+        """A positive integer, or an inclusive range [min, max] of them."""
+        value = table.get(key)
+        if not isinstance(value, list):
+            return self.positive_int(table, key, section, required)
+        ok = (
+            len(value) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+            and value[0] <= value[1]
+        )
+        if not ok:
+            raise RecipeError(
+                f"{self.where}: {section} {key} = {value!r}: a range is [min, max] of positive integers with min <= max"
+            )
+        return value[0] if value[0] == value[1] else (value[0], value[1])
 
     def positive_int(self, table: dict, key: str, section: str, required: bool) -> int | None:
         if key not in table:

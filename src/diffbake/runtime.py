@@ -34,12 +34,12 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError
 from .families import FAMILIES, VAE_DECODER
-from .manifest import ComponentEntry, Manifest, TensorSpec, flatten_call, read_manifest
+from .manifest import ComponentEntry, Manifest, TensorSpec, VariantEntry, flatten_call, read_manifest
 from .verify import check_compatibility, verify_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load", "CompiledProgram"]
+__all__ = ["load", "CompiledComponent"]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -49,25 +49,29 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _describe(entry: ComponentEntry) -> str:
-    s = entry.shapes
-    text = f"{s['batch']} image(s) per call at {s['height']}x{s['width']} pixels"
+def _fmt(size: int | list[int]) -> str:
+    return f"{size[0]}..{size[1]}" if isinstance(size, list) else str(size)
+
+
+def _describe(variant: VariantEntry) -> str:
+    s = variant.shapes
+    text = f"{_fmt(s['batch'])} image(s) per call at {_fmt(s['height'])}x{_fmt(s['width'])} pixels"
     if s.get("text_tokens"):
-        text += f", {s['text_tokens']} text tokens"
-    if entry.cfg:
+        text += f", {_fmt(s['text_tokens'])} text tokens"
+    if variant.cfg:
         text += ", with classifier-free guidance"
-    elif entry.cfg is False:
+    elif variant.cfg is False:
         text += ", without classifier-free guidance"
     return text
 
 
-class CompiledProgram:
-    """One AOTInductor package bound to its weights, behind input guards.
+class CompiledComponent:
+    """A component's compiled variants, bound to one shared copy of its weights, behind input guards.
 
     Args:
         artifact: the artifact folder.
         entry: the component's manifest entry.
-        device: where the package runs ("cpu", "cuda", "cuda:1").
+        device: where the packages run ("cpu", "cuda", "cuda:1").
     """
 
     def __init__(self, artifact: Path, entry: ComponentEntry, device: str):
@@ -76,28 +80,19 @@ class CompiledProgram:
         self.entry = entry
         self.name = entry.name
         self.device = torch.device(device)
-        self.inputs = entry.inputs
-        self.input_names = [spec.name for spec in entry.inputs]
-        self.dtype = _dtype(entry.output.dtype)
-
+        self.dtype = _dtype(entry.variants[0].output.dtype)
         weights = load_file(artifact / entry.weights, device=str(self.device))
         self._check_weights(weights)
-        # Constants are bound before the first call: a code-only package called without them crashes the process.
-        from torch._inductor.package import load_package
-
-        index = self.device.index if self.device.index is not None else -1
-        self._runner = load_package(str(artifact / entry.package), device_index=index)
-        expected = set(self._runner.get_constant_fqns())
-        if expected != set(weights):
-            missing = sorted(expected - set(weights))[:5]
-            extra = sorted(set(weights) - expected)[:5]
-            raise ArtifactError(
-                f"{self.name}: the package expects constants that its weights file does not match "
-                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
-            )
-        # user_managed: the runner uses these tensors in place, so they must outlive it; we keep them here.
-        self._runner.load_constants(weights, check_full_update=True, user_managed=True)
+        # user_managed: every variant's runner uses these tensors in place (one copy in memory), so they must
+        # outlive the runners; we keep them here.
         self._weights = weights
+        self.variants = [_CompiledVariant(self, artifact, v, weights) for v in entry.variants]
+        # Exact static variants first, then dynamic ones, each in recipe order.
+        self._order = sorted(self.variants, key=lambda v: v.entry.dynamic)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.entry.variants[0].inputs]
 
     def _check_weights(self, weights: dict[str, torch.Tensor]) -> None:
         # load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
@@ -121,11 +116,61 @@ class CompiledProgram:
                 weights[key] = _restride(t, spec.stride)
 
     def __call__(self, values: list[Any]) -> torch.Tensor:
-        tensors = [self._check(spec, value) for spec, value in zip(self.inputs, values, strict=True)]
+        """Run the first variant (static ones first) whose shapes fit the inputs."""
+        if len(self.variants) == 1:
+            return self.variants[0](values)
+        reasons = []
+        for variant in self._order:
+            try:
+                tensors = variant.check(values)
+            except InputMismatchError as e:
+                reasons.append(f"[{_describe(variant.entry)}] {e}")
+                continue
+            return variant.run(tensors)
+        raise InputMismatchError(f"{self.name}: no compiled variant fits this call: " + "; ".join(reasons))
+
+
+class _CompiledVariant:
+    """One AOTInductor package of a component, bound to the component's weights."""
+
+    def __init__(self, component: CompiledComponent, artifact: Path, entry: VariantEntry, weights: dict):
+        from torch._inductor.package import load_package
+
+        self.component = component
+        self.name = component.name
+        self.device = component.device
+        self.entry = entry
+        # Constants are bound before the first call: a code-only package called without them crashes the process.
+        index = self.device.index if self.device.index is not None else -1
+        self._runner = load_package(str(artifact / entry.package), device_index=index)
+        expected = set(self._runner.get_constant_fqns())
+        if expected != set(weights):
+            missing = sorted(expected - set(weights))[:5]
+            extra = sorted(set(weights) - expected)[:5]
+            raise ArtifactError(
+                f"{self.name}: {entry.package} expects constants that its weights file does not match "
+                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+            )
+        self._runner.load_constants(weights, check_full_update=True, user_managed=True)
+
+    def __call__(self, values: list[Any]) -> torch.Tensor:
+        return self.run(self.check(values))
+
+    def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         out = self._runner(*tensors)
         return out[0] if isinstance(out, (list, tuple)) else out
 
-    def _check(self, spec: TensorSpec, value: Any) -> torch.Tensor:
+    def check(self, values: list[Any]) -> list[torch.Tensor]:
+        """Check every input against what was compiled; returns the inputs as the package needs them."""
+        sizes: dict[str, int] = {}
+        specs = self.entry.inputs
+        out: list[Any] = [None] * len(specs)
+        # Coerced inputs (timesteps) take their shape from the others, so check those first.
+        for i in sorted(range(len(specs)), key=lambda i: specs[i].coerce):
+            out[i] = self._check(specs[i], values[i], sizes)
+        return out
+
+    def _check(self, spec: TensorSpec, value: Any, sizes: dict[str, int]) -> torch.Tensor:
         where = f"{self.name}: input {spec.name!r}"
         dtype = _dtype(spec.dtype)
         if value is None:
@@ -135,13 +180,15 @@ class CompiledProgram:
             if not torch.is_tensor(value):
                 value = torch.tensor(value)
             if value.numel() == 1:
-                value = value.reshape(()).expand(spec.shape)
+                value = value.reshape(()).expand([sizes.get(d, 0) if isinstance(d, str) else d for d in spec.shape])
             value = value.to(device=self.device, dtype=dtype)
         if not torch.is_tensor(value):
             raise InputMismatchError(f"{where} must be a tensor, found {type(value).__name__}")
-        if list(value.shape) != spec.shape:
+        if not self._shape_fits(spec, value, sizes):
+            expected = tuple(self._render(d) for d in spec.shape)
+            shown = "(" + ", ".join(expected) + ("," if len(expected) == 1 else "") + ")"
             raise InputMismatchError(
-                f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {tuple(spec.shape)} "
+                f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {shown} "
                 f"({_describe(self.entry)}); {self._shape_hint(spec, value)}"
             )
         if value.dtype != dtype:
@@ -151,32 +198,58 @@ class CompiledProgram:
             )
         if value.device != self.device and not (self.device.type == value.device.type and self.device.index is None):
             raise InputMismatchError(
-                f"{where} is on {value.device}, but this artifact runs on {self.device}; keep the pipeline on {self.device}"
+                f"{where} is on {value.device}, but this artifact runs on {self.device}; "
+                f"keep the pipeline on {self.device}"
             )
         # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
         return value.contiguous()
 
+    def _shape_fits(self, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> bool:
+        if value.dim() != len(spec.shape):
+            return False
+        for want, have in zip(spec.shape, value.shape, strict=True):
+            if isinstance(want, int):
+                if want != have:
+                    return False
+            elif want in sizes:
+                if sizes[want] != have:  # one symbol, one size: the batch of every input must agree
+                    return False
+            elif self.entry.dims[want].admits(have):
+                sizes[want] = have
+            else:
+                return False
+        return True
+
+    def _render(self, size: int | str) -> str:
+        if isinstance(size, int):
+            return str(size)
+        d = self.entry.dims[size]
+        return f"{d.min}..{d.max}" + (f" (multiple of {d.multiple})" if d.multiple > 1 else "")
+
     def _shape_hint(self, spec: TensorSpec, value: torch.Tensor) -> str:
         s = self.entry.shapes
-        only_batch_differs = value.dim() == len(spec.shape) and list(value.shape[1:]) == spec.shape[1:]
-        if only_batch_differs and self.entry.cfg and value.shape[0] * 2 == spec.shape[0]:
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+        only_batch_differs = (
+            fixed is not None and value.dim() == len(spec.shape) and list(value.shape[1:]) == spec.shape[1:]
+        )
+        if only_batch_differs and self.entry.cfg and value.shape[0] * 2 == fixed:
             return (
-                f"this artifact was built with cfg = true for {s['batch']} image(s) per call: call with "
-                f"guidance_scale > 1 (guidance_scale <= 1 turns classifier-free guidance off) and {s['batch']} "
-                f"image(s) in all, or rebuild with [components.{self.name}] cfg = false"
+                f"this artifact was built with cfg = true for {_fmt(s['batch'])} image(s) per call: call with "
+                f"guidance_scale > 1 (guidance_scale <= 1 turns classifier-free guidance off) and "
+                f"{_fmt(s['batch'])} image(s) in all, or rebuild with [components.{self.name}] cfg = false"
             )
-        if only_batch_differs and self.entry.cfg is False and value.shape[0] == spec.shape[0] * 2:
+        if only_batch_differs and self.entry.cfg is False and value.shape[0] == fixed * 2:
             return (
-                f"this artifact was built with cfg = false for {s['batch']} image(s) per call: call with "
-                f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {s['batch']} image(s) "
-                f"in all, or rebuild with [components.{self.name}] cfg = true"
+                f"this artifact was built with cfg = false for {_fmt(s['batch'])} image(s) per call: call with "
+                f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {_fmt(s['batch'])} "
+                f"image(s) in all, or rebuild with [components.{self.name}] cfg = true"
             )
-        call = f"height={s['height']}, width={s['width']}"
+        call = f"height={_fmt(s['height'])}, width={_fmt(s['width'])}"
         if s.get("text_tokens"):
-            call += f", max_sequence_length={s['text_tokens']}"
+            call += f", max_sequence_length={_fmt(s['text_tokens'])}"
         return (
-            f"call the pipeline with {call} and {s['batch']} image(s) in all (prompts x num_images_per_prompt), "
-            f"or rebuild with [components.{self.name}] shapes set for this call"
+            f"call the pipeline with {call} and {_fmt(s['batch'])} image(s) in all (prompts x "
+            f"num_images_per_prompt), or rebuild with [components.{self.name}] shapes set for this call"
         )
 
 
@@ -199,7 +272,7 @@ class _CompiledModel(ModelMixin, ConfigMixin):
     _output: type
     _ignored: tuple[str, ...] = ()
 
-    def __init__(self, program: CompiledProgram, config: dict[str, Any]):
+    def __init__(self, program: CompiledComponent, config: dict[str, Any]):
         super().__init__()
         self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
         self._program = program
@@ -287,7 +360,7 @@ class CompiledAutoencoderKL(_CompiledModel):
     _output = DecoderOutput
     _ignored = ("generator",)  # AutoencoderKL.decode accepts a generator and does not use it
 
-    def __init__(self, program: CompiledProgram, config: dict[str, Any]):
+    def __init__(self, program: CompiledComponent, config: dict[str, Any]):
         # The decoder's dtype is fixed at build time, so the pipelines' upcast-to-float32 path must not run.
         super().__init__(program, {**config, "force_upcast": False})
 
@@ -323,7 +396,7 @@ def load_component(artifact: str | Path, manifest: Manifest, name: str, device: 
             f"known: {', '.join(STAND_INS)}; upgrade diffbake"
         )
     config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
-    program = CompiledProgram(artifact, entry, device or manifest.device)
+    program = CompiledComponent(artifact, entry, device or manifest.device)
     return cls(program, config)
 
 
@@ -387,9 +460,10 @@ def _stand_ins_accepted() -> Iterator[None]:
 def _set_default_size(pipe: Any, denoiser: str, manifest: Manifest) -> None:
     # A bare pipe(prompt) should ask for the compiled size, not the model's native one.
     entry = manifest.components.get(denoiser)
-    if entry is None or entry.shapes["height"] != entry.shapes["width"]:
+    shapes = entry.variants[0].shapes if entry is not None else {}
+    if not isinstance(shapes.get("height"), int) or shapes["height"] != shapes["width"]:
         return
-    latent = entry.shapes["height"] // pipe.vae_scale_factor
+    latent = shapes["height"] // pipe.vae_scale_factor
     if hasattr(pipe, "default_sample_size"):
         pipe.default_sample_size = latent
     module = getattr(pipe, denoiser)

@@ -55,14 +55,15 @@ def test_manifest_records_dtype_and_no_cfg(bf16):
     m = read_manifest(bf16)
     unet = m.components["unet"]
     assert m.dtype == "bfloat16" and m.source == {"model": "tiny:sd", "kind": "tiny", "revision": None, "family": "sd"}
-    assert unet.cfg is False
-    assert [(i.name, i.shape, i.dtype) for i in unet.inputs] == [
+    variant = unet.variants[0]
+    assert variant.cfg is False
+    assert [(i.name, i.shape, i.dtype) for i in variant.inputs] == [
         ("sample", [2, 4, 32, 48], "bfloat16"),
         ("timestep", [2], "float32"),
         ("encoder_hidden_states", [2, 77, 32], "bfloat16"),
     ]
     assert {c.dtype for c in unet.constants.values()} == {"bfloat16"}
-    assert 0 < unet.max_abs_error <= unet.tolerance
+    assert 0 < variant.max_abs_error <= variant.tolerance
 
 
 def test_guidance_on_a_build_without_cfg_says_how_to_rebuild(bf16):
