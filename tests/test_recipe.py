@@ -274,3 +274,65 @@ def test_float8_dynamic_needs_a_recent_gpu():
         "r.toml: [components.unet] quantization method = 'float8_dynamic' needs a CUDA GPU of compute capability "
         "8.9 or newer (found device = 'cpu'); use float8_weight_only or int8_dynamic instead"
     )
+
+
+def test_ranges_and_variants_parse():
+    r = parse(
+        GOOD.replace(
+            "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae",
+            "cfg = false\nshapes = [{ batch = 1, height = 64, width = 64 }, "
+            "{ batch = [1, 4], height = [64, 128], width = 64, cfg = true }]\n[components.vae",
+        )
+    )
+    assert r.components["unet"].variants == (
+        Variant(Shapes(1, 64, 64), False),
+        Variant(Shapes((1, 4), (64, 128), 64), True),
+    )
+    assert r.components["unet"].variants[1].shapes.to_dict() == {"batch": [1, 4], "height": [64, 128], "width": 64}
+    assert r.components["unet"].variants[1].shapes.dynamic
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (
+            "{ batch = [4, 1], height = 64, width = 64 }",
+            "r.toml: [components.unet] shapes batch = [4, 1]: a range is [min, max] of positive integers with min <= max",
+        ),
+        (
+            "{ batch = 1, height = [64], width = 64 }",
+            "r.toml: [components.unet] shapes height = [64]: a range is [min, max] of positive integers with min <= max",
+        ),
+        ("[]", "r.toml: [components.unet] shapes is an empty array; give at least one shapes table"),
+        (
+            "[{ batch = 1, height = 64, width = 64 }, { batch = 1, height = 64, width = 64 }]",
+            "r.toml: [components.unet] shapes[1] repeats an earlier variant; remove one",
+        ),
+        (
+            "[{ batch = 1, height = 64, width = 64, steps = 2 }]",
+            "r.toml: unknown key 'steps' in [components.unet] shapes[0]; known keys: batch, height, width, "
+            "text_tokens, cfg",
+        ),
+    ],
+)
+def test_bad_ranges_and_variants(shapes, message):
+    with pytest.raises(RecipeError) as e:
+        parse(
+            GOOD.replace(
+                "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae",
+                f"shapes = {shapes}\n[components.vae",
+            )
+        )
+    assert str(e.value) == message
+
+
+def test_range_ends_must_fit_the_family():
+    r = parse(
+        GOOD.replace("height = 64, width = 96 }\n[components.vae", "height = [60, 128], width = 96 }\n[components.vae")
+    )
+    with pytest.raises(RecipeError) as e:
+        check_against_source(r, FAMILIES["sd"], 8)
+    assert str(e.value) == (
+        "r.toml: [components.unet] shapes.height = 60 is not a multiple of 8 (the VAE scale factor of this sd "
+        "pipeline); use 56 or 64"
+    )
