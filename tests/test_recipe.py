@@ -65,7 +65,7 @@ def test_flux_text_tokens_default_to_512():
             GOOD.replace(
                 "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"
             ),
-            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, fuse_qkv, channels_last, quantization",
+            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, mode, fuse_qkv, channels_last, quantization",
         ),
         (
             GOOD + "[components.text_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",
@@ -335,4 +335,52 @@ def test_range_ends_must_fit_the_family():
     assert str(e.value) == (
         "r.toml: [components.unet] shapes.height = 60 is not a multiple of 8 (the VAE scale factor of this sd "
         "pipeline); use 56 or 64"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            'mode = "partial"',
+            "r.toml: [components.unet] mode = 'partial' is not supported; expected one of: full, regional",
+        ),
+        (
+            'mode = "regional"\nfuse_qkv = true',
+            "r.toml: [components.unet] mode = 'regional' does not support fuse_qkv yet; use mode = 'full' for them",
+        ),
+        (
+            'mode = "regional"\nquantization = { method = "int8_dynamic" }',
+            "r.toml: [components.unet] mode = 'regional' does not support quantization yet; use mode = 'full' for them",
+        ),
+    ],
+)
+def test_bad_modes(extra, message):
+    with pytest.raises(RecipeError) as e:
+        parse(GOOD.replace("[components.vae_decoder]", f"{extra}\n[components.vae_decoder]"))
+    assert str(e.value) == message
+
+
+def test_regional_needs_one_static_shape_and_a_denoiser():
+    dynamic = GOOD.replace(
+        "batch = 2, height = 64, width = 96 }\n[components.vae",
+        'batch = [1, 2], height = 64, width = 96 }\nmode = "regional"\n[components.vae',
+    )
+    with pytest.raises(RecipeError) as e:
+        parse(dynamic)
+    assert str(e.value) == (
+        "r.toml: [components.unet] mode = 'regional' compiles one static shape; give one shapes table without "
+        "ranges, or use mode = 'full'"
+    )
+    with pytest.raises(RecipeError) as e:
+        parse(GOOD + 'mode = "regional"\n')
+    assert (
+        str(e.value)
+        == "r.toml: [components.vae_decoder] mode = 'regional': the VAE has no repeated blocks; remove the key"
+    )
+    assert (
+        parse(GOOD.replace("[components.vae_decoder]", 'mode = "regional"\n[components.vae_decoder]'))
+        .components["unet"]
+        .mode
+        == "regional"
     )

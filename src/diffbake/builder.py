@@ -37,6 +37,7 @@ from .manifest import (
     PIPELINE_DIR,
     RECIPE_FILE,
     WEIGHTS_FILE,
+    BlockEntry,
     ComponentEntry,
     ConstantSpec,
     FileEntry,
@@ -45,7 +46,8 @@ from .manifest import (
     VariantEntry,
 )
 from .recipe import ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
-from .runtime import CompiledComponent
+from .regional import BlockCall, capture_blocks
+from .runtime import CompiledComponent, load_regional
 from .sources import SourceInfo, inspect_source, load_module, load_pipeline
 from .transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from .verify import host_facts
@@ -150,13 +152,14 @@ def _build_component(
     transforms = _apply_transforms(comp, module, rep)
     for plan in plans:  # the eager component exactly as compiled: same dtype and transforms
         plan.reference = [_run(module, method, names, p) for p in plan.points]
-    if comp.quantization is not None:
-        unwrap_for_export(module)
-    flat = FlatCall(module, method, names).eval()
-
     folder = root / name
     folder.mkdir()
     module.save_config(folder)
+    if comp.mode == "regional":
+        return _build_regional(comp, module, method, names, plans[0], transforms, recipe, folder, rep, start)
+    if comp.quantization is not None:
+        unwrap_for_export(module)
+    flat = FlatCall(module, method, names).eval()
     constants: dict[str, ConstantSpec] | None = None
     variants = []
     for i, plan in enumerate(plans):
@@ -207,6 +210,83 @@ def _build_component(
         checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
         del compiled
     return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
+
+
+def _build_regional(
+    comp: ComponentRecipe,
+    module: Any,
+    method: str,
+    names: list[str],
+    plan: _Plan,
+    transforms: dict[str, Any],
+    recipe: Recipe,
+    folder: Path,
+    rep: Reporter,
+    start: float,
+) -> ComponentEntry:
+    """One package per distinct repeated block; the component's whole state dict is its weights file."""
+    name, root = comp.name, folder.parent
+    groups = capture_blocks(name, module, lambda: FlatCall(module, method, names)(*plan.points[0]))
+    blocks = []
+    for i, group in enumerate(groups):
+        label = f"{name} block {group.class_name} x{len(group.instances)}"
+        first = module.get_submodule(group.instances[0])
+        with rep.stage(f"{label}: export"):
+            exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
+        package = folder / f"block-{i}.pt2"
+        with rep.stage(f"{label}: compile (AOTInductor)"):
+            compile_package(name, exported, package)
+        blocks.append(
+            BlockEntry(
+                package=package.relative_to(root).as_posix(),
+                class_name=group.class_name,
+                instances=group.instances,
+                inputs=group.specs,
+                outputs=group.outputs,
+            )
+        )
+    with rep.stage(f"{name}: save weights"):
+        state = module.state_dict()
+        constants = _save_weights(name, state, list(state), folder)
+    variant = VariantEntry(
+        package="",
+        shapes=plan.variant.shapes.to_dict(),
+        cfg=plan.variant.cfg,
+        inputs=plan.specs,
+        dims=plan.dims,
+        output=TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch.")),
+        max_abs_error=0.0,
+        tolerance=0.0,
+        error_vs_float32=0.0,
+    )
+    entry = ComponentEntry(
+        name=name,
+        class_name=type(module).__name__,
+        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
+        config=(Path(name) / CONFIG_FILE).as_posix(),
+        constants=constants,
+        transforms=transforms,
+        variants=[variant],
+        build_seconds=0.0,
+        mode="regional",
+        blocks=blocks,
+    )
+    with rep.stage(f"{name}: verify against eager"):
+        regional = load_regional(root, entry, recipe.device)
+        checked = _verify(name, _RegionalRunner(regional, method, names, variant), plan, recipe, comp)
+        del regional
+    return replace(entry, variants=[checked], build_seconds=round(time.perf_counter() - start, 2))
+
+
+class _RegionalRunner:
+    """Calls a regionally compiled module on a flat input list, as the verify step calls a variant."""
+
+    def __init__(self, module: Any, method: str, names: list[str], entry: VariantEntry):
+        self.module, self.method, self.names, self.entry = module, method, names, entry
+
+    def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return FlatCall(self.module, self.method, self.names)(*values)
 
 
 class _Plan:
@@ -279,11 +359,12 @@ def _apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Repor
     return done
 
 
-def _save_weights(name: str, exported: Any, names: list[str], folder: Path) -> dict[str, ConstantSpec]:
-    """Save exactly the constants the package names, contiguous, and record each one's layout."""
+def _save_weights(name: str, source: Any, names: list[str], folder: Path) -> dict[str, ConstantSpec]:
+    """Save exactly the named constants (of an exported program, or a state dict), contiguous, recording each
+    one's layout."""
     from safetensors.torch import save_file
 
-    available = {**exported.state_dict, **exported.constants}
+    available = source if isinstance(source, dict) else {**source.state_dict, **source.constants}
     missing = [n for n in names if n not in available]
     if missing:
         raise BuildError(f"{name}: the compiled package expects constants the exported program lacks: {missing[:5]}")

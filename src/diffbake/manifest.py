@@ -95,6 +95,17 @@ class VariantEntry:
 
 
 @dataclass(frozen=True)
+class BlockEntry:
+    """Regional compilation: one package serving every instance of a repeated block with the same shapes."""
+
+    package: str
+    class_name: str
+    instances: list[str]  # module names inside the component; each binds its own weights
+    inputs: list[TensorSpec]
+    outputs: int  # 0: the block returns one tensor; n: a tuple of n tensors
+
+
+@dataclass(frozen=True)
 class ComponentEntry:
     name: str
     class_name: str  # the eager diffusers class this stands in for
@@ -102,8 +113,13 @@ class ComponentEntry:
     config: str
     constants: dict[str, ConstantSpec]
     transforms: dict[str, Any]  # fuse_qkv, channels_last, quantization (with torchao's config) as applied
+    # "full": each variant's package is the whole component. "regional": the component runs eager from
+    # ``weights`` (its state dict), each repeated block replaced by a compiled package of ``blocks``; the one
+    # variant then records the shapes, inputs and errors of the whole component and has no package.
     variants: list[VariantEntry]
     build_seconds: float
+    mode: str = "full"
+    blocks: list[BlockEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,12 @@ def flatten_call(names: list[str], kwargs: dict[str, Any]) -> list[Any]:
     for name in names:
         value: Any = kwargs
         for part in name.split(NAME_SEP):
-            value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, dict):
+                value = value.get(part)
+            elif isinstance(value, (tuple, list)) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]  # "image_rotary_emb.0": an item of a tuple argument
+            else:
+                value = None
         values.append(value)
     return values
 
@@ -156,7 +177,17 @@ def unflatten_call(names: list[str], values: list[Any]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return kwargs
+    return _tuples(kwargs)
+
+
+def _tuples(node: Any) -> Any:
+    # A nested dict whose keys are 0..n-1 was a tuple argument.
+    if not isinstance(node, dict):
+        return node
+    node = {k: _tuples(v) for k, v in node.items()}
+    if node and sorted(node) == [str(i) for i in range(len(node))]:
+        return tuple(node[str(i)] for i in range(len(node)))
+    return node
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -236,6 +267,14 @@ def _manifest_from_dict(data: dict[str, Any]) -> Manifest:
         if not variants:
             raise ValueError(f"component {name!r} has no variants")
         c["variants"] = variants
+        blocks = []
+        for b in c.get("blocks", []):
+            b = dict(b)
+            b["inputs"] = [TensorSpec(**i) for i in b["inputs"]]
+            blocks.append(BlockEntry(**b))
+        c["blocks"] = blocks
+        if c.get("mode", "full") not in ("full", "regional"):
+            raise ValueError(f"component {name!r} has unknown mode {c['mode']!r}")
         components[name] = ComponentEntry(**c)
     files = {_safe_relpath(k): FileEntry(**v) for k, v in data.pop("files").items()}
     return Manifest(**data, components=components, files=files)

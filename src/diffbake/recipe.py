@@ -45,7 +45,8 @@ TINY_PREFIX = "tiny:"
 _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
 _TARGET_KEYS = ("device", "dtype")
-_COMPONENT_KEYS = ("shapes", "cfg", "fuse_qkv", "channels_last", "quantization")
+_COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization")
+MODES = ("full", "regional")
 _SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
 _QUANT_KEYS = ("method", "include", "exclude", "min_features")
 
@@ -114,6 +115,7 @@ class ComponentRecipe:
     fuse_qkv: bool = False
     channels_last: bool = False
     quantization: Quantization | None = None
+    mode: str = "full"  # "regional": compile one package per distinct repeated block, run the rest eager
 
     @property
     def transformed(self) -> bool:
@@ -231,7 +233,24 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
             variants.append(variant)
         flags = {k: v.boolean(table, k, section) for k in ("fuse_qkv", "channels_last")}
         quant = _quantization(v, v.table(table, "quantization", section=section), section, device)
-        components[name] = ComponentRecipe(name, tuple(variants), quantization=quant, **flags)
+        mode = v.choice(table, "mode", section, MODES, default="full")
+        if mode == "regional":
+            if name == VAE_DECODER:
+                raise RecipeError(
+                    f"{where}: {section} mode = 'regional': the VAE has no repeated blocks; remove the key"
+                )
+            unsupported = [k for k in ("quantization", "fuse_qkv") if table.get(k)]
+            if unsupported:
+                raise RecipeError(
+                    f"{where}: {section} mode = 'regional' does not support {' and '.join(unsupported)} yet; "
+                    "use mode = 'full' for them"
+                )
+            if len(variants) > 1 or variants[0].shapes.dynamic:
+                raise RecipeError(
+                    f"{where}: {section} mode = 'regional' compiles one static shape; give one shapes table "
+                    "without ranges, or use mode = 'full'"
+                )
+        components[name] = ComponentRecipe(name, tuple(variants), quantization=quant, mode=mode, **flags)
 
     return Recipe(model, revision, device, dtype, components, text=text, path=Path(path) if path else None)
 

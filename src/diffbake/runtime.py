@@ -34,7 +34,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError
 from .families import FAMILIES, VAE_DECODER
-from .manifest import ComponentEntry, Manifest, TensorSpec, VariantEntry, flatten_call, read_manifest
+from .manifest import BlockEntry, ComponentEntry, Manifest, TensorSpec, VariantEntry, flatten_call, read_manifest
 from .verify import check_compatibility, verify_files
 
 logger = logging.getLogger(__name__)
@@ -385,10 +385,101 @@ STAND_INS: dict[str, type[_CompiledModel]] = {
 }
 
 
+class _CompiledBlock:
+    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its weights."""
+
+    def __init__(self, component: str, fqn: str, block: torch.nn.Module, entry: BlockEntry, runner: Any, built: str):
+        self.where = f"{component}: block {fqn!r}"
+        self.built = built
+        self.entry = entry
+        self.signature = inspect.signature(type(block).forward)
+        self.block = block
+        self.runner = runner
+        self.device = next(iter(block.parameters())).device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self.signature.bind(self.block, *args, **kwargs).arguments
+        arguments.pop(next(iter(self.signature.parameters)))
+        names = [spec.name for spec in self.entry.inputs]
+        top = {n.split(".")[0] for n in names}
+        for name, value in arguments.items():
+            unused = value is None or (isinstance(value, dict) and not value)
+            if name not in top and not unused and value != self.signature.parameters[name].default:
+                raise InputMismatchError(f"{self.where}: argument {name!r} is not part of the compiled code")
+        tensors = []
+        for spec, value in zip(self.entry.inputs, flatten_call(names, arguments), strict=True):
+            if (
+                not torch.is_tensor(value)
+                or list(value.shape) != spec.shape
+                or str(value.dtype) != f"torch.{spec.dtype}"
+            ):
+                found = (
+                    f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+                    if torch.is_tensor(value)
+                    else repr(value)
+                )
+                raise InputMismatchError(
+                    f"{self.where}: input {spec.name!r} is {found}, but it was compiled for {spec.dtype} "
+                    f"{tuple(spec.shape)} ({self.built}); a regional build runs exactly these shapes: call the "
+                    "pipeline with them, or rebuild with the shapes of this call"
+                )
+            tensors.append(value.to(self.device).contiguous())
+        out = self.runner(*tensors)
+        return tuple(out) if self.entry.outputs else out[0]
+
+
+# Eager classes a regional artifact may rebuild from its config (never a class named by the artifact alone).
+REGIONAL_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel")
+
+
+def load_regional(artifact: str | Path, entry: ComponentEntry, device: str) -> torch.nn.Module:
+    """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
+    block's forward replaced by its group's compiled package bound to that block's own weights (no copy)."""
+    import diffusers
+    from safetensors.torch import load_file
+    from torch._inductor.package import load_package
+
+    artifact = Path(artifact)
+    if entry.class_name not in REGIONAL_CLASSES:
+        raise ArtifactError(f"{entry.name}: regional class {entry.class_name!r} is not one of {REGIONAL_CLASSES}")
+    config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        module = getattr(diffusers, entry.class_name).from_config(config)
+    weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
+    expected = set(module.state_dict())
+    if set(weights) != expected or set(weights) != set(entry.constants):
+        raise ArtifactError(
+            f"{entry.name}: {entry.weights} does not hold the state dict of {entry.class_name} with this config "
+            f"(missing: {sorted(expected - set(weights))[:5]}); rebuild the artifact"
+        )
+    for key, spec in entry.constants.items():
+        if list(weights[key].stride()) != spec.stride:
+            weights[key] = _restride(weights[key], spec.stride)
+    module.load_state_dict(weights, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    index = torch.device(device).index if torch.device(device).index is not None else -1
+    for block_entry in entry.blocks:
+        for fqn in block_entry.instances:
+            block = module.get_submodule(fqn)
+            runner = load_package(str(artifact / block_entry.package), device_index=index)
+            names = runner.get_constant_fqns()
+            state = {f"block.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
+            if not set(names) <= set(state):
+                raise ArtifactError(
+                    f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact"
+                )
+            # user_managed: the package reads the block's own parameters in place; nothing is copied.
+            runner.load_constants({n: state[n].detach() for n in names}, check_full_update=True, user_managed=True)
+            block.forward = _CompiledBlock(entry.name, fqn, block, block_entry, runner, _describe(entry.variants[0]))
+    return module
+
+
 def load_component(artifact: str | Path, manifest: Manifest, name: str, device: str | None = None) -> _CompiledModel:
     """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
     artifact = Path(artifact)
     entry = manifest.components[name]
+    if entry.mode == "regional":
+        return load_regional(artifact, entry, device or manifest.device)
     cls = STAND_INS.get(entry.class_name)
     if cls is None:
         raise ArtifactError(
