@@ -231,11 +231,21 @@ def inspect(artifact: Path, as_json: bool) -> None:
     click.echo(f"  size: {_mb(total)} in {len(m.files)} files")
     for name, c in m.components.items():
         weights = m.files[c.weights].size
-        click.echo(f"  {name} ({c.class_name}): {len(c.variants)} variant(s), built in {c.build_seconds:.1f} s")
-        click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
+        if c.mode == "regional":
+            click.echo(f"  {name} ({c.class_name}): regional, built in {c.build_seconds:.1f} s")
+            click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), the whole state dict, run eager")
+            for b in c.blocks:
+                click.echo(
+                    f"    block {b.class_name} x{len(b.instances)}: package {_mb(m.files[b.package].size)} "
+                    f"({b.package}), each instance bound to its own weights"
+                )
+        else:
+            click.echo(f"  {name} ({c.class_name}): {len(c.variants)} variant(s), built in {c.build_seconds:.1f} s")
+            click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
         click.echo(f"    transforms: {_describe_transforms(c.transforms)}")
         for v in c.variants:
-            click.echo(f"    [{_shapes(v)}] package {_mb(m.files[v.package].size)}")
+            package = f" package {_mb(m.files[v.package].size)}" if v.package else ""
+            click.echo(f"    [{_shapes(v)}]{package}")
             click.echo(
                 f"      max abs error vs eager {v.max_abs_error:.2e} (tolerance {v.tolerance:.2e}), "
                 f"vs float32 eager {v.error_vs_float32:.2e}"
