@@ -19,8 +19,16 @@ Example::
     shapes = { batch = 1, height = 64, width = 64 }
     cfg = true                  # SD / SDXL: classifier-free guidance doubles the UNet batch (default true)
 
+    fuse_qkv = true             # optional transforms, applied in this order after the dtype
+    channels_last = true
+    quantization = { method = "int8_dynamic", exclude = ["*proj_out*"], min_features = 256 }
+    mode = "full"               # or "regional": one package per distinct repeated block
+
     [components.vae_decoder]
-    shapes = { batch = 1, height = 64, width = 64 }
+    shapes = [                  # several variants sharing one weights file; a range is a dynamic dimension
+      { batch = 1, height = 64, width = 64 },
+      { batch = [1, 4], height = [32, 128], width = [32, 128] },
+    ]
 """
 
 from __future__ import annotations
