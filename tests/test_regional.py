@@ -88,3 +88,15 @@ def test_regional_blocks_refuse_other_shapes(regional):
         "classifier-free guidance); a regional build runs exactly these shapes: call the pipeline with them, or "
         "rebuild with the shapes of this call"
     )
+
+
+def test_inspect_shows_the_block_groups(regional):
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
+    result = CliRunner().invoke(cli, ["inspect", str(regional["flux"])])
+    assert result.exit_code == 0, result.output
+    assert "  transformer (FluxTransformer2DModel): regional, built in " in result.output
+    assert "    block FluxTransformerBlock x1: package " in result.output
+    assert "    block FluxSingleTransformerBlock x1: package " in result.output

@@ -83,3 +83,30 @@ def test_generate_uses_the_compiled_batch_and_no_guidance(bf16, tmp_path: Path):
     for path in (png, tmp_path / "out-1.png"):
         with Image.open(path) as image:
             assert image.size == (96, 64)
+
+
+FP16_VAE_ONLY = """
+[source]
+model = "tiny:sd"
+[target]
+dtype = "float16"
+[components.vae_decoder]
+shapes = { batch = 1, height = 64, width = 64 }
+"""
+
+
+def test_float16_with_only_the_vae_decoder_compiled(tmp_path: Path, saved_pipelines):
+    (tmp_path / "vae16.toml").write_text(FP16_VAE_ONLY)
+    artifact = diffbake.build(tmp_path / "vae16.toml", tmp_path / "vae16")
+    m = read_manifest(artifact)
+    assert list(m.components) == ["vae_decoder"] and m.dtype == "float16"
+    v = m.components["vae_decoder"].variants[0]
+    assert v.inputs[0].dtype == "float16" and 0 < v.max_abs_error <= v.tolerance
+    assert (artifact / "pipeline" / "unet").is_dir() and not (artifact / "pipeline" / "vae").exists()
+
+    pipe = diffbake.load(artifact)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet.dtype == torch.float16
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd"), dtype=torch.float16)
+    call = dict(prompt="a photo of a cat", num_inference_steps=2, output_type="np")
+    got, want = (p(**call, generator=torch.Generator().manual_seed(0)).images for p in (pipe, stock))
+    assert np.abs(got - want).max() <= 2e-2
