@@ -103,3 +103,20 @@ def test_optimized_pipeline_generates_close_to_float32(optimized, saved_pipeline
     want = stock(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(got).all()
     assert np.abs(got - want).mean() < 2e-2  # int8/float8 change the image a little, not wholesale
+
+
+def test_int8_weight_only(tmp_path: Path):
+    (tmp_path / "w8.toml").write_text(
+        '[source]\nmodel = "tiny:sd"\n[components.vae_decoder]\nshapes = { batch = 1, height = 64, width = 64 }\n'
+        'quantization = { method = "int8_weight_only", include = ["decoder.*"] }\n'
+    )
+    artifact = diffbake.build(tmp_path / "w8.toml", tmp_path / "w8")
+    vae = read_manifest(artifact).components["vae_decoder"]
+    q = vae.transforms["quantization"]
+    assert q["method"] == "int8_weight_only" and q["include"] == ["decoder.*"]
+    assert q["layers"] == 4  # the decoder's mid-block attention: q, k, v, out; the encoder's are left alone
+    assert {c.dtype for k, c in vae.constants.items() if "parametrizations" in k} >= {"int8"}
+    v = vae.variants[0]
+    assert 0 < v.max_abs_error <= v.tolerance
+    image = diffbake.load(artifact)("a cat", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(image).all()
