@@ -253,6 +253,27 @@ class _CompiledVariant:
         )
 
 
+def _bind_call(
+    where: str, signature: inspect.Signature, owner: Any, names: list[str], args: tuple, kwargs: dict
+) -> dict[str, Any]:
+    """Bind a call to the eager signature; refuse arguments that change the result but were not compiled."""
+    bound = signature.bind(owner, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(signature.parameters)))  # self
+    compiled = {name.split(".")[0] for name in names}
+    for name, value in arguments.items():
+        default = signature.parameters[name].default
+        # None, the default, or an empty kwargs dict (Flux passes joint_attention_kwargs={}) change nothing.
+        unused = value is None or value is default or (isinstance(value, dict) and not value) or value == default
+        if name not in compiled and name != "return_dict" and not unused:
+            raise InputMismatchError(
+                f"{where}: argument {name!r} is not part of the compiled code (it was compiled for "
+                f"{', '.join(names)}); call without it"
+            )
+    return arguments
+
+
 def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
@@ -303,24 +324,12 @@ class _CompiledModel(ModelMixin, ConfigMixin):
 
     def _invoke(self, args: tuple, kwargs: dict) -> Any:
         """Call the compiled code as the eager method would be called, and return what it would return."""
-        bound = self._signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        arguments.pop(next(iter(self._signature.parameters)))  # self
-        return_dict = arguments.pop("return_dict", True)
-        compiled = {name.split(".")[0] for name in self._program.input_names}
-        for name, value in arguments.items():
-            if name in compiled or name in self._ignored:
-                continue
-            default = self._signature.parameters[name].default
-            # None, the default, or an empty kwargs dict (Flux passes joint_attention_kwargs={}) change nothing.
-            if not (value is None or value is default or value == default or (isinstance(value, dict) and not value)):
-                raise InputMismatchError(
-                    f"{self._program.name}: argument {name!r} is not part of the compiled code (it was compiled for "
-                    f"{', '.join(self._program.input_names)}); call without it"
-                )
-        sample = self._program(flatten_call(self._program.input_names, arguments))
-        return self._output(sample=sample) if return_dict else (sample,)
+        names = self._program.input_names
+        for name in self._ignored:
+            kwargs.pop(name, None)
+        arguments = _bind_call(self._program.name, self._signature, self, names, args, kwargs)
+        sample = self._program(flatten_call(names, arguments))
+        return self._output(sample=sample) if arguments.get("return_dict", True) else (sample,)
 
 
 class CompiledUNet2DConditionModel(_CompiledModel):
@@ -398,14 +407,8 @@ class _CompiledBlock:
         self.device = next(iter(block.parameters())).device
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        arguments = self.signature.bind(self.block, *args, **kwargs).arguments
-        arguments.pop(next(iter(self.signature.parameters)))
         names = [spec.name for spec in self.entry.inputs]
-        top = {n.split(".")[0] for n in names}
-        for name, value in arguments.items():
-            unused = value is None or (isinstance(value, dict) and not value)
-            if name not in top and not unused and value != self.signature.parameters[name].default:
-                raise InputMismatchError(f"{self.where}: argument {name!r} is not part of the compiled code")
+        arguments = _bind_call(self.where, self.signature, self.block, names, args, kwargs)
         tensors = []
         for spec, value in zip(self.entry.inputs, flatten_call(names, arguments), strict=True):
             if (
