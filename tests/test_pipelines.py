@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 import diffbake
 from diffbake.manifest import read_manifest
@@ -85,13 +85,16 @@ def test_loaded_pipeline_holds_no_eager_denoiser_or_decoder(pair):
 
 def test_scheduler_swap_matches_stock(pair):
     family, loaded, stock = pair
-    if family == "flux":
-        pytest.skip("Flux's flow-matching pipeline takes no DPM-Solver swap")
     call = dict(CALLS[family][0], num_inference_steps=4)
+    before = _images(loaded, call)
     for pipe in (loaded, stock):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    err = np.abs(_images(loaded, call) - _images(stock, call)).max()
-    assert err <= ATOL
+        if family == "flux":  # flow matching: same scheduler class, another sigma schedule
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+        else:
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    after = _images(loaded, call)
+    assert np.abs(after - before).max() > 1e-4  # the swap really changed the sampling
+    assert np.abs(after - _images(stock, call)).max() <= ATOL
 
 
 def test_bare_call_uses_the_compiled_size(artifacts):
