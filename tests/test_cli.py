@@ -136,3 +136,16 @@ def test_help(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage: " in result.output
+
+
+def test_force_never_replaces_a_folder_that_is_not_an_artifact(tmp_path: Path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(cli, ["build", str(DEMO), "--out", str(precious), "--force"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-2] == (
+        f"error: {precious}: exists and is not a diffbake artifact (no manifest.json); refusing to replace it even "
+        "with --force; choose another --out"
+    )
+    assert (precious / "notes.txt").read_text() == "keep me"

@@ -33,6 +33,7 @@ from .manifest import (
     CONFIG_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MANIFEST_FILE,
     PACKAGE_FILE,
     PIPELINE_DIR,
     RECIPE_FILE,
@@ -108,6 +109,12 @@ def build(
     if dest.exists() and not force:
         raise BuildError(
             f"{dest}: already exists; pass --force to replace it (only once the new build is complete), or --out DIR"
+        )
+    if dest.exists() and not (dest.is_dir() and ((dest / MANIFEST_FILE).is_file() or not any(dest.iterdir()))):
+        # --force replaces artifacts, never an unrelated folder or file that happens to be at the destination.
+        raise BuildError(
+            f"{dest}: exists and is not a diffbake artifact (no {MANIFEST_FILE}); refusing to replace it even with "
+            "--force; choose another --out"
         )
 
     with rep.stage("read source"):
