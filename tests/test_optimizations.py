@@ -120,3 +120,33 @@ def test_int8_weight_only(tmp_path: Path):
     assert 0 < v.max_abs_error <= v.tolerance
     image = diffbake.load(artifact)("a cat", num_inference_steps=2, output_type="np").images
     assert np.isfinite(image).all()
+
+
+FLUX_DYNAMIC = """
+[source]
+model = "tiny:flux"
+[components.transformer]
+fuse_qkv = true
+quantization = { method = "int8_dynamic" }
+shapes = { batch = [1, 2], height = [32, 64], width = [32, 64], text_tokens = [16, 32] }
+[components.vae_decoder]
+shapes = { batch = [1, 2], height = [32, 64], width = [32, 64] }
+"""
+
+
+def test_flux_quantized_fused_and_dynamic(tmp_path: Path):
+    (tmp_path / "flux.toml").write_text(FLUX_DYNAMIC)
+    artifact = diffbake.build(tmp_path / "flux.toml", tmp_path / "flux")
+    v = read_manifest(artifact).components["transformer"].variants[0]
+    # Flux packs 2x2 latent patches into tokens: the image token count is one dynamic dimension.
+    assert v.inputs[0].shape == ["batch", "image_tokens", 64]
+    assert (v.dims["image_tokens"].min, v.dims["image_tokens"].max) == (64, 256)
+    assert (v.dims["text_tokens"].min, v.dims["text_tokens"].max) == (16, 32)
+    assert v.max_abs_error <= v.tolerance  # checked at the traced size and at the top of every range
+    pipe = diffbake.load(artifact)
+    for call, shape in (
+        (dict(height=32, width=64, max_sequence_length=16), (1, 32, 64, 3)),
+        (dict(height=64, width=48, max_sequence_length=32, num_images_per_prompt=2), (2, 64, 48, 3)),
+    ):
+        image = pipe("a cat", num_inference_steps=2, output_type="np", **call).images
+        assert image.shape == shape and np.isfinite(image).all()
