@@ -41,7 +41,7 @@ def component_inputs(
 ) -> tuple[list[TensorSpec], Dims]:
     """Input specs of one component as the pipeline calls it, and the dynamic dimensions they use."""
     shaper = _Shaper()
-    latent = _latent_sizes(comp, variant, pipe, family)
+    latent = _latent_sizes(variant, pipe)
     if comp.name == VAE_DECODER:
         shape = [
             shaper.size("batch", variant.shapes.batch),
@@ -79,22 +79,12 @@ def _example_size(d: DimSpec) -> int:
     return min(inner * d.multiple, d.max // d.multiple * d.multiple)
 
 
-def _latent_sizes(comp: ComponentRecipe, variant: Variant, pipe: Any, family: Family) -> dict[str, Size]:
+def _latent_sizes(variant: Variant, pipe: Any) -> dict[str, Size]:
     f = pipe.vae_scale_factor
     out: dict[str, Size] = {}
     for dim in ("height", "width"):
         size = getattr(variant.shapes, dim)
         out[dim] = (size[0] // f, size[1] // f) if isinstance(size, tuple) else size // f
-    if comp.name != VAE_DECODER and family.name in ("sd", "sdxl") and variant.shapes.dynamic:
-        # A dynamic latent size must stay a multiple of what the UNet downsamples by, or export specializes it.
-        down = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        for dim, size in out.items():
-            if isinstance(size, tuple) and (size[0] % down or size[1] % down):
-                raise RecipeError(
-                    f"[components.{comp.name}] shapes.{dim} = {list(getattr(variant.shapes, dim))}: a dynamic range "
-                    f"must start and end at multiples of {down * f} pixels for this UNet (it halves the latent "
-                    f"{down.bit_length() - 1} times)"
-                )
     return out
 
 
@@ -103,6 +93,15 @@ def _unet_inputs(shaper: _Shaper, variant: Variant, pipe: Any, dtype: str, laten
     double = 2 if variant.cfg else 1
     batch = shaper.size("batch", variant.shapes.batch, scale=double, multiple=double)
     down = 2 ** (len(unet.config.block_out_channels) - 1)
+    for dim, size in latent.items():
+        # A dynamic latent size must stay a multiple of what the UNet downsamples by, or export specializes it.
+        if isinstance(size, tuple) and (size[0] % down or size[1] % down):
+            f = pipe.vae_scale_factor
+            raise RecipeError(
+                f"[components.unet] shapes.{dim} = {[size[0] * f, size[1] * f]}: a dynamic range must start and "
+                f"end at multiples of {down * f} pixels for this UNet (it halves the latent "
+                f"{down.bit_length() - 1} times)"
+            )
     h = shaper.size("height", latent["height"], multiple=down)
     w = shaper.size("width", latent["width"], multiple=down)
     specs = [

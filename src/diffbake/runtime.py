@@ -82,7 +82,7 @@ class CompiledComponent:
         self.device = torch.device(device)
         self.dtype = _dtype(entry.variants[0].output.dtype)
         weights = load_file(artifact / entry.weights, device=str(self.device))
-        self._check_weights(weights)
+        _check_weights(entry, weights)
         # user_managed: every variant's runner uses these tensors in place (one copy in memory), so they must
         # outlive the runners; we keep them here.
         self._weights = weights
@@ -93,27 +93,6 @@ class CompiledComponent:
     @property
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.entry.variants[0].inputs]
-
-    def _check_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        # load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
-        specs = self.entry.constants
-        if set(weights) != set(specs):
-            missing = sorted(set(specs) - set(weights))[:5]
-            extra = sorted(set(weights) - set(specs))[:5]
-            raise ArtifactError(
-                f"{self.name}: {self.entry.weights} does not hold the constants the manifest lists "
-                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
-            )
-        for key, spec in specs.items():
-            t = weights[key]
-            if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
-                raise ArtifactError(
-                    f"{self.name}: constant {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
-                    f"but the package was compiled for {spec.dtype} {spec.shape}; rebuild the artifact"
-                )
-            if list(t.stride()) != spec.stride:
-                # safetensors stores tensors contiguous; restore the layout the package was compiled with.
-                weights[key] = _restride(t, spec.stride)
 
     def __call__(self, values: list[Any]) -> torch.Tensor:
         """Run the first variant (static ones first) whose shapes fit the inputs."""
@@ -274,6 +253,31 @@ def _bind_call(
     return arguments
 
 
+def _check_weights(entry: ComponentEntry, weights: dict[str, torch.Tensor]) -> None:
+    """Check loaded weights against the manifest's constants, and restore each one's recorded layout in place.
+
+    load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
+    """
+    specs = entry.constants
+    if set(weights) != set(specs):
+        missing = sorted(set(specs) - set(weights))[:5]
+        extra = sorted(set(weights) - set(specs))[:5]
+        raise ArtifactError(
+            f"{entry.name}: {entry.weights} does not hold the constants the manifest lists "
+            f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+        )
+    for key, spec in specs.items():
+        t = weights[key]
+        if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
+            raise ArtifactError(
+                f"{entry.name}: constant {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                f"but the package was compiled for {spec.dtype} {spec.shape}; rebuild the artifact"
+            )
+        if list(t.stride()) != spec.stride:
+            # safetensors stores tensors contiguous; restore the layout the package was compiled with.
+            weights[key] = _restride(t, spec.stride)
+
+
 def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
@@ -405,9 +409,10 @@ class _CompiledBlock:
         self.block = block
         self.runner = runner
         self.device = next(iter(block.parameters())).device
+        self.names = [spec.name for spec in entry.inputs]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        names = [spec.name for spec in self.entry.inputs]
+        names = self.names
         arguments = _bind_call(self.where, self.signature, self.block, names, args, kwargs)
         tensors = []
         for spec, value in zip(self.entry.inputs, flatten_call(names, arguments), strict=True):
@@ -449,15 +454,13 @@ def load_regional(artifact: str | Path, entry: ComponentEntry, device: str) -> t
     with torch.device("meta"):
         module = getattr(diffusers, entry.class_name).from_config(config)
     weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
+    _check_weights(entry, weights)
     expected = set(module.state_dict())
-    if set(weights) != expected or set(weights) != set(entry.constants):
+    if set(weights) != expected:
         raise ArtifactError(
             f"{entry.name}: {entry.weights} does not hold the state dict of {entry.class_name} with this config "
             f"(missing: {sorted(expected - set(weights))[:5]}); rebuild the artifact"
         )
-    for key, spec in entry.constants.items():
-        if list(weights[key].stride()) != spec.stride:
-            weights[key] = _restride(weights[key], spec.stride)
     module.load_state_dict(weights, strict=True, assign=True)
     module.eval().requires_grad_(False)
     index = torch.device(device).index if torch.device(device).index is not None else -1
