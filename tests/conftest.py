@@ -14,6 +14,8 @@ from pathlib import Path
 _CACHE = Path(tempfile.mkdtemp(prefix="diffbake-test-inductor-"))
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Verification stamps of the session's artifacts go to a temporary folder, not the user's cache.
+os.environ["DIFFBAKE_STAMP_DIR"] = tempfile.mkdtemp(prefix="diffbake-test-stamps-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -102,3 +104,19 @@ def artifacts(workdir: Path, saved_pipelines):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def no_package_loaded(monkeypatch, artifacts):
+    """Fails the test if torch's package loader is reached; yields the calls it refused."""
+    import torch
+
+    artifacts("sd")  # built (which loads packages) before loading is forbidden
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a package was loaded")
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", refuse)
+    return calls

@@ -30,7 +30,7 @@ def test_cuda_artifact_matches_stock_on_cuda(tmp_path: Path, saved_pipelines):
     (tmp_path / "cuda.toml").write_text(RECIPE.format(source=saved_pipelines("sd").as_posix()))
     artifact = diffbake.build(tmp_path / "cuda.toml", tmp_path / "cuda")
     host = read_manifest(artifact).host
-    assert host["device"] == "cuda" and host["gpu"] and host["compute_capability"]
+    assert host.device == "cuda" and host.gpu and host.compute_capability and host.cuda
     pipe = diffbake.load(artifact)
     assert pipe.unet.device.type == "cuda"
     stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd")).to("cuda")

@@ -55,7 +55,7 @@ def test_flux_text_tokens_default_to_512():
     [
         (
             GOOD.replace('dtype = "bfloat16"', 'dtype = "bfloat16"\nprecision = 3'),
-            "r.toml: unknown key 'precision' in [target]; known keys: device, dtype",
+            "r.toml: unknown key 'precision' in [target]; known keys: device, dtype, cpu_isa",
         ),
         (
             GOOD + "[extra]\n",
@@ -383,4 +383,23 @@ def test_regional_needs_one_static_shape_and_a_denoiser():
         .components["unet"]
         .mode
         == "regional"
+    )
+
+
+def test_cpu_isa_parses_and_is_checked_against_the_build_host(monkeypatch):
+    assert parse(GOOD).cpu_isa == "native"
+    assert parse(GOOD.replace('dtype = "bfloat16"', 'cpu_isa = "avx2"')).cpu_isa == "avx2"
+    with pytest.raises(RecipeError) as e:
+        parse(GOOD.replace('dtype = "bfloat16"', 'cpu_isa = "sse2"'))
+    assert str(e.value) == "r.toml: [target] cpu_isa = 'sse2' is not supported; expected one of: native, avx2, avx512"
+    # A build host without AVX-512 could not run (and so verify) code built for it.
+    import diffbake.verify
+
+    monkeypatch.setattr(diffbake.verify, "cpu_features", lambda: frozenset(diffbake.verify.CPU_TARGETS["avx2"][2]))
+    with pytest.raises(RecipeError) as e:
+        parse(GOOD.replace('dtype = "bfloat16"', 'cpu_isa = "avx512"'))
+    assert str(e.value) == (
+        "r.toml: [target] cpu_isa = 'avx512' needs avx512bw, avx512cd, avx512dq, avx512f, avx512vl, which this build "
+        "host lacks; the build runs the compiled code to verify it: build on a CPU that has them, or choose a lower "
+        "cpu_isa"
     )

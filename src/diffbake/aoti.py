@@ -1,15 +1,22 @@
-"""AOTInductor: compile an exported program into a code-only package.
+"""AOTInductor: compile an exported program into a code-only package, for a chosen CPU instruction set.
 
 Weights stay outside the package (``package_constants_in_so = False``) and are bound at load time, so one set of
 weights can serve several packages and be swapped without a recompile. Every setting is scoped to the compile.
+After compiling, the package is rewritten to hold only what the loader needs (no sources, no flags), and is
+inspected with the loader's own checks: the build fails if loading would.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from .archive import ALLOWED, inspect_package
 from .errors import BuildError
+from .verify import CPU_TARGETS, cpu_features
 
 INDUCTOR_CONFIGS: dict[str, Any] = {
     # Code only: the weights go to weights.safetensors, stored once.
@@ -22,18 +29,61 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
     "aot_inductor.precompile_headers": False,
 }
 
+# gcc's -m flags as /proc/cpuinfo names the extension.
+_GCC_FEATURES = {
+    "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16",
+    "avx512vbmi2": "avx512_vbmi2",
+    "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avxvnni": "avx_vnni",
+}
 
-def compile_package(name: str, exported: Any, path: Path) -> Path:
-    """Compile ``exported`` with AOTInductor into ``path`` (a .pt2 package).
+
+def isa_configs(cpu_isa: str) -> dict[str, Any]:
+    """Inductor settings for a CPU target. "native" is inductor's default (-march=native, the host's widest
+    vectors); a named target sets both the -march level and the vector width, since either alone still lets
+    the compiler or the kernels use the build host's wider instructions."""
+    if cpu_isa == "native":
+        return {}
+    march, simdlen, _ = CPU_TARGETS[cpu_isa]
+    return {"cpp.march": march, "cpp.simdlen": simdlen}
+
+
+def required_cpu_features(cpu_isa: str) -> list[str]:
+    """The CPU extensions code compiled for ``cpu_isa`` may use, as /proc/cpuinfo names them.
+
+    A named target implies its -march level's extensions plus those the vector kernels inductor picks for that
+    width are compiled with (on a build host with AMX, its AVX-512 kernels are built with AMX, VNNI and BF16
+    enabled, so those are required too). A native build may use anything the build host has.
+    """
+    host = cpu_features() or frozenset()
+    if cpu_isa == "native":
+        return sorted(host)
+    import torch._inductor.config
+    from torch._inductor import cpu_vec_isa
+
+    _, _, implied = CPU_TARGETS[cpu_isa]
+    with torch._inductor.config.patch(isa_configs(cpu_isa)):
+        flags = cpu_vec_isa.pick_vec_isa().build_arch_flags()
+    extra = {_GCC_FEATURES.get(f, f.replace("-", "_")) for f in re.findall(r"-m([a-z0-9-]+)", flags)}
+    return sorted(set(implied) | extra)
+
+
+def compile_package(name: str, exported: Any, path: Path, *, device: str, cpu_isa: str = "native") -> Path:
+    """Compile ``exported`` with AOTInductor into ``path`` (a .pt2 package), then strip and inspect it.
 
     Raises:
         BuildError: the compile failed (for example no C++ compiler on a CPU build).
     """
+    import platform
+
     import torch._inductor
 
     try:
         out = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS
+            exported, package_path=str(path), inductor_configs={**INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
         )
     except Exception as e:  # inductor raises many unrelated types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -41,4 +91,23 @@ def compile_package(name: str, exported: Any, path: Path) -> Path:
             f"{name}: AOTInductor compile failed ({type(e).__name__}: {first}); a CPU build needs a working C++ "
             "compiler (g++); set DIFFBAKE_DEBUG=1 for the traceback"
         ) from e
-    return Path(out)
+    out = Path(out)
+    strip_package(out, device)
+    inspect_package(out, device, platform.machine())
+    return out
+
+
+def strip_package(path: Path, device: str) -> None:
+    """Rewrite a package with only the entries the loader needs, stored uncompressed, in place (atomically)."""
+    root = path.name.removesuffix(".pt2") + "/"
+    tmp = path.with_name(path.name + ".strip")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            rel = info.filename.removeprefix(root)
+            kind = next((k for k, pattern in ALLOWED.items() if pattern.fullmatch(rel)), None)
+            if kind is None or (kind == "kernel" and device != "cuda"):
+                continue  # sources, flags, per-kernel metadata: nothing the loader reads
+            entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            entry.external_attr = 0o644 << 16
+            dst.writestr(entry, src.read(info), compress_type=zipfile.ZIP_STORED)
+    os.replace(tmp, path)

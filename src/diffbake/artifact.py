@@ -1,17 +1,28 @@
 """Writing an artifact atomically: everything goes into a staging folder beside the destination, the manifest is
-written last, and the folder is renamed into place. An interrupted build never leaves a destination that looks
-complete; a failed one leaves the previous artifact, if any, untouched.
+written last, and the folder is renamed into place. An interrupted build (even by SIGKILL) never leaves a
+destination that looks complete; a failed one leaves the previous artifact, if any, untouched.
+
+On Linux an existing artifact is replaced with one atomic exchange of the two folders (``renameat2`` with
+``RENAME_EXCHANGE``), so the destination is always either the old artifact or the new one. Elsewhere it takes two
+renames; a build killed between them leaves the old artifact beside the destination, and the next build of that
+destination puts it back. Staging folders of killed builds are removed by the next build of the same destination.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from .manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
+
+logger = logging.getLogger(__name__)
 
 
 def list_files(root: Path) -> dict[str, FileEntry]:
@@ -29,11 +40,12 @@ class Staging:
 
     def __init__(self, dest: str | Path):
         self.dest = Path(dest)
-        self.path = self.dest.parent / f".{self.dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.path = self.dest.parent / f".{self.dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._committed = False
 
     def __enter__(self) -> Staging:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
+        recover(self.dest)
         self.path.mkdir()
         return self
 
@@ -44,13 +56,56 @@ class Staging:
     def commit(self, make_manifest: Callable[[dict[str, FileEntry]], Manifest]) -> Path:
         """Hash every file, write the manifest last, then move the folder into place (replacing ``dest``)."""
         write_manifest(self.path, make_manifest(list_files(self.path)))
-        old = None
-        if self.dest.exists():
-            # Two renames: the old artifact stays whole until the new one is complete and in place.
-            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
+        if not self.dest.exists():
+            os.rename(self.path, self.dest)
+        elif _exchange(self.path, self.dest):
+            shutil.rmtree(self.path, ignore_errors=True)  # now the old artifact
+        else:
+            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(self.dest, old)
-        os.replace(self.path, self.dest)
-        self._committed = True
-        if old is not None:
+            os.replace(self.path, self.dest)
             shutil.rmtree(old, ignore_errors=True)
+        self._committed = True
         return self.dest
+
+
+def recover(dest: Path) -> None:
+    """Clean up after builds of ``dest`` that were killed: remove their staging folders, and put back an old
+    artifact that a kill between two renames left beside an empty destination."""
+    pattern = re.compile(re.escape(f".{dest.name}.") + r"(partial|old)-(\d+)-[0-9a-f]{8}")
+    for path in sorted(dest.parent.iterdir()) if dest.parent.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not dest.exists() and (path / MANIFEST_FILE).is_file():
+            logger.warning("restoring %s, left beside it by an interrupted build", dest)
+            os.rename(path, dest)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch._inductor import aoti_load_package
 
 from . import __version__
-from .aoti import compile_package
+from .aoti import compile_package, required_cpu_features
+from .archive import Package, unpack_dir
 from .artifact import Staging
 from .errors import BuildError, VerificationError
 from .export import FlatCall, dynamic_shapes, export_component
@@ -42,18 +42,24 @@ from .manifest import (
     ComponentEntry,
     ConstantSpec,
     FileEntry,
+    Host,
     Manifest,
+    SelfTest,
     TensorSpec,
     VariantEntry,
 )
 from .recipe import ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
 from .regional import BlockCall, capture_blocks
 from .runtime import CompiledComponent, load_regional
+from .selftest import SEED, self_test_inputs, self_test_sizes, summarize
 from .sources import SourceInfo, inspect_source, load_module, load_pipeline
 from .transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from .verify import host_facts
 
 logger = logging.getLogger(__name__)
+
+# Stands in for the self-test until the variant has been verified and its self-test run.
+_NO_SELF_TEST = SelfTest(0, {}, {}, [], 0.0, 0.0, 0.0, [], 0.0)
 
 # Max abs error allowed between compiled and eager output: atol + rtol * max|eager|, per dtype.
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -163,7 +169,7 @@ def _build_component(
     folder.mkdir()
     module.save_config(folder)
     if comp.mode == "regional":
-        return _build_regional(comp, module, method, names, plans[0], transforms, recipe, folder, rep, start)
+        return _build_regional(comp, module, method, names, plans[0], transforms, recipe, folder, rep, start, family)
     if comp.quantization is not None:
         unwrap_for_export(module)
     flat = FlatCall(module, method, names).eval()
@@ -175,8 +181,8 @@ def _build_component(
             exported = export_component(name, flat, plan.points[0], dynamic_shapes(plan.specs, plan.dims))
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
         with rep.stage(f"{label}: compile (AOTInductor)"):
-            compile_package(name, exported, package)
-        fqns = aoti_load_package(str(package)).get_constant_fqns()
+            compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+        fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
         if constants is None:
             with rep.stage(f"{name}: save weights"):
                 constants = _save_weights(name, exported, fqns, folder)
@@ -197,6 +203,7 @@ def _build_component(
                 max_abs_error=0.0,
                 tolerance=0.0,
                 error_vs_float32=0.0,
+                self_test=_NO_SELF_TEST,
             )
         )
         del exported
@@ -215,6 +222,8 @@ def _build_component(
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
         compiled = CompiledComponent(root, entry, recipe.device)
         checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
+    with rep.stage(f"{name}: record self-test"):
+        checked = [_self_test(compiled.variants[i], v, family, recipe, comp) for i, v in enumerate(checked)]
         del compiled
     return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
 
@@ -230,6 +239,7 @@ def _build_regional(
     folder: Path,
     rep: Reporter,
     start: float,
+    family: Any,
 ) -> ComponentEntry:
     """One package per distinct repeated block; the component's whole state dict is its weights file."""
     name, root = comp.name, folder.parent
@@ -242,7 +252,7 @@ def _build_regional(
             exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
         package = folder / f"block-{i}.pt2"
         with rep.stage(f"{label}: compile (AOTInductor)"):
-            compile_package(name, exported, package)
+            compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
         blocks.append(
             BlockEntry(
                 package=package.relative_to(root).as_posix(),
@@ -265,6 +275,7 @@ def _build_regional(
         max_abs_error=0.0,
         tolerance=0.0,
         error_vs_float32=0.0,
+        self_test=_NO_SELF_TEST,
     )
     entry = ComponentEntry(
         name=name,
@@ -280,8 +291,11 @@ def _build_regional(
     )
     with rep.stage(f"{name}: verify against eager"):
         regional = load_regional(root, entry, recipe.device)
-        checked = _verify(name, _RegionalRunner(regional, method, names, variant), plan, recipe, comp)
-        del regional
+        runner = _RegionalRunner(regional, method, names, variant)
+        checked = _verify(name, runner, plan, recipe, comp)
+    with rep.stage(f"{name}: record self-test"):
+        checked = _self_test(runner, checked, family, recipe, comp)
+        del regional, runner
     return replace(entry, variants=[checked], build_seconds=round(time.perf_counter() - start, 2))
 
 
@@ -321,11 +335,29 @@ def _run(module: Any, method: str, names: list[str], inputs: list[torch.Tensor],
     return out.float() if float32 else out
 
 
-def _verify(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+def _tolerance(recipe: Recipe, comp: ComponentRecipe) -> tuple[float, float]:
     atol, rtol = TOLERANCES[recipe.dtype]
     if comp.quantization is not None:
         q_atol, q_rtol = QUANT_TOLERANCES[comp.quantization.method]
         atol, rtol = max(atol, q_atol), max(rtol, q_rtol)
+    return atol, rtol
+
+
+def _self_test(run: Any, entry: VariantEntry, family: Any, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+    """Run the compiled variant on seeded inputs and record the output's summary for the serving host to replay."""
+    # One value for the inputs the pipeline broadcasts: a mid-range timestep, a typical guidance scale.
+    fill = {s.name: (family.max_timestep / 2 if s.name == "timestep" else 3.5) for s in entry.inputs if s.coerce}
+    sizes = self_test_sizes(entry)
+    recorded = replace(_NO_SELF_TEST, seed=SEED, sizes=sizes, fill=fill)
+    with torch.no_grad():
+        out = run(self_test_inputs(entry, recorded, recipe.device))
+    atol, rtol = _tolerance(recipe, comp)
+    tolerance = atol + rtol * out.float().abs().max().item()
+    return replace(entry, self_test=summarize(out, seed=SEED, sizes=sizes, fill=fill, tolerance=tolerance))
+
+
+def _verify(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+    atol, rtol = _tolerance(recipe, comp)
     error = error32 = tolerance = 0.0
     for point, reference, reference32 in zip(plan.points, plan.reference, plan.reference32, strict=True):
         out = compiled(point).float()
@@ -397,6 +429,10 @@ def _save_pipeline(pipe: Any, folder: Path, skip: set[str]) -> None:
             component.save_pretrained(folder / name)
 
 
+def _device_type(recipe: Recipe) -> str:
+    return torch.device(recipe.device).type
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -418,7 +454,12 @@ def _manifest(
             "torchao": _version("torchao"),
             "python": platform.python_version(),
         },
-        host={**host_facts(torch.device(recipe.device).type), "dtype": recipe.dtype},
+        host=Host(
+            **host_facts(_device_type(recipe)),
+            dtype=recipe.dtype,
+            cpu_isa=recipe.cpu_isa,
+            cpu_features=required_cpu_features(recipe.cpu_isa),
+        ),
         source=info.to_dict(),
         pipeline_class=info.pipeline_class,
         pipeline=PIPELINE_DIR,

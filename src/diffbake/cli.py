@@ -1,4 +1,4 @@
-"""The ``diffbake`` command: build, generate, inspect.
+"""The ``diffbake`` command: build, generate, inspect, verify.
 
 Only this module prints. Known errors print one line and exit 1; ``DIFFBAKE_DEBUG=1`` shows the traceback.
 """
@@ -100,6 +100,7 @@ def cli() -> None:
     diffbake build recipes/tiny-sd.toml          # compile into artifacts/tiny-sd
     diffbake generate artifacts/tiny-sd --prompt "a photo of a cat"
     diffbake inspect artifacts/tiny-sd
+    diffbake verify artifacts/tiny-sd            # every check, in a child process; exit 0 or 1
 
     Set DIFFBAKE_DEBUG=1 to see the full traceback of an error.
     """
@@ -223,9 +224,10 @@ def inspect(artifact: Path, as_json: bool) -> None:
         return
     total = sum(f.size for f in m.files.values())
     click.echo(f"{artifact}: {m.pipeline_class} ({m.source['family']}) from {m.source['model']}")
+    h = m.host
     click.echo(
-        f"  target: {m.host['device']} {m.dtype}, cpu {m.host.get('cpu_capability')}, {m.host.get('platform')}-{m.host.get('machine')}"
-        + (f", gpu {m.host['gpu']} (sm {m.host['compute_capability']})" if m.host.get("gpu") else "")
+        f"  target: {h.device} {m.dtype}, cpu_isa {h.cpu_isa} ({len(h.cpu_features)} required CPU extensions), "
+        f"{h.platform}-{h.machine}" + (f", gpu {h.gpu} (sm {h.compute_capability}, CUDA {h.cuda})" if h.gpu else "")
     )
     click.echo("  built with: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo(f"  size: {_mb(total)} in {len(m.files)} files")
@@ -254,6 +256,73 @@ def inspect(artifact: Path, as_json: bool) -> None:
                 dims = [d if isinstance(d, int) else f"{d}={v.dims[d].min}..{v.dims[d].max}" for d in spec.shape]
                 coerced = " (cast and broadcast)" if spec.coerce else ""
                 click.echo(f"      input {spec.name}: {spec.dtype}[{', '.join(map(str, dims))}]{coerced}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--device", default=None, help="Device to check on [default: the artifact's].")
+@click.option(
+    "--unpack-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where packages are extracted before loading [default: $DIFFBAKE_UNPACK_DIR, else the temp folder].",
+)
+@click.option("--timeout", default=600, show_default=True, type=click.IntRange(min=1), help="Seconds to allow.")
+def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout: int) -> None:
+    """Check that an ARTIFACT is whole and runs correctly on this host; exit 0 if so, 1 with the reason if not.
+
+    \b
+    Runs every check a load runs, in a child process, so a crash is reported rather than suffered:
+    manifest schema, host compatibility, sha256 of every file, package contents, weights binding, and
+    the self-test recorded at build (compared against the build host's output).
+    """
+    import json
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "diffbake.selfcheck", str(artifact), device or "", str(unpack_dir or "")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    stage, result = "start", None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "stage" in msg:
+                stage = msg["stage"]
+                if stage != "start":
+                    click.echo(f"  ok  {stage}: {msg['detail']}", err=True)
+            elif "ok" in msg:
+                result = msg
+        stderr = proc.stderr.read() if proc.stderr else ""
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    if result is not None and result["ok"] and code == 0:
+        click.echo(f"ok: {artifact} passed every check")
+        return
+    if result is not None and not result["ok"]:
+        reason = f"{result['error']}"
+    elif code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        killed = " (timed out)" if name == "SIGKILL" else ""
+        reason = (
+            f"the check crashed with {name}{killed} after the {stage!r} stage; loading this artifact on this host "
+            "would crash the serving process: do not deploy it here"
+        )
+    else:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        reason = f"the check failed after the {stage!r} stage (exit {code}): {tail}"
+    raise CheckFailed(f"{artifact}: {reason}")
+
+
+class CheckFailed(DiffbakeError):
+    """``diffbake verify`` found a problem (reported as one line, exit 1)."""
 
 
 def _shapes(variant: VariantEntry) -> str:

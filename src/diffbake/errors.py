@@ -44,6 +44,10 @@ class IntegrityError(ArtifactError):
     """A file of an artifact differs from what its manifest records."""
 
 
+class SelfTestError(ArtifactError):
+    """The compiled code, replaying the call recorded at build, returned something else on this host."""
+
+
 class CompatibilityError(DiffbakeError, RuntimeError):
     """An artifact was built for another host (device, torch version, platform)."""
 

@@ -15,17 +15,24 @@ Layout of an artifact folder::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Union
 
-from .errors import ArtifactError, ArtifactNotFoundError
+from .errors import ArtifactError, ArtifactNotFoundError, IntegrityError
+from .families import FAMILIES, KNOWN_COMPONENTS
 
 FORMAT_NAME = "diffbake-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.toml"
@@ -53,7 +60,6 @@ class TensorSpec:
     # A coerced input is cast to ``dtype`` and broadcast to ``shape`` by the stand-in, because the eager module
     # does the same to it (a scalar or int64 timestep) and the scheduler decides what the pipeline passes.
     coerce: bool = False
-    layout: str = "contiguous"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,25 @@ class ConstantSpec:
 
 
 @dataclass(frozen=True)
+class SelfTest:
+    """A seeded call recorded at build, and a summary of what the compiled code returned for it.
+
+    The inputs are seeded standard-normal noise of each input's shape (dynamic dimensions at ``sizes``), except
+    the inputs named in ``fill``, which hold one value (a timestep, a guidance scale).
+    """
+
+    seed: int
+    sizes: dict[str, int]
+    fill: dict[str, float]
+    shape: list[int]
+    mean: float
+    std: float
+    abs_max: float
+    probes: list[float]  # output values at evenly spaced flat indices
+    tolerance: float  # the largest difference from the recorded values that still passes
+
+
+@dataclass(frozen=True)
 class VariantEntry:
     """One compiled package of a component; all variants of a component share its weights."""
 
@@ -88,6 +113,7 @@ class VariantEntry:
     max_abs_error: float  # compiled vs the eager component it was compiled from (same dtype and transforms)
     tolerance: float
     error_vs_float32: float  # compiled vs the float32 eager component without transforms
+    self_test: SelfTest
 
     @property
     def dynamic(self) -> bool:
@@ -129,11 +155,28 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Host:
+    """What the compiled code depends on, recorded at build and compared with the loading host."""
+
+    device: str  # "cpu" or "cuda"
+    dtype: str
+    platform: str  # "linux", "darwin", "windows"
+    machine: str  # "x86_64", "aarch64"
+    cpu_capability: str  # torch's name for the build host's vector ISA (informative)
+    cpu_isa: str  # the recipe's CPU target: "native", "avx2" or "avx512"
+    # CPU instruction-set extensions the compiled code may use (/proc/cpuinfo names): the loading host needs all.
+    cpu_features: list[str]
+    cuda: str | None  # CUDA version torch was built with
+    gpu: str | None
+    compute_capability: str | None  # "8.9"; CUDA builds only
+
+
+@dataclass(frozen=True)
 class Manifest:
     format: str
     format_version: int
     versions: dict[str, str]  # diffbake, torch, diffusers, transformers, torchao, python
-    host: dict[str, Any]  # device, dtype, cpu_capability, platform, machine, cuda, gpu
+    host: Host
     source: dict[str, Any]  # model, revision, family
     pipeline_class: str
     pipeline: str  # folder of the eager components
@@ -142,14 +185,29 @@ class Manifest:
 
     @property
     def device(self) -> str:
-        return self.host["device"]
+        return self.host.device
 
     @property
     def dtype(self) -> str:
-        return self.host["dtype"]
+        return self.host.dtype
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        return json.dumps(seal(asdict(self)), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+DIGEST_KEY = "digest"
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (every key but the digest), in a canonical JSON form."""
+    body = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its digest as the last key. The files are protected by their sha256 in the manifest, and the
+    manifest by this digest of itself, so no edit of any file goes unnoticed."""
+    return {**{k: v for k, v in data.items() if k != DIGEST_KEY}, DIGEST_KEY: content_digest(data)}
 
 
 def flatten_call(names: list[str], kwargs: dict[str, Any]) -> list[Any]:
@@ -214,29 +272,44 @@ def read_manifest(artifact: str | Path) -> Manifest:
             f"{artifact}: no {MANIFEST_FILE} in this folder, so it is not a complete diffbake artifact "
             "(the manifest is written last; an interrupted build leaves none); rebuild it with `diffbake build RECIPE`"
         )
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
+    if path.is_symlink():
+        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds regular files only; rebuild it")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
         raise ArtifactError(
-            f"{path}: {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have"
+            f"{path}: more than the {MAX_MANIFEST_BYTES} bytes a manifest may have; rebuild the artifact"
         )
     try:
-        data = json.loads(
-            path.read_text(encoding="utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes
-        )
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not a valid manifest ({e}); rebuild the artifact") from e
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ArtifactError(f"{path}: not a valid manifest ({reason}); rebuild the artifact") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ArtifactError(f"{path}: format is {found!r}, expected {FORMAT_NAME!r}: this is not a diffbake artifact")
-    if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {data.get('format_version')!r}, but this diffbake reads version {FORMAT_VERSION}; "
+            f"{path}: format is {_short(found)}, expected {FORMAT_NAME!r}: this is not a diffbake artifact"
+        )
+    if data.get("format_version") != FORMAT_VERSION:
+        versions = data.get("versions")
+        built_by = versions.get("diffbake") if isinstance(versions, dict) else None
+        raise ArtifactError(
+            f"{path}: format_version {_short(data.get('format_version'))}, but this diffbake reads version {FORMAT_VERSION}; "
             "rebuild the artifact with this diffbake, or load it with the diffbake that built it "
-            f"({data.get('versions', {}).get('diffbake', 'unknown')})"
+            f"({built_by if isinstance(built_by, str) else 'unknown'})"
+        )
+    claimed = data.pop(DIGEST_KEY, None)
+    if claimed != content_digest(data):
+        raise IntegrityError(
+            f"{path}: its content does not match the digest it was sealed with; the manifest was changed after "
+            "the build; rebuild or re-download the artifact"
         )
     try:
-        return _manifest_from_dict(data)
-    except (TypeError, KeyError, ValueError) as e:
-        raise ArtifactError(f"{path}: malformed manifest ({e}); rebuild the artifact") from e
+        manifest = _convert(Manifest, data, "manifest")
+        _check_manifest(manifest)
+    except _SchemaError as e:
+        raise ArtifactError(f"{path}: malformed manifest: {e}; rebuild the artifact") from None
+    return manifest
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
@@ -251,40 +324,189 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def _manifest_from_dict(data: dict[str, Any]) -> Manifest:
-    data = dict(data)
-    components = {}
-    for name, c in data.pop("components").items():
-        c = dict(c)
-        c["constants"] = {k: ConstantSpec(**v) for k, v in c["constants"].items()}
-        variants = []
-        for v in c["variants"]:
-            v = dict(v)
-            v["inputs"] = [TensorSpec(**i) for i in v["inputs"]]
-            v["output"] = TensorSpec(**v["output"])
-            v["dims"] = {k: DimSpec(**d) for k, d in v["dims"].items()}
-            variants.append(VariantEntry(**v))
-        if not variants:
-            raise ValueError(f"component {name!r} has no variants")
-        c["variants"] = variants
-        blocks = []
-        for b in c.get("blocks", []):
-            b = dict(b)
-            b["inputs"] = [TensorSpec(**i) for i in b["inputs"]]
-            blocks.append(BlockEntry(**b))
-        c["blocks"] = blocks
-        if c.get("mode", "full") not in ("full", "regional"):
-            raise ValueError(f"component {name!r} has unknown mode {c['mode']!r}")
-        components[name] = ComponentEntry(**c)
-    files = {_safe_relpath(k): FileEntry(**v) for k, v in data.pop("files").items()}
-    return Manifest(**data, components=components, files=files)
+class _SchemaError(ValueError):
+    pass
 
 
-def _safe_relpath(path: str) -> str:
-    p = Path(path)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise ValueError(f"file path {path!r} is not a relative path inside the artifact")
-    return path
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = frozenset(
+        f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    return {f.name: hints[f.name] for f in fields}, required
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) as an instance of the type ``tp``, checked strictly: no missing or unknown keys,
+    no ``true`` where a number is expected, no float where an int is."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, where)
+            except _SchemaError as e:
+                errors.append(str(e))
+        raise _SchemaError(errors[0] if len(errors) == 1 else f"{where}: {_kind(value)} fits none of its types")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{where}: expected an object, found {_kind(value)}")
+        fields, required = _fields(tp)
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise _SchemaError(f"{where}: unknown key {unknown[0]!r}")
+        missing = sorted(required - set(value))
+        if missing:
+            raise _SchemaError(f"{where}: missing key {missing[0]!r}")
+        return tp(**{k: _convert(fields[k], v, f"{where}.{k}") for k, v in value.items()})
+    if origin is list:
+        if not isinstance(value, list):
+            raise _SchemaError(f"{where}: expected an array, found {_kind(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{where}: expected an object, found {_kind(value)}")
+        _, item = typing.get_args(tp)
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise _SchemaError(f"{where}: expected null, found {_kind(value)}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _SchemaError(f"{where}: expected a boolean, found {_kind(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _SchemaError(f"{where}: expected an integer, found {_kind(value)}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise _SchemaError(f"{where}: expected a finite number, found {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _SchemaError(f"{where}: expected a string, found {_kind(value)}")
+        return value
+    raise TypeError(f"no schema rule for {tp!r}")  # a bug in this module, not in the manifest
+
+
+DTYPES = frozenset(
+    {
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int64",
+        "int32",
+        "int8",
+        "uint8",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    }
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Dimension names and module paths: plain identifiers joined by dots, nothing a path or a shell could read.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _check_manifest(m: Manifest) -> None:
+    """What the types alone do not say: known values, consistent names, and only files the manifest hashes."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise _SchemaError(message)
+
+    need("torch" in m.versions, "versions: no torch version recorded")
+    need(m.host.device in ("cpu", "cuda"), f"host.device: {m.host.device!r} is not 'cpu' or 'cuda'")
+    need(m.host.dtype in ("float32", "float16", "bfloat16"), f"host.dtype: {m.host.dtype!r} is not a build dtype")
+    family = FAMILIES.get(m.source.get("family"))  # type: ignore[arg-type]
+    need(family is not None, f"source.family: {m.source.get('family')!r} is not one of {sorted(FAMILIES)}")
+    assert family is not None
+    need(
+        m.pipeline_class in family.pipeline_classes,
+        f"pipeline_class: {m.pipeline_class!r} is not a {family.name} pipeline ({', '.join(family.pipeline_classes)})",
+    )
+    for rel in m.files:
+        _check_relpath(rel, f"files: {rel!r}")
+        need(_SHA256.fullmatch(m.files[rel].sha256) is not None, f"files.{rel}.sha256: not a sha256 hex digest")
+        need(m.files[rel].size >= 0, f"files.{rel}.size: negative")
+    _check_relpath(m.pipeline, "pipeline")
+    need(any(rel.startswith(m.pipeline + "/") for rel in m.files), f"pipeline: no file of {m.pipeline!r} is listed")
+    need(bool(m.components), "components: none")
+
+    def listed(rel: str, where: str) -> None:
+        # Everything the loader opens must be hashed, or a change to it would go unnoticed.
+        _check_relpath(rel, where)
+        need(rel in m.files, f"{where}: {rel!r} is not among the listed files")
+
+    for name, c in m.components.items():
+        where = f"components.{name}"
+        need(name in KNOWN_COMPONENTS and c.name == name, f"{where}: unknown component (known: {KNOWN_COMPONENTS})")
+        need(c.mode in ("full", "regional"), f"{where}.mode: {c.mode!r} is not 'full' or 'regional'")
+        need(bool(c.variants), f"{where}.variants: none")
+        need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
+        listed(c.weights, f"{where}.weights")
+        listed(c.config, f"{where}.config")
+        for key, spec in c.constants.items():
+            need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
+            need(
+                all(n >= 0 for n in spec.shape) and len(spec.stride) == len(spec.shape),
+                f"{where}.constants.{key}: shape and stride do not fit",
+            )
+        for i, v in enumerate(c.variants):
+            vw = f"{where}.variants[{i}]"
+            if c.mode == "full":
+                listed(v.package, f"{vw}.package")
+            for d, dim in v.dims.items():
+                need(_NAME.fullmatch(d) is not None, f"{vw}.dims: bad name {d!r}")
+                need(1 <= dim.min <= dim.max and dim.multiple >= 1, f"{vw}.dims.{d}: not a range")
+            for spec in [*v.inputs, v.output]:
+                need(spec.dtype in DTYPES, f"{vw}: input {spec.name!r} has unknown dtype {spec.dtype!r}")
+                need(_NAME.fullmatch(spec.name) is not None, f"{vw}: bad input name {spec.name!r}")
+                for size in spec.shape:
+                    ok = size in v.dims if isinstance(size, str) else size >= 0
+                    need(ok, f"{vw}: input {spec.name!r} has size {size!r}, which is neither a size nor a dim")
+            need(set(v.self_test.sizes) == set(v.dims), f"{vw}.self_test.sizes: not the variant's dims")
+            need(
+                all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
+                f"{vw}.self_test.sizes: outside the variant's dims",
+            )
+        for j, b in enumerate(c.blocks):
+            listed(b.package, f"{where}.blocks[{j}].package")
+            need(all(_NAME.fullmatch(x) for x in b.instances), f"{where}.blocks[{j}].instances: bad module name")
+            for spec in b.inputs:
+                need(spec.dtype in DTYPES, f"{where}.blocks[{j}]: input {spec.name!r} has unknown dtype")
+                need(all(isinstance(n, int) and n >= 0 for n in spec.shape), f"{where}.blocks[{j}]: bad shape")
+
+
+def _check_relpath(path: str, where: str) -> None:
+    p = PurePosixPath(path)
+    if (
+        not path
+        or p.is_absolute()
+        or "\\" in path
+        or any(part in ("", ".", "..") for part in path.split("/"))
+        or "\x00" in path
+    ):
+        raise _SchemaError(f"{where}: not a relative path inside the artifact")
 
 
 def _reject_constant(name: str) -> None:

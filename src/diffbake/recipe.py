@@ -14,6 +14,7 @@ Example::
     [target]
     device = "cpu"              # "cpu" | "cuda"
     dtype = "float32"           # "float32" | "bfloat16" | "float16"
+    cpu_isa = "native"          # CPU code for: "native" (this host) | "avx2" (x86-64-v3) | "avx512" (x86-64-v4)
 
     [components.unet]           # the pipeline attribute, or "vae_decoder" for vae.decode
     shapes = { batch = 1, height = 64, width = 64 }
@@ -52,7 +53,8 @@ TINY_PREFIX = "tiny:"
 
 _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
-_TARGET_KEYS = ("device", "dtype")
+_TARGET_KEYS = ("device", "dtype", "cpu_isa")
+CPU_ISAS = ("native", "avx2", "avx512")
 _COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization")
 MODES = ("full", "regional")
 _SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
@@ -137,6 +139,7 @@ class Recipe:
     device: str
     dtype: str
     components: dict[str, ComponentRecipe]
+    cpu_isa: str = "native"  # the CPU instruction set compiled code may use (the wrapper's, on CUDA too)
     text: str = ""  # the recipe verbatim, copied into the artifact
     path: Path | None = field(default=None, compare=False)
 
@@ -200,8 +203,11 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
     v.keys(target, _TARGET_KEYS, "[target]")
     device = v.choice(target, "device", "[target]", DEVICES, default="cpu")
     dtype = v.choice(target, "dtype", "[target]", DTYPES, default="float32")
+    cpu_isa = v.choice(target, "cpu_isa", "[target]", CPU_ISAS, default="native")
     if device == "cuda":
         _require_cuda(where)
+    if cpu_isa != "native":
+        _require_cpu_isa(where, cpu_isa)
 
     tables = v.table(data, "components", required=True)
     v.keys(tables, KNOWN_COMPONENTS, "[components]", what="component")
@@ -260,7 +266,9 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
                 )
         components[name] = ComponentRecipe(name, tuple(variants), quantization=quant, mode=mode, **flags)
 
-    return Recipe(model, revision, device, dtype, components, text=text, path=Path(path) if path else None)
+    return Recipe(
+        model, revision, device, dtype, components, cpu_isa=cpu_isa, text=text, path=Path(path) if path else None
+    )
 
 
 def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) -> Recipe:
@@ -316,7 +324,7 @@ def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) 
                     )
             variants.append(Variant(replace(variant.shapes, text_tokens=tokens), cfg))
         filled[name] = replace(comp, variants=tuple(variants))
-    return Recipe(recipe.model, recipe.revision, recipe.device, recipe.dtype, filled, recipe.text, recipe.path)
+    return replace(recipe, components=filled)
 
 
 def _quantization(v: _Validator, table: dict, section: str, device: str) -> Quantization | None:
@@ -348,6 +356,26 @@ def _quantization(v: _Validator, table: dict, section: str, device: str) -> Quan
     if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 0:
         raise RecipeError(f"{v.where}: {label} min_features must be a non-negative integer, found {min_features!r}")
     return Quantization(method, patterns["include"], patterns["exclude"], min_features)
+
+
+def _require_cpu_isa(where: str, cpu_isa: str) -> None:
+    import platform
+
+    from .verify import CPU_TARGETS, cpu_features
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RecipeError(
+            f"{where}: [target] cpu_isa = {cpu_isa!r} names an x86-64 instruction set, but this host is "
+            f"{platform.machine()}; remove the key (native)"
+        )
+    have = cpu_features()
+    missing = sorted(set(CPU_TARGETS[cpu_isa][2]) - have) if have is not None else []
+    if missing:
+        # The build runs the compiled code to check it against eager, so the build host must execute it.
+        raise RecipeError(
+            f"{where}: [target] cpu_isa = {cpu_isa!r} needs {', '.join(missing)}, which this build host lacks; "
+            "the build runs the compiled code to verify it: build on a CPU that has them, or choose a lower cpu_isa"
+        )
 
 
 def _require_cuda(where: str) -> None:

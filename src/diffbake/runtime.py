@@ -17,8 +17,9 @@ import contextlib
 import inspect
 import json
 import logging
+import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,9 +33,21 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError
+from .archive import Package, inspect_package
+from .archive import unpack_dir as resolve_unpack_dir
+from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError, SelfTestError
 from .families import FAMILIES, VAE_DECODER
-from .manifest import BlockEntry, ComponentEntry, Manifest, TensorSpec, VariantEntry, flatten_call, read_manifest
+from .manifest import (
+    BlockEntry,
+    ComponentEntry,
+    Manifest,
+    TensorSpec,
+    VariantEntry,
+    flatten_call,
+    read_manifest,
+    unflatten_call,
+)
+from .selftest import compare, self_test_inputs
 from .verify import check_compatibility, verify_files
 
 logger = logging.getLogger(__name__)
@@ -72,14 +85,16 @@ class CompiledComponent:
         artifact: the artifact folder.
         entry: the component's manifest entry.
         device: where the packages run ("cpu", "cuda", "cuda:1").
+        unpack: where packages are extracted before loading (see :func:`diffbake.archive.unpack_dir`).
     """
 
-    def __init__(self, artifact: Path, entry: ComponentEntry, device: str):
+    def __init__(self, artifact: Path, entry: ComponentEntry, device: str, unpack: Path | None = None):
         from safetensors.torch import load_file
 
         self.entry = entry
         self.name = entry.name
         self.device = torch.device(device)
+        self.unpack = unpack or resolve_unpack_dir()
         self.dtype = _dtype(entry.variants[0].output.dtype)
         weights = load_file(artifact / entry.weights, device=str(self.device))
         _check_weights(entry, weights)
@@ -113,16 +128,13 @@ class _CompiledVariant:
     """One AOTInductor package of a component, bound to the component's weights."""
 
     def __init__(self, component: CompiledComponent, artifact: Path, entry: VariantEntry, weights: dict):
-        from torch._inductor.package import load_package
-
         self.component = component
         self.name = component.name
         self.device = component.device
         self.entry = entry
         # Constants are bound before the first call: a code-only package called without them crashes the process.
-        index = self.device.index if self.device.index is not None else -1
-        self._runner = load_package(str(artifact / entry.package), device_index=index)
-        expected = set(self._runner.get_constant_fqns())
+        self._runner = _open(artifact / entry.package, self.device, component.unpack)
+        expected = set(self._runner.constant_names())
         if expected != set(weights):
             missing = sorted(expected - set(weights))[:5]
             extra = sorted(set(weights) - expected)[:5]
@@ -130,14 +142,13 @@ class _CompiledVariant:
                 f"{self.name}: {entry.package} expects constants that its weights file does not match "
                 f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
             )
-        self._runner.load_constants(weights, check_full_update=True, user_managed=True)
+        self._runner.bind(weights)
 
     def __call__(self, values: list[Any]) -> torch.Tensor:
         return self.run(self.check(values))
 
     def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        out = self._runner(*tensors)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return self._runner(*tensors)[0]
 
     def check(self, values: list[Any]) -> list[torch.Tensor]:
         """Check every input against what was compiled; returns the inputs as the package needs them."""
@@ -251,6 +262,16 @@ def _bind_call(
                 f"{', '.join(names)}); call without it"
             )
     return arguments
+
+
+def _open(path: Path, device: torch.device, unpack: Path) -> Package:
+    return Package(
+        path,
+        device.type,
+        folder=unpack,
+        machine=platform.machine(),
+        device_index=device.index if device.index is not None else -1,
+    )
 
 
 def _check_weights(entry: ComponentEntry, weights: dict[str, torch.Tensor]) -> None:
@@ -440,12 +461,13 @@ class _CompiledBlock:
 REGIONAL_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel")
 
 
-def load_regional(artifact: str | Path, entry: ComponentEntry, device: str) -> torch.nn.Module:
+def load_regional(
+    artifact: str | Path, entry: ComponentEntry, device: str, unpack: Path | None = None
+) -> torch.nn.Module:
     """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
     block's forward replaced by its group's compiled package bound to that block's own weights (no copy)."""
     import diffusers
     from safetensors.torch import load_file
-    from torch._inductor.package import load_package
 
     artifact = Path(artifact)
     if entry.class_name not in REGIONAL_CLASSES:
@@ -463,46 +485,108 @@ def load_regional(artifact: str | Path, entry: ComponentEntry, device: str) -> t
         )
     module.load_state_dict(weights, strict=True, assign=True)
     module.eval().requires_grad_(False)
-    index = torch.device(device).index if torch.device(device).index is not None else -1
+    unpack = unpack or resolve_unpack_dir()
     for block_entry in entry.blocks:
         for fqn in block_entry.instances:
-            block = module.get_submodule(fqn)
-            runner = load_package(str(artifact / block_entry.package), device_index=index)
-            names = runner.get_constant_fqns()
+            try:
+                block = module.get_submodule(fqn)
+            except AttributeError:
+                raise ArtifactError(
+                    f"{entry.name}: block {fqn!r} is not part of {entry.class_name}; rebuild the artifact"
+                ) from None
+            runner = _open(artifact / block_entry.package, torch.device(device), unpack)
+            names = runner.constant_names()
             state = {f"block.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
             if not set(names) <= set(state):
                 raise ArtifactError(
                     f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact"
                 )
             # user_managed: the package reads the block's own parameters in place; nothing is copied.
-            runner.load_constants({n: state[n].detach() for n in names}, check_full_update=True, user_managed=True)
+            runner.bind({n: state[n].detach() for n in names})
             block.forward = _CompiledBlock(entry.name, fqn, block, block_entry, runner, _describe(entry.variants[0]))
     return module
 
 
-def load_component(artifact: str | Path, manifest: Manifest, name: str, device: str | None = None) -> _CompiledModel:
+def load_component(
+    artifact: str | Path, manifest: Manifest, name: str, device: str | None = None, unpack: Path | None = None
+) -> torch.nn.Module:
     """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
     artifact = Path(artifact)
     entry = manifest.components[name]
     if entry.mode == "regional":
-        return load_regional(artifact, entry, device or manifest.device)
+        return load_regional(artifact, entry, device or manifest.device, unpack)
     cls = STAND_INS.get(entry.class_name)
     if cls is None:
         raise ArtifactError(
             f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
             f"known: {', '.join(STAND_INS)}; upgrade diffbake"
         )
-    config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
-    program = CompiledComponent(artifact, entry, device or manifest.device)
-    return cls(program, config)
+    program = CompiledComponent(artifact, entry, device or manifest.device, unpack)
+    return cls(program, _read_config(artifact / entry.config))
 
 
-def load(artifact: str | Path, *, device: str | None = None):
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"{path}: not a JSON config ({type(e).__name__}); rebuild the artifact") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: not a JSON object; rebuild the artifact")
+    return config
+
+
+def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Replay every variant's recorded call on the loaded modules; returns one line per variant checked.
+
+    Raises:
+        SelfTestError: a variant's output differs from what the build recorded.
+    """
+    lines = []
+    for name, module in modules.items():
+        entry = manifest.components[name]
+        for i, variant in enumerate(entry.variants):
+            where = f"{name} variant {i + 1}/{len(entry.variants)} ({_describe(variant)})"
+            inputs = self_test_inputs(variant, variant.self_test, getattr(module, "device", manifest.device))
+            with torch.no_grad():
+                if isinstance(module, _CompiledModel):
+                    out = module._program.variants[i](inputs)
+                else:
+                    kwargs = unflatten_call([s.name for s in variant.inputs], inputs)
+                    out = module(**kwargs, return_dict=False)[0]
+            problem = compare(variant.self_test, out)
+            if problem is not None:
+                raise SelfTestError(
+                    f"{root}: self-test of {where} failed: {problem}; this host computes differently from the build "
+                    "host: rebuild the artifact on (or for) this host, and report it with DIFFBAKE_DEBUG=1 output"
+                )
+            lines.append(f"{where}: matches the build")
+    return lines
+
+
+def load(
+    artifact: str | Path,
+    *,
+    device: str | None = None,
+    verify: str = "full",
+    self_test: bool = False,
+    unpack_dir: str | Path | None = None,
+    progress: Callable[[str, str], None] | None = None,
+):
     """Load an artifact as a diffusers pipeline whose denoiser and VAE decoder run the compiled code.
+
+    Everything that can be checked is checked before the first compiled library is loaded, in this order: the
+    manifest (strict schema), the host (torch, device, CUDA, GPU, CPU instruction sets, platform), every file
+    (size and sha256, nothing unlisted) and every package (an allow-list of entries: no sources, no pickles).
 
     Args:
         artifact: the artifact folder written by ``diffbake build``.
         device: where to run; defaults to the device the artifact was built for ("cpu" or "cuda[:N]").
+        verify: "full" (default) hashes every file; "stamp" skips the hashing if a stamp recorded by an earlier
+            full verification on this host still matches every file's size, mtime, ctime and inode.
+        self_test: replay the call recorded at build on each compiled variant and compare the output.
+        unpack_dir: where packages are extracted before loading; default $DIFFBAKE_UNPACK_DIR, else the
+            temporary folder. It must allow executing programs (not mounted noexec).
+        progress: called with (stage, detail) as each check passes; by default they are logged.
 
     Returns:
         A ``diffusers.DiffusionPipeline`` (e.g. ``StableDiffusionPipeline``), used as usual:
@@ -510,30 +594,64 @@ def load(artifact: str | Path, *, device: str | None = None):
 
     Raises:
         ArtifactNotFoundError: no artifact at that path.
-        ArtifactError: the artifact is malformed, or a file differs from its manifest (IntegrityError).
-        CompatibilityError: the artifact was built for another device, torch, platform or CPU.
+        ArtifactError: the artifact is malformed, a file differs from its manifest (IntegrityError), or the
+            self-test failed (SelfTestError).
+        CompatibilityError: the artifact was built for another device, torch, platform or CPU, or the unpack
+            folder cannot hold executable code.
     """
     import diffusers
 
     start = time.perf_counter()
     root = Path(artifact)
+    report = progress or (lambda stage, detail: logger.info("%s: %s", stage, detail))
+    if verify not in ("full", "stamp"):
+        raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
     if not root.exists():
         raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
     manifest = read_manifest(root)
+    report("manifest", f"format {manifest.format_version}, {manifest.pipeline_class}, {len(manifest.files)} files")
     device = device or manifest.device
     check_compatibility(manifest, torch.device(device).type)
-    verify_files(root, manifest)
+    unpack = resolve_unpack_dir(unpack_dir)
+    report("host", f"{device}, torch {torch.__version__}, cpu_isa {manifest.host.cpu_isa}, unpack into {unpack}")
+    how = verify_files(root, manifest, use_stamp=verify == "stamp")
+    total = sum(f.size for f in manifest.files.values())
+    report(
+        "files",
+        f"{len(manifest.files)} files, {total / 1e6:.1f} MB, "
+        + ("stamp matched" if how == "stamp" else "sha256 checked"),
+    )
+    packages = package_paths(manifest)
+    for package in packages:
+        inspect_package(root / package, manifest.device, platform.machine())
+    report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
 
     family = FAMILIES[manifest.source["family"]]
-    modules = {name: load_component(root, manifest, name, device) for name in manifest.components}
+    modules = {name: load_component(root, manifest, name, device, unpack) for name in manifest.components}
+    report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
+    if self_test:
+        for line in run_self_test(root, manifest, modules):
+            report("self-test", line)
     overrides = {("vae" if name == VAE_DECODER else name): module for name, module in modules.items()}
     pipeline_cls = getattr(diffusers, manifest.pipeline_class)
     with _stand_ins_accepted():
-        pipe = pipeline_cls.from_pretrained(root / manifest.pipeline, dtype=_dtype(manifest.dtype), **overrides)
+        # use_safetensors: the eager components load from safetensors only, never from pickled checkpoints.
+        pipe = pipeline_cls.from_pretrained(
+            root / manifest.pipeline, dtype=_dtype(manifest.dtype), use_safetensors=True, **overrides
+        )
     pipe.to(device)
     _set_default_size(pipe, family.denoiser, manifest)
-    logger.info("loaded %s in %.2f s", root, time.perf_counter() - start)
+    report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
     return pipe
+
+
+def package_paths(manifest: Manifest) -> list[str]:
+    """Every compiled package an artifact holds, relative to its folder."""
+    out = []
+    for entry in manifest.components.values():
+        out += [v.package for v in entry.variants if v.package]
+        out += [b.package for b in entry.blocks]
+    return out
 
 
 class _DropStandInTypeWarnings(logging.Filter):

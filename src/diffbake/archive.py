@@ -1,0 +1,236 @@
+"""AOTInductor packages: what one may hold, and opening one with nothing but its shared library loaded.
+
+A ``.pt2`` package is a zip file. torch's loader extracts it into a temporary folder and ``dlopen``s the shared
+library inside; if there is none, it compiles the C++ sources it finds, with flags read from the archive. torch's
+Python reader (``load_package``) also runs the C++ compiler at every load to probe the CPU, and unpickles weights
+when an archive holds any. So diffbake inspects each package first and opens it through the C++ loader directly.
+
+The inspection is an allow-list of exactly what ``diffbake build`` writes (see :data:`ALLOWED`): the archive's
+format records, one shared library, its metadata, and on CUDA the kernel binaries. Sources, compile flags,
+pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
+archive must hold no bytes outside its entries, so Python's zip reader and torch's (miniz) see the same files.
+
+This module is part of the runtime: it imports nothing from the build side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import struct
+import tempfile
+import threading
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError, CompatibilityError
+
+# The model folder inside a package, under the archive's root folder (the package's file name without .pt2).
+MODEL_DIR = "data/aotinductor/model/"
+# Entry names relative to the root folder. Generated file names are inductor's base32 hashes.
+ALLOWED: dict[str, re.Pattern[str]] = {
+    "format": re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"),
+    "library": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper\.so"),
+    "metadata": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper_metadata\.json"),
+    # CUDA kernels are separate binaries the library loads (cuModuleLoad), not code the loader compiles.
+    "kernel": re.compile(re.escape(MODEL_DIR) + r"[A-Za-z0-9_]+\.(cubin|fatbin)"),
+}
+MAX_ENTRIES = 4096
+MAX_METADATA_BYTES = 64 * 1024
+_ELF_MACHINES = {"x86_64": 62, "AMD64": 62, "aarch64": 183, "arm64": 183, "ppc64le": 21, "s390x": 22}
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError)
+_ZIP_ERRORS += (RuntimeError, zlib.error, struct.error, KeyError, UnicodeDecodeError, OverflowError)
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    library: str  # the shared library's entry name
+    metadata: dict[str, str]  # AOTI_DEVICE_KEY, AOTI_PLATFORM, AOTI_CPU_ISA, ...
+
+
+def inspect_package(path: str | Path, device: str, machine: str) -> PackageInfo:
+    """Check that ``path`` holds exactly what a diffbake build writes, for ``device`` and this ``machine``.
+
+    Raises:
+        ArtifactError: naming the package, the entry and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        return _inspect(path, device, machine)
+    except ArtifactError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise ArtifactError(f"{path}: not a readable package ({type(e).__name__}: {e}); rebuild the artifact") from None
+
+
+def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
+    def refuse(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {what}; a diffbake package holds only what the build writes; rebuild it")
+
+    root = path.name.removesuffix(".pt2") + "/"
+    with open(path, "rb") as raw, zipfile.ZipFile(raw) as z:
+        infos = z.infolist()
+        if not infos or len(infos) > MAX_ENTRIES:
+            raise refuse(f"{len(infos)} entries")
+        seen: set[str] = set()
+        kinds: dict[str, list[str]] = {kind: [] for kind in ALLOWED}
+        offset = 0
+        for info in sorted(infos, key=lambda i: i.header_offset):
+            name = info.filename
+            if name in seen:
+                raise refuse(f"entry {name!r} appears twice")
+            seen.add(name)
+            if not name.startswith(root):
+                raise refuse(f"entry {name!r} is outside the archive's folder {root!r}")
+            rel = name[len(root) :]
+            kind = next((k for k, pattern in ALLOWED.items() if pattern.fullmatch(rel)), None)
+            if kind is None:
+                raise refuse(
+                    f"unexpected entry {name!r} (not a file the build writes: sources, flags and pickles are refused)"
+                )
+            if kind == "kernel" and device != "cuda":
+                raise refuse(f"entry {name!r} is a CUDA kernel in a {device} package")
+            if (info.external_attr >> 16) & 0o170000 not in (0, 0o100000):
+                raise refuse(f"entry {name!r} is not a regular file (a link or a device)")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                raise refuse(f"entry {name!r} is compressed or encrypted; the build stores entries as they are")
+            if info.header_offset != offset:
+                raise refuse(f"bytes before entry {name!r} belong to no entry")
+            offset = _entry_end(raw, info)
+            kinds[kind].append(name)
+        if offset != z.start_dir:
+            raise refuse("bytes between the last entry and the archive's directory belong to no entry")
+        if len(kinds["library"]) != 1 or len(kinds["metadata"]) != 1:
+            raise refuse(
+                f"{len(kinds['library'])} shared libraries and {len(kinds['metadata'])} metadata files; "
+                "a package holds one of each"
+            )
+        library, meta_name = kinds["library"][0], kinds["metadata"][0]
+        if meta_name.removesuffix("_metadata.json") != library.removesuffix(".so"):
+            raise refuse(f"metadata {meta_name!r} is not that of {library!r}")
+        metadata = _metadata(z, meta_name, refuse)
+        with z.open(library) as f:
+            header = f.read(20)
+    if metadata.get("AOTI_DEVICE_KEY") != device:
+        raise refuse(f"compiled for device {metadata.get('AOTI_DEVICE_KEY')!r}, but the manifest says {device!r}")
+    want = _ELF_MACHINES.get(machine)
+    if header[:4] != b"\x7fELF" or header[4] != 2:
+        raise refuse(f"{library!r} is not a 64-bit ELF shared library")
+    found = struct.unpack("<H" if header[5] == 1 else ">H", header[18:20])[0]
+    if want is not None and found != want:
+        raise CompatibilityError(
+            f"machine: {path.name}'s shared library is for ELF machine {found}, this host is {machine} "
+            f"(ELF machine {want}); rebuild the artifact on a host of this platform"
+        )
+    return PackageInfo(library=library, metadata=metadata)
+
+
+def _entry_end(raw: Any, info: zipfile.ZipInfo) -> int:
+    """Where an entry's data ends, read from its local header (which must agree with the directory)."""
+    raw.seek(info.header_offset)
+    fields = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+    signature, name_len, extra_len = fields[0], fields[10], fields[11]
+    if signature != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for {info.filename!r}")
+    name = raw.read(name_len)
+    if name.decode("utf-8" if info.flag_bits & 0x800 else "cp437") != info.filename:
+        raise zipfile.BadZipFile(f"local header of {info.filename!r} names another file")
+    if info.flag_bits & 0x8 or info.file_size != info.compress_size:
+        raise zipfile.BadZipFile(f"entry {info.filename!r} has a data descriptor or a size mismatch")
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + info.compress_size
+
+
+def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
+    info = z.getinfo(name)
+    if info.file_size > MAX_METADATA_BYTES:
+        raise refuse(f"metadata {name!r} is {info.file_size} bytes")
+    try:
+        data = json.loads(z.read(name).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise refuse(f"metadata {name!r} is not JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise refuse(f"metadata {name!r} is not an object of strings")
+    return data
+
+
+# --- opening a package ------------------------------------------------------------------------------------------
+
+# torch's loader extracts into std::filesystem::temp_directory_path(), which reads TMPDIR. TMPDIR is process-wide,
+# so packages are opened one at a time.
+_UNPACK_LOCK = threading.Lock()
+UNPACK_ENV = "DIFFBAKE_UNPACK_DIR"
+
+
+def unpack_dir(requested: str | Path | None = None) -> Path:
+    """Where packages are extracted before their library is loaded: ``requested``, else $DIFFBAKE_UNPACK_DIR,
+    else the system's temporary folder. It must be writable and allow executing what it holds.
+
+    Raises:
+        CompatibilityError: the folder is missing, not writable, or on a filesystem mounted ``noexec``.
+    """
+    chosen = requested or os.environ.get(UNPACK_ENV) or tempfile.gettempdir()
+    folder = Path(chosen)
+    how = (
+        "pass unpack_dir=... to diffbake.load, or set " + UNPACK_ENV + " to a writable folder on a filesystem "
+        "that allows executing programs"
+    )
+    if not folder.is_dir():
+        raise CompatibilityError(f"unpack_dir: {folder} is not a folder; {how}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CompatibilityError(f"unpack_dir: {folder} is not writable; {how}")
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_NOEXEC", 8):
+        raise CompatibilityError(
+            f"unpack_dir: {folder} is on a filesystem mounted noexec, so the compiled library extracted there "
+            f"could not be loaded (dlopen would fail with 'failed to map segment'); {how}"
+        )
+    return folder
+
+
+@contextlib.contextmanager
+def _tmpdir(folder: Path) -> Iterator[None]:
+    with _UNPACK_LOCK:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(folder)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
+
+
+class Package:
+    """An opened package: its runner, called on a list of tensors. Weights are bound with :meth:`bind`."""
+
+    def __init__(self, path: str | Path, device: str, *, folder: Path, machine: str, device_index: int = -1):
+        import torch
+
+        self.path = Path(path)
+        self.info = inspect_package(self.path, device, machine)
+        with _tmpdir(folder):
+            try:
+                self._loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, device_index)
+            except RuntimeError as e:
+                raise ArtifactError(
+                    f"{self.path}: torch could not load this package ({str(e).strip().splitlines()[0]}); "
+                    "check that torch and the artifact come from the same build, or rebuild the artifact"
+                ) from e
+
+    def constant_names(self) -> list[str]:
+        return list(self._loader.get_constant_fqns())
+
+    def bind(self, constants: dict[str, Any]) -> None:
+        """Bind every constant the package expects, in place (``user_managed``: the caller keeps them alive)."""
+        # (constants, use_inactive, check_full_update, user_managed, allow_h2d_copy), as torch's own wrapper calls it
+        self._loader.load_constants(constants, False, True, True, False)
+
+    def __call__(self, *tensors: Any) -> list[Any]:
+        return self._loader.boxed_run(list(tensors))

@@ -1,0 +1,81 @@
+"""The self-test: a seeded call recorded at build, replayed on the serving host.
+
+The build runs each compiled variant once on seeded inputs and records a summary of the output (shape, mean,
+standard deviation, largest magnitude, and values at a few fixed positions). ``diffbake.load(...,
+self_test=True)`` and ``diffbake verify`` replay the call and compare, so a host that computes differently
+(another CPU, a driver bug, weights bound wrong) is caught before it serves. Runtime side: no build imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .manifest import SelfTest, VariantEntry
+
+PROBES = 16
+SEED = 1234
+
+
+def self_test_sizes(variant: VariantEntry) -> dict[str, int]:
+    """Each dynamic dimension at the smallest size above 1 its range admits (the compiled code specializes 1)."""
+    sizes = {}
+    for name, d in variant.dims.items():
+        size = max(d.min, 2 * d.multiple)
+        size = -(-size // d.multiple) * d.multiple
+        sizes[name] = size if d.admits(size) else d.max // d.multiple * d.multiple
+    return sizes
+
+
+def self_test_inputs(variant: VariantEntry, test: SelfTest, device: Any) -> list[torch.Tensor]:
+    """The recorded call's inputs: seeded noise, except the ``fill`` inputs, which hold one value."""
+    g = torch.Generator().manual_seed(test.seed)
+    out = []
+    for spec in variant.inputs:
+        shape = [test.sizes[d] if isinstance(d, str) else d for d in spec.shape]
+        t = torch.full(shape, test.fill[spec.name]) if spec.name in test.fill else torch.randn(shape, generator=g)
+        out.append(t.to(device=device, dtype=getattr(torch, spec.dtype)))
+    return out
+
+
+def summarize(output: torch.Tensor, *, seed: int, sizes: dict, fill: dict, tolerance: float) -> SelfTest:
+    flat = output.detach().float().flatten().cpu()
+    return SelfTest(
+        seed=seed,
+        sizes=dict(sizes),
+        fill=dict(fill),
+        shape=list(output.shape),
+        mean=flat.mean().item(),
+        std=flat.std().item() if flat.numel() > 1 else 0.0,
+        abs_max=flat.abs().max().item(),
+        probes=[flat[i].item() for i in _probe_indices(flat.numel())],
+        tolerance=tolerance,
+    )
+
+
+def compare(recorded: SelfTest, output: torch.Tensor) -> str | None:
+    """None if ``output`` matches the recorded summary within its tolerance, else what differs."""
+    if list(output.shape) != recorded.shape:
+        return f"output shape {list(output.shape)}, recorded {recorded.shape}"
+    got = summarize(output, seed=recorded.seed, sizes={}, fill={}, tolerance=0.0)
+    tol = recorded.tolerance
+    values = [
+        ("mean", got.mean, recorded.mean),
+        ("std", got.std, recorded.std),
+        ("max |x|", got.abs_max, recorded.abs_max),
+    ]
+    if len(recorded.probes) != len(got.probes):
+        return f"{len(recorded.probes)} recorded values, expected {len(got.probes)}"
+    indices = _probe_indices(output.numel())
+    values += [(f"value {i}", a, b) for i, a, b in zip(indices, got.probes, recorded.probes, strict=True)]
+    for what, have, want in values:
+        if not abs(have - want) <= tol:  # also false for NaN
+            return f"{what} is {have:.6g}, recorded {want:.6g} (tolerance {tol:.3g})"
+    return None
+
+
+def _probe_indices(n: int) -> list[int]:
+    if n <= PROBES:
+        return list(range(n))
+    return [round(i * (n - 1) / (PROBES - 1)) for i in range(PROBES)]
