@@ -82,7 +82,7 @@ def test_a_failed_build_leaves_the_old_artifact_and_no_debris(demo, tmp_path: Pa
     victim = Path(shutil.copytree(out, tmp_path / "tiny-sd"))
     before = sorted(p.relative_to(victim).as_posix() for p in victim.rglob("*"))
 
-    def fail(name, exported, path):
+    def fail(name, exported, path, **kwargs):
         raise BuildError(f"{name}: AOTInductor compile failed (simulated)")
 
     monkeypatch.setattr(diffbake.builder, "compile_package", fail)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import diffbake
-from diffbake.manifest import seal
 from diffbake.errors import (
     ArtifactError,
     ArtifactNotFoundError,
@@ -19,6 +18,7 @@ from diffbake.errors import (
     InputMismatchError,
     IntegrityError,
 )
+from diffbake.manifest import seal
 
 
 @pytest.fixture(scope="module")

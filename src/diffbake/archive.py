@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, CompatibilityError
+from .errors import ArtifactError, CompatibilityError, DiffbakeError
 
 # The model folder inside a package, under the archive's root folder (the package's file name without .pt2).
 MODEL_DIR = "data/aotinductor/model/"
@@ -64,7 +64,7 @@ def inspect_package(path: str | Path, device: str, machine: str) -> PackageInfo:
     path = Path(path)
     try:
         return _inspect(path, device, machine)
-    except ArtifactError:
+    except DiffbakeError:
         raise
     except _ZIP_ERRORS as e:
         raise ArtifactError(f"{path}: not a readable package ({type(e).__name__}: {e}); rebuild the artifact") from None

@@ -1,0 +1,169 @@
+"""Fuzzed manifests and packages: every outcome is a typed diffbake error (or a clean pass), never a crash or hang."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diffbake
+from diffbake.archive import ALLOWED, inspect_package
+from diffbake.errors import DiffbakeError
+from diffbake.manifest import MANIFEST_FILE, seal
+
+SETTINGS = settings(
+    max_examples=150,
+    deadline=timedelta(seconds=10),  # a hang fails the example
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,  # the same examples on every run: a failure is reproducible
+)
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+class _Reached(Exception):
+    """Raised where torch's loader would run: everything before it passed."""
+
+
+@pytest.fixture(scope="module")
+def fuzz_artifact(artifacts, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    art = Path(shutil.copytree(artifacts("sd"), tmp_path_factory.mktemp("fuzz") / "sd"))
+    return art, (art / MANIFEST_FILE).read_bytes()
+
+
+def _load_until_native_code(art: Path, monkeypatch) -> None:
+    import torch
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", reached)
+    try:
+        diffbake.load(art)
+    except (DiffbakeError, _Reached):
+        pass
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from _paths(child, (*prefix, key))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzzed_manifest_bytes(fuzz_artifact, monkeypatch, data):
+    art, original = fuzz_artifact
+    raw = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        how = data.draw(st.sampled_from(["replace", "insert", "delete", "truncate"]))
+        if how == "replace":
+            raw[at] = data.draw(st.integers(0, 255))
+        elif how == "insert":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        elif how == "delete":
+            del raw[at : at + data.draw(st.integers(1, 64))]
+        else:
+            del raw[at:]
+    (art / MANIFEST_FILE).write_bytes(bytes(raw))
+    _load_until_native_code(art, monkeypatch)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzzed_manifest_structure_sealed_again(fuzz_artifact, monkeypatch, data):
+    """Values swapped for others of any type, keys dropped and added, then sealed, so the schema is what stops them."""
+    art, original = fuzz_artifact
+    manifest = json.loads(original)
+    paths = list(_paths(manifest))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        if not path:
+            continue
+        parent = manifest
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            how = data.draw(st.sampled_from(["replace", "delete", "add"]))
+            if how == "replace":
+                parent[path[-1]] = data.draw(JSON)
+            elif how == "delete":
+                del parent[path[-1]]
+            elif isinstance(parent, dict):
+                parent[data.draw(st.text(max_size=8))] = data.draw(JSON)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed this path
+    (art / MANIFEST_FILE).write_text(json.dumps(seal(manifest)))
+    _load_until_native_code(art, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def real_package(artifacts) -> bytes:
+    return (artifacts("sd") / "vae_decoder" / "model.pt2").read_bytes()
+
+
+NAMES = st.sampled_from(
+    [
+        "archive_format",
+        "byteorder",
+        ".data/version",
+        "data/aotinductor/model/abc.wrapper.so",
+        "data/aotinductor/model/abc.wrapper_metadata.json",
+        "data/aotinductor/model/abc.wrapper.cpp",
+        "data/aotinductor/model/k.cubin",
+        "data.pkl",
+        "../x.so",
+        "",
+    ]
+) | st.text(max_size=30)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzzed_packages(real_package, tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("pkg") / "model.pt2"
+    if data.draw(st.booleans()):
+        # Bytes of a real package, damaged.
+        raw = bytearray(real_package)
+        for _ in range(data.draw(st.integers(1, 8))):
+            at = data.draw(st.integers(0, len(raw) - 1))
+            raw[at] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            del raw[data.draw(st.integers(0, len(raw) - 1)) :]
+        path.write_bytes(bytes(raw))
+    else:
+        # An archive of arbitrary entries, some real, some not.
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            for _ in range(data.draw(st.integers(0, 6))):
+                name = data.draw(st.sampled_from(["model/", "other/", ""])) + data.draw(NAMES)
+                info = zipfile.ZipInfo(name or "x")
+                info.compress_type = data.draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+                info.external_attr = data.draw(st.sampled_from([0, 0o100644, 0o120777, 0o040755])) << 16
+                payload = data.draw(
+                    st.binary(max_size=64) | st.just(real_package[:4096]) | st.just(b'{"AOTI_DEVICE_KEY": "cpu"}')
+                )
+                z.writestr(info, payload)
+        path.write_bytes(buffer.getvalue())
+    try:
+        info = inspect_package(path, "cpu", "x86_64")
+    except DiffbakeError:
+        return
+    # Whatever passes holds only allowed entries and one library.
+    assert ALLOWED["library"].fullmatch(info.library.removeprefix("model/"))
