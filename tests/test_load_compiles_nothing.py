@@ -1,7 +1,7 @@
 """Loading an artifact compiles nothing and imports nothing from the build side.
 
-Checked in a fresh process where no compiler can run (CXX=/bin/false, and g++/gcc/cc/c++ on PATH replaced by
-scripts that leave a mark and fail) and with an empty inductor cache.
+Checked in a fresh process where every compiler (CXX, CC, and g++/gcc/cc/c++/clang on PATH) is a script that
+leaves a mark and fails, and with an empty inductor cache.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def test_load_and_generate_without_a_compiler(artifacts, tmp_path: Path):
     cache.mkdir()
     env = {
         **os.environ,
-        "CXX": "/bin/false",
-        "CC": "/bin/false",
+        # Every compiler torch could pick leaves a mark (torch's own package reader probes the CPU with g++ at
+        # every load; diffbake's loader must not).
+        "CXX": str(fake_bin / "g++"),
+        "CC": str(fake_bin / "gcc"),
         "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
         "TORCHINDUCTOR_CACHE_DIR": str(cache),
         "HF_HUB_OFFLINE": "1",
