@@ -9,11 +9,40 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import DiffbakeError
+from .errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    BuildError,
+    CompatibilityError,
+    DiffbakeError,
+    InputMismatchError,
+    IntegrityError,
+    RecipeError,
+    SelfTestError,
+    SourceError,
+    VerificationError,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffbakeError", "Recipe", "__version__", "build", "load", "load_recipe"]
+__all__ = [
+    "ArtifactError",
+    "ArtifactNotFoundError",
+    "BuildError",
+    "CompatibilityError",
+    "DiffbakeError",
+    "InputMismatchError",
+    "IntegrityError",
+    "Recipe",
+    "RecipeError",
+    "SelfTestError",
+    "SourceError",
+    "VerificationError",
+    "__version__",
+    "build",
+    "load",
+    "load_recipe",
+]
 
 if TYPE_CHECKING:
     from .builder import build
