@@ -11,10 +11,11 @@ import contextlib
 import logging
 import math
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from . import __version__
 from .aoti import compile_package, required_cpu_features
 from .archive import Package, unpack_dir
 from .artifact import Staging
-from .errors import BuildError, VerificationError
+from .errors import BuildError, RebindError, VerificationError
 from .export import FlatCall, dynamic_shapes, export_component
 from .families import VAE_DECODER
 from .inputs import component_inputs, example_inputs
@@ -112,6 +113,17 @@ def build(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     dest = Path(out) if out is not None else Path("artifacts") / recipe.name
+    check_destination(dest, force)
+    with rep.stage("read source"):
+        info = inspect_source(recipe)
+        recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
+    with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
+        pipe = load_pipeline(info, recipe.dtype)
+    return write_artifact(recipe, info, pipe, dest, rep)
+
+
+def check_destination(dest: Path, force: bool) -> None:
+    """Refuse an existing destination without ``force``, and anything but an artifact (or empty folder) with it."""
     if dest.exists() and not force:
         raise BuildError(
             f"{dest}: already exists; pass --force to replace it (only once the new build is complete), or --out DIR"
@@ -123,15 +135,30 @@ def build(
             "--force; choose another --out"
         )
 
-    with rep.stage("read source"):
-        info = inspect_source(recipe)
-        recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
-    with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
-        pipe = load_pipeline(info, recipe.dtype)
 
+@dataclass(frozen=True)
+class Reuse:
+    """Compiled packages to reuse instead of compiling (a rebind): the artifact they are in and its manifest."""
+
+    root: Path
+    manifest: Manifest
+
+
+def write_artifact(
+    recipe: Recipe,
+    info: SourceInfo,
+    pipe: Any,
+    dest: Path,
+    rep: Reporter,
+    *,
+    reuse: Reuse | None = None,
+    source_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Every stage after loading the pipeline: per component transforms, export, compile (or reuse), weights,
+    verification against eager and self-test; then the eager rest and the manifest, atomically."""
     with Staging(dest) as staging:
         entries = {
-            name: _build_component(comp, pipe, info, recipe, staging.path, rep)
+            name: _build_component(comp, pipe, info, recipe, staging.path, rep, reuse)
             for name, comp in recipe.components.items()
         }
         with rep.stage("save the eager components"):
@@ -139,12 +166,12 @@ def build(
             _save_pipeline(pipe, staging.path / PIPELINE_DIR, skip)
             (staging.path / RECIPE_FILE).write_text(recipe.text, encoding="utf-8")
         with rep.stage("write manifest"):
-            staging.commit(lambda files: _manifest(recipe, info, entries, files))
+            staging.commit(lambda files: _manifest(recipe, info, entries, files, source_extra or {}))
     return dest
 
 
 def _build_component(
-    comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe, root: Path, rep: Reporter
+    comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe, root: Path, rep: Reporter, reuse: Reuse | None
 ) -> ComponentEntry:
     name, family = comp.name, info.family
     start = time.perf_counter()
@@ -168,8 +195,11 @@ def _build_component(
     folder = root / name
     folder.mkdir()
     module.save_config(folder)
+    reused = reuse.manifest.components[name] if reuse is not None else None
     if comp.mode == "regional":
-        return _build_regional(comp, module, method, names, plans[0], transforms, recipe, folder, rep, start, family)
+        return _build_regional(
+            comp, module, method, names, plans[0], transforms, recipe, folder, rep, start, family, reuse
+        )
     if comp.quantization is not None:
         unwrap_for_export(module)
     flat = FlatCall(module, method, names).eval()
@@ -180,12 +210,17 @@ def _build_component(
         with rep.stage(f"{label}: export"):
             exported = export_component(name, flat, plan.points[0], dynamic_shapes(plan.specs, plan.dims))
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
-        with rep.stage(f"{label}: compile (AOTInductor)"):
-            compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+        if reuse is None:
+            with rep.stage(f"{label}: compile (AOTInductor)"):
+                compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+        else:
+            shutil.copy2(reuse.root / package.relative_to(root), package)
         fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
         if constants is None:
             with rep.stage(f"{name}: save weights"):
                 constants = _save_weights(name, exported, fqns, folder)
+            if reused is not None:
+                _same_constants(name, reused.constants, constants)
         elif set(fqns) != set(constants):
             raise BuildError(
                 f"{name}: variant {i + 1} names other constants than variant 1, so they cannot share one weights "
@@ -240,19 +275,28 @@ def _build_regional(
     rep: Reporter,
     start: float,
     family: Any,
+    reuse: Reuse | None,
 ) -> ComponentEntry:
     """One package per distinct repeated block; the component's whole state dict is its weights file."""
     name, root = comp.name, folder.parent
     groups = capture_blocks(name, module, lambda: FlatCall(module, method, names)(*plan.points[0]))
     blocks = []
+    reused = reuse.manifest.components[name] if reuse is not None else None
+    if reused is not None and [(g.class_name, g.instances) for g in groups] != [
+        (b.class_name, b.instances) for b in reused.blocks
+    ]:
+        raise RebindError(f"{name}: the repeated blocks differ from the compiled artifact's; rebuild instead")
     for i, group in enumerate(groups):
         label = f"{name} block {group.class_name} x{len(group.instances)}"
-        first = module.get_submodule(group.instances[0])
-        with rep.stage(f"{label}: export"):
-            exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
         package = folder / f"block-{i}.pt2"
-        with rep.stage(f"{label}: compile (AOTInductor)"):
-            compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+        if reuse is not None:
+            shutil.copy2(reuse.root / package.relative_to(root), package)
+        else:
+            first = module.get_submodule(group.instances[0])
+            with rep.stage(f"{label}: export"):
+                exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
+            with rep.stage(f"{label}: compile (AOTInductor)"):
+                compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
         blocks.append(
             BlockEntry(
                 package=package.relative_to(root).as_posix(),
@@ -265,6 +309,8 @@ def _build_regional(
     with rep.stage(f"{name}: save weights"):
         state = module.state_dict()
         constants = _save_weights(name, state, list(state), folder)
+    if reused is not None:
+        _same_constants(name, reused.constants, constants)
     variant = VariantEntry(
         package="",
         shapes=plan.variant.shapes.to_dict(),
@@ -420,6 +466,21 @@ def _save_weights(name: str, source: Any, names: list[str], folder: Path) -> dic
     return specs
 
 
+def _same_constants(name: str, compiled: dict[str, ConstantSpec], new: dict[str, ConstantSpec]) -> None:
+    """A rebind reuses compiled code: the new weights must be exactly what it was compiled for."""
+    differences = [f"{k}: missing" for k in sorted(set(compiled) - set(new))]
+    differences += [f"{k}: not in the compiled code" for k in sorted(set(new) - set(compiled))]
+    for k in sorted(set(compiled) & set(new)):
+        a, b = compiled[k], new[k]
+        if (a.shape, a.dtype, a.stride) != (b.shape, b.dtype, b.stride):
+            differences.append(f"{k}: {b.dtype} {b.shape}, compiled for {a.dtype} {a.shape}")
+    if differences:
+        raise RebindError(
+            f"{name}: the new weights do not fit the compiled code ({len(differences)} differences; first: "
+            f"{'; '.join(differences[:5])}); rebind only checkpoints of the same architecture, or rebuild"
+        )
+
+
 def _save_pipeline(pipe: Any, folder: Path, skip: set[str]) -> None:
     # model_index.json keeps every component's class, so from_pretrained accepts the stand-ins in their place.
     folder.mkdir()
@@ -441,7 +502,11 @@ def _version(dist: str) -> str:
 
 
 def _manifest(
-    recipe: Recipe, info: SourceInfo, entries: dict[str, ComponentEntry], files: dict[str, FileEntry]
+    recipe: Recipe,
+    info: SourceInfo,
+    entries: dict[str, ComponentEntry],
+    files: dict[str, FileEntry],
+    source_extra: dict[str, Any],
 ) -> Manifest:
     return Manifest(
         format=FORMAT_NAME,
@@ -460,7 +525,7 @@ def _manifest(
             cpu_isa=recipe.cpu_isa,
             cpu_features=required_cpu_features(recipe.cpu_isa),
         ),
-        source=info.to_dict(),
+        source={**info.to_dict(), **source_extra},
         pipeline_class=info.pipeline_class,
         pipeline=PIPELINE_DIR,
         components=entries,

@@ -1,4 +1,4 @@
-"""The ``diffbake`` command: build, generate, inspect, verify.
+"""The ``diffbake`` command: build, rebind, generate, inspect, verify.
 
 Only this module prints. Known errors print one line and exit 1; ``DIFFBAKE_DEBUG=1`` shows the traceback.
 """
@@ -101,6 +101,7 @@ def cli() -> None:
     diffbake generate artifacts/tiny-sd --prompt "a photo of a cat"
     diffbake inspect artifacts/tiny-sd
     diffbake verify artifacts/tiny-sd            # every check, in a child process; exit 0 or 1
+    diffbake rebind artifacts/tiny-sd --weights /models/finetune --lora style.safetensors
 
     Set DIFFBAKE_DEBUG=1 to see the full traceback of an error.
     """
@@ -135,6 +136,57 @@ def build(recipe: Path, out: Path | None, force: bool) -> None:
                 f"{v.tolerance:.2e}), vs float32 eager {v.error_vs_float32:.2e}",
                 err=True,
             )
+    click.echo(str(dest))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--weights",
+    "-w",
+    default=None,
+    help="Checkpoint of the same architecture: a save_pretrained folder or Hub id [default: the artifact's source].",
+)
+@click.option("--revision", default=None, help="Hub revision of --weights.")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A LoRA (.safetensors) to fuse into the weights; repeatable.",
+)
+@click.option(
+    "--scale",
+    "scales",
+    multiple=True,
+    type=float,
+    help="Scale of each --lora, in order [default: 1.0 each].",
+)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="[default: ARTIFACT-rebound].")
+@click.option(
+    "--force", is_flag=True, help="Replace an existing artifact at --out (only once the new one is complete)."
+)
+def rebind(
+    artifact: Path,
+    weights: str | None,
+    revision: str | None,
+    loras: tuple[Path, ...],
+    scales: tuple[float, ...],
+    out: Path | None,
+    force: bool,
+) -> None:
+    """Bind other weights (a fine-tune, LoRAs) to an ARTIFACT's compiled code: a new artifact, no compile."""
+    from .rebind import rebind as run_rebind
+
+    if len(scales) > len(loras):
+        raise click.UsageError(f"{len(scales)} --scale values for {len(loras)} --lora files")
+    pairs = [(path, scales[i] if i < len(scales) else 1.0) for i, path in enumerate(loras)]
+    _quiet_loading_bars()
+    start = time.perf_counter()
+    dest = run_rebind(
+        artifact, weights=weights, revision=revision, loras=pairs, out=out, force=force, reporter=_TerminalReporter()
+    )
+    click.echo(f"rebound {artifact} -> {dest} in {time.perf_counter() - start:.1f} s (no compile)", err=True)
     click.echo(str(dest))
 
 

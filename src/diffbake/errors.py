@@ -32,6 +32,10 @@ class VerificationError(BuildError):
     """Compiled code disagrees with eager beyond the tolerance for its dtype."""
 
 
+class RebindError(BuildError):
+    """New weights do not fit an artifact's compiled code (another architecture, other transforms)."""
+
+
 class ArtifactError(DiffbakeError, ValueError):
     """An artifact folder is malformed, incomplete, corrupted or from another format."""
 
