@@ -42,14 +42,27 @@ __all__ = [
     "build",
     "load",
     "load_recipe",
+    "rebind",
+    "replicate",
+    "set_weights",
 ]
 
 if TYPE_CHECKING:
     from .builder import build
+    from .rebind import rebind
     from .recipe import Recipe, load_recipe
     from .runtime import load
+    from .serving import replicate, set_weights
 
-_LAZY = {"build": "builder", "load": "runtime", "Recipe": "recipe", "load_recipe": "recipe"}
+_LAZY = {
+    "build": "builder",
+    "load": "runtime",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "rebind": "rebind",
+    "replicate": "serving",
+    "set_weights": "serving",
+}
 
 
 def __getattr__(name: str) -> Any:

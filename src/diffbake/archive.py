@@ -210,14 +210,27 @@ def _tmpdir(folder: Path) -> Iterator[None]:
 class Package:
     """An opened package: its runner, called on a list of tensors. Weights are bound with :meth:`bind`."""
 
-    def __init__(self, path: str | Path, device: str, *, folder: Path, machine: str, device_index: int = -1):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str,
+        *,
+        folder: Path,
+        machine: str,
+        device_index: int = -1,
+        runners: int = 1,
+    ):
+        """``runners``: how many calls may run at once; each runner has its own activation buffers and all share
+        the bound weights (calls beyond that wait for a free runner)."""
         import torch
 
         self.path = Path(path)
         self.info = inspect_package(self.path, device, machine)
         with _tmpdir(folder):
             try:
-                self._loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, device_index)
+                self._loader = torch._C._aoti.AOTIModelPackageLoader(
+                    str(self.path), "model", False, runners, device_index
+                )
             except RuntimeError as e:
                 raise ArtifactError(
                     f"{self.path}: torch could not load this package ({str(e).strip().splitlines()[0]}); "

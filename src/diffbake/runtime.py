@@ -20,6 +20,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -88,9 +89,12 @@ class CompiledComponent:
         unpack: where packages are extracted before loading (see :func:`diffbake.archive.unpack_dir`).
     """
 
-    def __init__(self, artifact: Path, entry: ComponentEntry, device: str, unpack: Path | None = None):
+    def __init__(
+        self, artifact: Path, entry: ComponentEntry, device: str, unpack: Path | None = None, concurrency: int = 1
+    ):
         from safetensors.torch import load_file
 
+        self.concurrency = concurrency
         self.entry = entry
         self.name = entry.name
         self.device = torch.device(device)
@@ -133,7 +137,7 @@ class _CompiledVariant:
         self.device = component.device
         self.entry = entry
         # Constants are bound before the first call: a code-only package called without them crashes the process.
-        self._runner = _open(artifact / entry.package, self.device, component.unpack)
+        self._runner = _open(artifact / entry.package, self.device, component.unpack, component.concurrency)
         expected = set(self._runner.constant_names())
         if expected != set(weights):
             missing = sorted(expected - set(weights))[:5]
@@ -264,13 +268,14 @@ def _bind_call(
     return arguments
 
 
-def _open(path: Path, device: torch.device, unpack: Path) -> Package:
+def _open(path: Path, device: torch.device, unpack: Path, runners: int = 1) -> Package:
     return Package(
         path,
         device.type,
         folder=unpack,
         machine=platform.machine(),
         device_index=device.index if device.index is not None else -1,
+        runners=runners,
     )
 
 
@@ -462,7 +467,7 @@ REGIONAL_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel")
 
 
 def load_regional(
-    artifact: str | Path, entry: ComponentEntry, device: str, unpack: Path | None = None
+    artifact: str | Path, entry: ComponentEntry, device: str, unpack: Path | None = None, concurrency: int = 1
 ) -> torch.nn.Module:
     """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
     block's forward replaced by its group's compiled package bound to that block's own weights (no copy)."""
@@ -494,7 +499,7 @@ def load_regional(
                 raise ArtifactError(
                     f"{entry.name}: block {fqn!r} is not part of {entry.class_name}; rebuild the artifact"
                 ) from None
-            runner = _open(artifact / block_entry.package, torch.device(device), unpack)
+            runner = _open(artifact / block_entry.package, torch.device(device), unpack, concurrency)
             names = runner.constant_names()
             state = {f"block.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
             if not set(names) <= set(state):
@@ -508,20 +513,25 @@ def load_regional(
 
 
 def load_component(
-    artifact: str | Path, manifest: Manifest, name: str, device: str | None = None, unpack: Path | None = None
+    artifact: str | Path,
+    manifest: Manifest,
+    name: str,
+    device: str | None = None,
+    unpack: Path | None = None,
+    concurrency: int = 1,
 ) -> torch.nn.Module:
     """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
     artifact = Path(artifact)
     entry = manifest.components[name]
     if entry.mode == "regional":
-        return load_regional(artifact, entry, device or manifest.device, unpack)
+        return load_regional(artifact, entry, device or manifest.device, unpack, concurrency)
     cls = STAND_INS.get(entry.class_name)
     if cls is None:
         raise ArtifactError(
             f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
             f"known: {', '.join(STAND_INS)}; upgrade diffbake"
         )
-    program = CompiledComponent(artifact, entry, device or manifest.device, unpack)
+    program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency)
     return cls(program, _read_config(artifact / entry.config))
 
 
@@ -571,6 +581,7 @@ def load(
     self_test: bool = False,
     unpack_dir: str | Path | None = None,
     progress: Callable[[str, str], None] | None = None,
+    concurrency: int = 1,
 ):
     """Load an artifact as a diffusers pipeline whose denoiser and VAE decoder run the compiled code.
 
@@ -587,6 +598,8 @@ def load(
         unpack_dir: where packages are extracted before loading; default $DIFFBAKE_UNPACK_DIR, else the
             temporary folder. It must allow executing programs (not mounted noexec).
         progress: called with (stage, detail) as each check passes; by default they are logged.
+        concurrency: how many denoiser (and VAE) calls may run at once, from pipelines made with
+            :func:`replicate`; each extra runner costs activation memory only, never a weight copy.
 
     Returns:
         A ``diffusers.DiffusionPipeline`` (e.g. ``StableDiffusionPipeline``), used as usual:
@@ -606,6 +619,8 @@ def load(
     report = progress or (lambda stage, detail: logger.info("%s: %s", stage, detail))
     if verify not in ("full", "stamp"):
         raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, not {concurrency!r}")
     if not root.exists():
         raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
     manifest = read_manifest(root)
@@ -627,7 +642,7 @@ def load(
     report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
 
     family = FAMILIES[manifest.source["family"]]
-    modules = {name: load_component(root, manifest, name, device, unpack) for name in manifest.components}
+    modules = {name: load_component(root, manifest, name, device, unpack, concurrency) for name in manifest.components}
     report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
     if self_test:
         for line in run_self_test(root, manifest, modules):
@@ -641,8 +656,17 @@ def load(
         )
     pipe.to(device)
     _set_default_size(pipe, family.denoiser, manifest)
+    # What set_weights and replicate need to know about the artifact this pipeline runs.
+    pipe._diffbake_artifact = LoadedArtifact(root, manifest, device)
     report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
     return pipe
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    root: Path
+    manifest: Manifest
+    device: str
 
 
 def package_paths(manifest: Manifest) -> list[str]:
