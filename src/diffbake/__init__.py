@@ -49,7 +49,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .builder import build
-    from .rebind import rebind
+    from .rebinding import rebind
     from .recipe import Recipe, load_recipe
     from .runtime import load
     from .serving import replicate, set_weights
@@ -59,7 +59,7 @@ _LAZY = {
     "load": "runtime",
     "Recipe": "recipe",
     "load_recipe": "recipe",
-    "rebind": "rebind",
+    "rebind": "rebinding",
     "replicate": "serving",
     "set_weights": "serving",
 }

@@ -176,7 +176,7 @@ def rebind(
     force: bool,
 ) -> None:
     """Bind other weights (a fine-tune, LoRAs) to an ARTIFACT's compiled code: a new artifact, no compile."""
-    from .rebind import rebind as run_rebind
+    from .rebinding import rebind as run_rebind
 
     if len(scales) > len(loras):
         raise click.UsageError(f"{len(scales)} --scale values for {len(loras)} --lora files")
