@@ -100,3 +100,25 @@ def test_inspect_shows_the_block_groups(regional):
     assert "  transformer (FluxTransformer2DModel): regional, built in " in result.output
     assert "    block FluxTransformerBlock x1: package " in result.output
     assert "    block FluxSingleTransformerBlock x1: package " in result.output
+
+
+def test_a_regional_artifact_rebinds_to_new_weights(regional, saved_pipelines, tmp_path, monkeypatch):
+    import diffbake.builder
+
+    monkeypatch.setattr(diffbake.builder, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
+    pipe = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    pipe.save_pretrained(tmp_path / "finetune")
+    out = diffbake.rebind(regional["sd"], weights=tmp_path / "finetune", out=tmp_path / "rebound")
+    old, new = read_manifest(regional["sd"]), read_manifest(out)
+    assert [new.files[b.package].sha256 for b in new.components["unet"].blocks] == [
+        old.files[b.package].sha256 for b in old.components["unet"].blocks
+    ]
+    got, want = (
+        p(**CALLS["sd"], generator=torch.Generator().manual_seed(0), output_type="np").images
+        for p in (diffbake.load(out, self_test=True), DiffusionPipeline.from_pretrained(tmp_path / "finetune"))
+    )
+    assert np.abs(got - want).max() <= 5e-4
