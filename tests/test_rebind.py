@@ -135,7 +135,7 @@ def test_set_weights_switches_a_loaded_pipeline_and_back(
     want = _image(DiffusionPipeline.from_pretrained(second_checkpoint))
     assert np.abs(_image(pipe) - want).max() <= 5e-4
     assert np.abs(_image(twin) - want).max() <= 5e-4  # replicas share the weights, so they switch too
-    diffbake.set_weights(pipe, artifacts("sd"))
+    twin.set_weights(artifacts("sd"))  # the same, as a method of any loaded pipeline or replica
     assert np.abs(_image(pipe) - before).max() == 0
     with pytest.raises(RebindError, match=r"not built on the compiled code of .*: other compiled code"):
         diffbake.set_weights(pipe, artifacts("sdxl"))

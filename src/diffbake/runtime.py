@@ -658,8 +658,20 @@ def load(
     _set_default_size(pipe, family.denoiser, manifest)
     # What set_weights and replicate need to know about the artifact this pipeline runs.
     pipe._diffbake_artifact = LoadedArtifact(root, manifest, device)
+    pipe.set_weights = bound_set_weights(pipe)
     report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
     return pipe
+
+
+def bound_set_weights(pipe: Any) -> Callable[..., None]:
+    """``pipe.set_weights(artifact)``: :func:`diffbake.set_weights` as a method of the loaded pipeline."""
+
+    def set_weights(artifact: str | Path, *, verify: str = "full") -> None:
+        from .serving import set_weights as swap
+
+        swap(pipe, artifact, verify=verify)
+
+    return set_weights
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from .errors import ArtifactError, RebindError
 from .families import VAE_DECODER
 from .manifest import read_manifest
-from .runtime import LoadedArtifact, _check_weights, _CompiledModel
+from .runtime import LoadedArtifact, _check_weights, _CompiledModel, bound_set_weights
 from .verify import check_compatibility, verify_files
 
 __all__ = ["replicate", "set_weights"]
@@ -48,6 +48,7 @@ def replicate(pipe: Any) -> Any:
     options = {k: v for k, v in pipe.config.items() if k in params and k not in components}
     twin = type(pipe)(**components, **options)
     twin._diffbake_artifact = loaded
+    twin.set_weights = bound_set_weights(twin)
     for attr in ("default_sample_size",):
         if hasattr(pipe, attr):
             setattr(twin, attr, getattr(pipe, attr))
