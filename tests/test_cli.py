@@ -149,3 +149,16 @@ def test_force_never_replaces_a_folder_that_is_not_an_artifact(tmp_path: Path):
         "with --force; choose another --out"
     )
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_rebind_command(demo, tmp_path: Path):
+    out, _ = demo
+    # The demo's own source (tiny:sd) rebound: the same weights on the same code, no compile stage printed.
+    result = CliRunner().invoke(cli, ["rebind", str(out), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert "compile (AOTInductor)" not in result.output
+    assert "(no compile)" in result.output and result.output.strip().endswith(str(tmp_path / "again"))
+    result = CliRunner().invoke(cli, ["rebind", str(out), "--scale", "0.5", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "1 --scale values for 0 --lora files" in result.output
+    result = CliRunner().invoke(cli, ["rebind", str(out), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 1 and f"error: {tmp_path / 'again'}: already exists; pass --force" in result.output

@@ -30,7 +30,8 @@ from helpers import edit_manifest, package_entry, rehash, rewrite_package
 def _mapped_packages() -> set[str]:
     """Compiled libraries mapped into this process (AOTInductor wrappers)."""
     with open("/proc/self/maps") as f:
-        return {line.split(maxsplit=5)[-1].strip() for line in f if ".wrapper.so" in line}
+        # A library whose temporary folder was removed shows as "path (deleted)": the same library.
+        return {line.split(maxsplit=5)[-1].strip().removesuffix(" (deleted)") for line in f if ".wrapper.so" in line}
 
 
 @pytest.fixture
@@ -84,7 +85,8 @@ def test_every_file_corrupted_is_refused_naming_it(artifacts, tmp_path: Path, ho
         if rel != MANIFEST_FILE:
             assert isinstance(e.value, IntegrityError), str(e.value)
         shutil.rmtree(art)
-    assert no_package_loaded == [] and _mapped_packages() == mapped
+    # No library mapped since (earlier tests' libraries may have been unloaded meanwhile).
+    assert no_package_loaded == [] and _mapped_packages() <= mapped
 
 
 def test_exact_messages_for_each_kind_of_damage(copy, no_package_loaded):
