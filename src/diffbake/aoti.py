@@ -71,7 +71,15 @@ def required_cpu_features(cpu_isa: str) -> list[str]:
     return sorted(set(implied) | extra)
 
 
-def compile_package(name: str, exported: Any, path: Path, *, device: str, cpu_isa: str = "native") -> Path:
+def compile_package(
+    name: str,
+    exported: Any,
+    path: Path,
+    *,
+    device: str,
+    cpu_isa: str = "native",
+    options: dict[str, Any] | None = None,
+) -> Path:
     """Compile ``exported`` with AOTInductor into ``path`` (a .pt2 package), then strip and inspect it.
 
     Raises:
@@ -83,7 +91,10 @@ def compile_package(name: str, exported: Any, path: Path, *, device: str, cpu_is
 
     try:
         out = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(path), inductor_configs={**INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
+            exported,
+            package_path=str(path),
+            # The recipe's options first: diffbake's own packaging settings always win.
+            inductor_configs={**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)},
         )
     except Exception as e:  # inductor raises many unrelated types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -212,7 +212,14 @@ def _build_component(
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
         if reuse is None:
             with rep.stage(f"{label}: compile (AOTInductor)"):
-                compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+                compile_package(
+                    name,
+                    exported,
+                    package,
+                    device=_device_type(recipe),
+                    cpu_isa=recipe.cpu_isa,
+                    options=dict(comp.compiler),
+                )
         else:
             shutil.copy2(reuse.root / package.relative_to(root), package)
         fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
@@ -252,6 +259,7 @@ def _build_component(
         transforms=transforms,
         variants=variants,
         build_seconds=0.0,
+        compiler=dict(comp.compiler),
     )
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
@@ -296,7 +304,14 @@ def _build_regional(
             with rep.stage(f"{label}: export"):
                 exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
             with rep.stage(f"{label}: compile (AOTInductor)"):
-                compile_package(name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa)
+                compile_package(
+                    name,
+                    exported,
+                    package,
+                    device=_device_type(recipe),
+                    cpu_isa=recipe.cpu_isa,
+                    options=dict(comp.compiler),
+                )
         blocks.append(
             BlockEntry(
                 package=package.relative_to(root).as_posix(),
@@ -334,6 +349,7 @@ def _build_regional(
         build_seconds=0.0,
         mode="regional",
         blocks=blocks,
+        compiler=dict(comp.compiler),
     )
     with rep.stage(f"{name}: verify against eager"):
         regional = load_regional(root, entry, recipe.device)

@@ -297,6 +297,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
             click.echo(f"  {name} ({c.class_name}): {len(c.variants)} variant(s), built in {c.build_seconds:.1f} s")
             click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
         click.echo(f"    transforms: {_describe_transforms(c.transforms)}")
+        if c.compiler:
+            click.echo("    compiler: " + ", ".join(f"{k}={v}" for k, v in c.compiler.items()))
         for v in c.variants:
             package = f" package {_mb(m.files[v.package].size)}" if v.package else ""
             click.echo(f"    [{_shapes(v)}]{package}")

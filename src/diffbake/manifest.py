@@ -146,6 +146,7 @@ class ComponentEntry:
     build_seconds: float
     mode: str = "full"
     blocks: list[BlockEntry] = field(default_factory=list)
+    compiler: dict[str, Any] = field(default_factory=dict)  # the inductor options the recipe chose, as applied
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ Example::
     channels_last = true
     quantization = { method = "int8_dynamic", exclude = ["*proj_out*"], min_features = 256 }
     mode = "full"               # or "regional": one package per distinct repeated block
+    compiler = { preset = "max-autotune", conv_1x1_as_mm = true }   # inductor options (an allow-list)
 
     [components.vae_decoder]
     shapes = [                  # several variants sharing one weights file; a range is a dynamic dimension
@@ -55,7 +56,32 @@ _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
 _TARGET_KEYS = ("device", "dtype", "cpu_isa")
 CPU_ISAS = ("native", "avx2", "avx512")
-_COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization")
+_COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization", "compiler")
+
+# [components.X.compiler]: the inductor options a recipe may set, as in the diffusers performance guides.
+# name -> (type, devices it has an effect on). Anything else is refused: diffbake sets the packaging options itself.
+COMPILER_OPTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "conv_1x1_as_mm": (bool, ("cpu", "cuda")),
+    "epilogue_fusion": (bool, ("cpu", "cuda")),
+    "shape_padding": (bool, ("cpu", "cuda")),
+    "aggressive_fusion": (bool, ("cpu", "cuda")),
+    "max_autotune": (bool, ("cpu", "cuda")),
+    # These tune Triton kernels, which only CUDA builds generate.
+    "coordinate_descent_tuning": (bool, ("cuda",)),
+    "coordinate_descent_check_all_directions": (bool, ("cuda",)),
+    "triton.unique_kernel_names": (bool, ("cuda",)),
+}
+# Presets: the options the guides use together. A preset keeps only the options that apply to the target device.
+COMPILER_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "max-autotune": {
+        "conv_1x1_as_mm": True,
+        "coordinate_descent_tuning": True,
+        "coordinate_descent_check_all_directions": True,
+        "epilogue_fusion": False,
+        "max_autotune": True,
+    },
+}
 MODES = ("full", "regional")
 _SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
 _QUANT_KEYS = ("method", "include", "exclude", "min_features")
@@ -126,6 +152,7 @@ class ComponentRecipe:
     channels_last: bool = False
     quantization: Quantization | None = None
     mode: str = "full"  # "regional": compile one package per distinct repeated block, run the rest eager
+    compiler: tuple[tuple[str, Any], ...] = ()  # inductor options (preset expanded), in name order
 
     @property
     def transformed(self) -> bool:
@@ -264,7 +291,10 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
                     f"{where}: {section} mode = 'regional' compiles one static shape; give one shapes table "
                     "without ranges, or use mode = 'full'"
                 )
-        components[name] = ComponentRecipe(name, tuple(variants), quantization=quant, mode=mode, **flags)
+        compiler = _compiler(v, v.table(table, "compiler", section=section), section, device)
+        components[name] = ComponentRecipe(
+            name, tuple(variants), quantization=quant, mode=mode, compiler=compiler, **flags
+        )
 
     return Recipe(
         model, revision, device, dtype, components, cpu_isa=cpu_isa, text=text, path=Path(path) if path else None
@@ -356,6 +386,33 @@ def _quantization(v: _Validator, table: dict, section: str, device: str) -> Quan
     if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 0:
         raise RecipeError(f"{v.where}: {label} min_features must be a non-negative integer, found {min_features!r}")
     return Quantization(method, patterns["include"], patterns["exclude"], min_features)
+
+
+def _compiler(v: _Validator, table: dict, section: str, device: str) -> tuple[tuple[str, Any], ...]:
+    label = f"{section} compiler"
+    preset = table.get("preset", "default")
+    if preset not in COMPILER_PRESETS:
+        raise RecipeError(
+            f"{v.where}: {label} preset = {preset!r} is not a preset; expected one of: {', '.join(COMPILER_PRESETS)}"
+        )
+    options = {k: val for k, val in COMPILER_PRESETS[preset].items() if device in COMPILER_OPTIONS[k][1]}
+    for key, value in table.items():
+        if key == "preset":
+            continue
+        if key not in COMPILER_OPTIONS:
+            raise RecipeError(
+                f"{v.where}: {label}: unknown option {key!r}; known: preset, {', '.join(COMPILER_OPTIONS)}"
+            )
+        kind, devices = COMPILER_OPTIONS[key]
+        if type(value) is not kind:
+            raise RecipeError(f"{v.where}: {label} {key} must be {_typename(kind())}, found {_typename(value)}")
+        if device not in devices:
+            raise RecipeError(
+                f"{v.where}: {label} {key} applies to {' and '.join(devices)} builds only (this recipe targets "
+                f"{device!r}); remove it"
+            )
+        options[key] = value
+    return tuple(sorted(options.items()))
 
 
 def _require_cpu_isa(where: str, cpu_isa: str) -> None:

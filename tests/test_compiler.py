@@ -1,0 +1,104 @@
+"""[components.X.compiler]: inductor options from an allow-list, passed to the compile only, recorded."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DiffusionPipeline
+
+import diffbake
+from diffbake.errors import RecipeError
+from diffbake.manifest import read_manifest
+from diffbake.recipe import parse_recipe
+
+RECIPE = """
+[source]
+model = "{source}"
+[components.vae_decoder]
+shapes = {{ batch = 1, height = 64, width = 64 }}
+compiler = {{ conv_1x1_as_mm = true, epilogue_fusion = false, shape_padding = false }}
+"""
+
+
+def parse(compiler: str, device: str = "cpu"):
+    text = f"""
+    [source]
+    model = "tiny:sd"
+    [components.unet]
+    shapes = {{ batch = 1, height = 64, width = 64 }}
+    compiler = {compiler}
+    """
+    return parse_recipe(textwrap.dedent(text), path="r.toml")
+
+
+def test_presets_and_options_parse():
+    assert parse("{ conv_1x1_as_mm = true }").components["unet"].compiler == (("conv_1x1_as_mm", True),)
+    # On a CPU target the preset keeps what applies to the CPU; an explicit option overrides the preset.
+    assert dict(parse('{ preset = "max-autotune", epilogue_fusion = true }').components["unet"].compiler) == {
+        "conv_1x1_as_mm": True,
+        "epilogue_fusion": True,
+        "max_autotune": True,
+    }
+    assert parse('{ preset = "default" }').components["unet"].compiler == ()
+
+
+@pytest.mark.parametrize(
+    ("compiler", "message"),
+    [
+        (
+            "{ freezing = true }",
+            "r.toml: [components.unet] compiler: unknown option 'freezing'; known: preset, conv_1x1_as_mm, "
+            "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, coordinate_descent_tuning, "
+            "coordinate_descent_check_all_directions, triton.unique_kernel_names",
+        ),
+        (
+            "{ coordinate_descent_tuning = true }",
+            "r.toml: [components.unet] compiler coordinate_descent_tuning applies to cuda builds only (this recipe "
+            "targets 'cpu'); remove it",
+        ),
+        ("{ max_autotune = 1 }", "r.toml: [components.unet] compiler max_autotune must be a boolean, found an integer"),
+        (
+            '{ preset = "fast" }',
+            "r.toml: [components.unet] compiler preset = 'fast' is not a preset; expected one of: default, max-autotune",
+        ),
+    ],
+)
+def test_bad_compiler_options(compiler: str, message: str):
+    with pytest.raises(RecipeError) as e:
+        parse(compiler)
+    assert str(e.value) == message
+
+
+def test_options_reach_the_compile_are_recorded_and_still_match_eager(saved_pipelines, tmp_path: Path, monkeypatch):
+    import torch._inductor
+
+    seen = []
+    real = torch._inductor.aoti_compile_and_package
+
+    def spy(*args, inductor_configs=None, **kwargs):
+        seen.append(dict(inductor_configs))
+        return real(*args, inductor_configs=inductor_configs, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", spy)
+    (tmp_path / "r.toml").write_text(RECIPE.format(source=saved_pipelines("sd").as_posix()))
+    art = diffbake.build(tmp_path / "r.toml", tmp_path / "art")
+    assert len(seen) == 1
+    assert {k: seen[0][k] for k in ("conv_1x1_as_mm", "epilogue_fusion", "shape_padding")} == {
+        "conv_1x1_as_mm": True,
+        "epilogue_fusion": False,
+        "shape_padding": False,
+    }
+    assert seen[0]["aot_inductor.package_constants_in_so"] is False  # diffbake's own settings stay
+    # Scoped to the compile: the process-wide config is untouched.
+    assert torch._inductor.config.conv_1x1_as_mm is False and torch._inductor.config.epilogue_fusion is True
+    entry = read_manifest(art).components["vae_decoder"]
+    assert entry.compiler == {"conv_1x1_as_mm": True, "epilogue_fusion": False, "shape_padding": False}
+    call = dict(prompt="a cat", num_inference_steps=2, output_type="np", height=64, width=64)
+    got, want = (
+        p(**call, generator=torch.Generator().manual_seed(0)).images
+        for p in (diffbake.load(art), DiffusionPipeline.from_pretrained(saved_pipelines("sd")))
+    )
+    assert np.abs(got - want).max() <= 5e-4
