@@ -199,3 +199,31 @@ def test_another_torch_or_device_is_refused(copy, no_package_loaded):
         "rebuild the recipe with [target] device = 'cuda'"
     )
     assert no_package_loaded == []
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: p.enable_attention_slicing(),
+        lambda p: p.enable_xformers_memory_efficient_attention(),
+        lambda p: p.fuse_qkv_projections(),
+        lambda p: p.vae.enable_slicing(),
+        lambda p: p.vae.enable_tiling(),
+        lambda p: p.unet.set_attn_processor(None),
+        lambda p: p.unet.enable_forward_chunking(),
+    ],
+)
+def test_eager_only_runtime_settings_fail_clearly(sd, call):
+    # The pipelines' helpers would otherwise skip the compiled modules silently.
+    with pytest.raises(InputMismatchError, match=r"does not apply to compiled code, whose attention, layout"):
+        call(sd)
+
+
+def test_attention_slicing_message(sd):
+    with pytest.raises(InputMismatchError) as e:
+        sd.enable_attention_slicing()
+    assert str(e.value) == (
+        "unet: attention slicing (enable_attention_slicing) does not apply to compiled code, whose attention, "
+        "layout and memory use were fixed when the artifact was built; call the pipeline without it (set what the "
+        "recipe offers, such as fuse_qkv or compiler options, and rebuild)"
+    )

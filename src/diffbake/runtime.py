@@ -352,6 +352,34 @@ class _CompiledModel(ModelMixin, ConfigMixin):
             )
         return self
 
+    # Runtime settings of the diffusers guides that change an eager module's attention or memory use. Compiled
+    # code fixed them at build time; refusing them clearly beats a silent no-op (the pipelines' enable_* helpers
+    # skip modules that lack the method, or walk a stand-in's zero children and do nothing).
+    def set_attention_slice(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("attention slicing (enable_attention_slicing)")
+
+    def set_use_memory_efficient_attention_xformers(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("xformers attention (enable_xformers_memory_efficient_attention)")
+
+    def set_attn_processor(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("attention processors (set_attn_processor)")
+
+    def set_default_attn_processor(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("attention processors (set_default_attn_processor)")
+
+    def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("fuse_qkv_projections (set fuse_qkv = true in the recipe)")
+
+    def enable_forward_chunking(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("feed-forward chunking (enable_forward_chunking)")
+
+    def _not_applicable(self, what: str) -> None:
+        raise InputMismatchError(
+            f"{self._program.name}: {what} does not apply to compiled code, whose attention, layout and memory "
+            "use were fixed when the artifact was built; call the pipeline without it (set what the recipe "
+            "offers, such as fuse_qkv or compiler options, and rebuild)"
+        )
+
     def _invoke(self, args: tuple, kwargs: dict) -> Any:
         """Call the compiled code as the eager method would be called, and return what it would return."""
         names = self._program.input_names
@@ -414,6 +442,12 @@ class CompiledAutoencoderKL(_CompiledModel):
 
     def encode(self, *args: Any, **kwargs: Any):
         return self.forward()
+
+    def enable_slicing(self) -> None:
+        self._not_applicable("VAE slicing (enable_vae_slicing)")
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("VAE tiling (enable_vae_tiling)")
 
 
 # Which stand-in replaces which eager class; a new denoiser class is a row here.
