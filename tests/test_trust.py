@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -175,6 +176,18 @@ def test_each_changed_host_fact_is_refused_by_name(copy, fact: str, no_package_l
     with pytest.raises(CompatibilityError) as e:
         diffbake.load(art)
     assert str(e.value).startswith(message), str(e.value)
+    assert no_package_loaded == []
+
+
+def test_a_hand_edited_host_fact_is_refused_by_name_too(copy, no_package_loaded):
+    # Host facts are compared before the manifest's seal is checked, so the refusal names the field.
+    art = copy()
+    path = art / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    data["versions"]["torch"] = "2.12.0"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CompatibilityError, match=r"^torch: this artifact was built with '2\.12\.0'"):
+        diffbake.load(art)
     assert no_package_loaded == []
 
 

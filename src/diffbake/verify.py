@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompatibilityError, IntegrityError
-from .manifest import MANIFEST_FILE, Manifest, sha256_file
+from .manifest import MANIFEST_FILE, Manifest, check_seal, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ STAMP_VERSION = 1
 
 
 def verify_files(artifact: str | Path, manifest: Manifest, *, use_stamp: bool = False) -> str:
-    """Check every file against the manifest: a regular file, right size and sha256, none unlisted.
+    """Check every file against the manifest: a regular file, right size and sha256, none unlisted; and the
+    manifest against the digest it was sealed with.
 
     Hashing costs about a second per GB. After a full check, a stamp of every file's size, mtime, ctime and inode
     is recorded for this host (in $DIFFBAKE_STAMP_DIR, else ~/.cache/diffbake/stamps); with ``use_stamp`` a
@@ -47,6 +48,7 @@ def verify_files(artifact: str | Path, manifest: Manifest, *, use_stamp: bool = 
     stats = _stats(root, manifest)
     if use_stamp and _read_stamp(root) == stats:
         return "stamp"
+    check_seal(root)
     for rel, entry in manifest.files.items():
         path = root / rel
         digest = sha256_file(path)
