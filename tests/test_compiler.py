@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ RECIPE = """
 model = "{source}"
 [components.vae_decoder]
 shapes = {{ batch = 1, height = 64, width = 64 }}
-compiler = {{ conv_1x1_as_mm = true, epilogue_fusion = false, shape_padding = false }}
+compiler = {{ conv_1x1_as_mm = true, epilogue_fusion = false, shape_padding = false, attention_backend = "math" }}
 """
 
 
@@ -52,7 +53,7 @@ def test_presets_and_options_parse():
             "{ freezing = true }",
             "r.toml: [components.unet] compiler: unknown option 'freezing'; known: preset, conv_1x1_as_mm, "
             "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, coordinate_descent_tuning, "
-            "coordinate_descent_check_all_directions, triton.unique_kernel_names",
+            "coordinate_descent_check_all_directions, triton.unique_kernel_names, tf32, attention_backend",
         ),
         (
             "{ coordinate_descent_tuning = true }",
@@ -60,6 +61,15 @@ def test_presets_and_options_parse():
             "targets 'cpu'); remove it",
         ),
         ("{ max_autotune = 1 }", "r.toml: [components.unet] compiler max_autotune must be a boolean, found an integer"),
+        (
+            "{ tf32 = true }",
+            "r.toml: [components.unet] compiler tf32 applies to cuda builds only (this recipe targets 'cpu'); remove it",
+        ),
+        (
+            '{ attention_backend = "efficient" }',
+            "r.toml: [components.unet] compiler attention_backend = 'efficient' is not available for 'cpu' builds; "
+            "expected one of: math, flash",
+        ),
         (
             '{ preset = "fast" }',
             "r.toml: [components.unet] compiler preset = 'fast' is not a preset; expected one of: default, max-autotune",
@@ -72,7 +82,9 @@ def test_bad_compiler_options(compiler: str, message: str):
     assert str(e.value) == message
 
 
-def test_options_reach_the_compile_are_recorded_and_still_match_eager(saved_pipelines, tmp_path: Path, monkeypatch):
+def test_options_reach_the_compile_are_recorded_and_still_match_eager(
+    saved_pipelines, artifacts, tmp_path: Path, monkeypatch
+):
     import torch._inductor
 
     seen = []
@@ -94,11 +106,28 @@ def test_options_reach_the_compile_are_recorded_and_still_match_eager(saved_pipe
     assert seen[0]["aot_inductor.package_constants_in_so"] is False  # diffbake's own settings stay
     # Scoped to the compile: the process-wide config is untouched.
     assert torch._inductor.config.conv_1x1_as_mm is False and torch._inductor.config.epilogue_fusion is True
+    assert "attention_backend" not in seen[0]  # applied as a torch setting, not an inductor option
     entry = read_manifest(art).components["vae_decoder"]
-    assert entry.compiler == {"conv_1x1_as_mm": True, "epilogue_fusion": False, "shape_padding": False}
+    assert entry.compiler == {
+        "attention_backend": "math",
+        "conv_1x1_as_mm": True,
+        "epilogue_fusion": False,
+        "shape_padding": False,
+    }
+    # The attention backend decides the compiled kernel: the VAE's attention is one fused kernel by default on the
+    # CPU, and matmuls and a softmax with "math".
+    flash = b"_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in _library(artifacts("sd") / "vae_decoder" / "model.pt2")
+    assert flash not in _library(art / "vae_decoder" / "model.pt2")
     call = dict(prompt="a cat", num_inference_steps=2, output_type="np", height=64, width=64)
     got, want = (
         p(**call, generator=torch.Generator().manual_seed(0)).images
         for p in (diffbake.load(art), DiffusionPipeline.from_pretrained(saved_pipelines("sd")))
     )
     assert np.abs(got - want).max() <= 5e-4
+
+
+def _library(package: Path) -> bytes:
+    with zipfile.ZipFile(package) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".so")]
+        return z.read(name)

@@ -49,7 +49,7 @@ from .manifest import (
     TensorSpec,
     VariantEntry,
 )
-from .recipe import ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
+from .recipe import ATTENTION_BACKENDS, ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
 from .regional import BlockCall, capture_blocks
 from .runtime import CompiledComponent, load_regional
 from .selftest import SEED, self_test_inputs, self_test_sizes, summarize
@@ -173,6 +173,46 @@ def write_artifact(
 def _build_component(
     comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe, root: Path, rep: Reporter, reuse: Reuse | None
 ) -> ComponentEntry:
+    with contextlib.ExitStack() as stack:
+        return _build_component_in(comp, pipe, info, recipe, root, rep, reuse, stack)
+
+
+@contextlib.contextmanager
+def compile_settings(comp: ComponentRecipe) -> Iterator[None]:
+    """The recipe's process-wide torch settings that shape compiled code (the SDPA kernel, TF32), set for one
+    component's build and restored after."""
+    options = dict(comp.compiler)
+    with contextlib.ExitStack() as stack:
+        backend = options.get("attention_backend")
+        if backend is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[backend][0])]))
+        if "tf32" in options:
+            before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options["tf32"]
+            stack.callback(_restore_tf32, before)
+        yield
+
+
+def _restore_tf32(before: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _inductor_options(comp: ComponentRecipe) -> dict[str, Any]:
+    return {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+
+
+def _build_component_in(
+    comp: ComponentRecipe,
+    pipe: Any,
+    info: SourceInfo,
+    recipe: Recipe,
+    root: Path,
+    rep: Reporter,
+    reuse: Reuse | None,
+    stack: contextlib.ExitStack,
+) -> ComponentEntry:
     name, family = comp.name, info.family
     start = time.perf_counter()
     attr = "vae" if name == VAE_DECODER else name
@@ -190,7 +230,9 @@ def _build_component(
             plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
         del module32
     transforms = _apply_transforms(comp, module, rep)
-    for plan in plans:  # the eager component exactly as compiled: same dtype and transforms
+    settings = compile_settings(comp)
+    stack.enter_context(settings)  # attention backend and TF32: for the eager reference, export and compile
+    for plan in plans:  # the eager component exactly as compiled: same dtype, transforms and settings
         plan.reference = [_run(module, method, names, p) for p in plan.points]
     folder = root / name
     folder.mkdir()
@@ -218,7 +260,7 @@ def _build_component(
                     package,
                     device=_device_type(recipe),
                     cpu_isa=recipe.cpu_isa,
-                    options=dict(comp.compiler),
+                    options=_inductor_options(comp),
                 )
         else:
             shutil.copy2(reuse.root / package.relative_to(root), package)
@@ -310,7 +352,7 @@ def _build_regional(
                     package,
                     device=_device_type(recipe),
                     cpu_isa=recipe.cpu_isa,
-                    options=dict(comp.compiler),
+                    options=_inductor_options(comp),
                 )
         blocks.append(
             BlockEntry(

@@ -70,6 +70,17 @@ COMPILER_OPTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "coordinate_descent_tuning": (bool, ("cuda",)),
     "coordinate_descent_check_all_directions": (bool, ("cuda",)),
     "triton.unique_kernel_names": (bool, ("cuda",)),
+    # Not inductor options, but chosen while exporting and compiling too (see builder.compile_settings):
+    "tf32": (bool, ("cuda",)),  # TF32 matmuls and convolutions
+    "attention_backend": (str, ("cpu", "cuda")),  # the SDPA kernel compiled in: see ATTENTION_BACKENDS
+}
+# attention_backend -> (torch SDPBackend name, devices). "math" compiles attention as matmuls and a softmax; the
+# others as one fused kernel.
+ATTENTION_BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "math": ("MATH", ("cpu", "cuda")),
+    "flash": ("FLASH_ATTENTION", ("cpu", "cuda")),
+    "efficient": ("EFFICIENT_ATTENTION", ("cuda",)),
+    "cudnn": ("CUDNN_ATTENTION", ("cuda",)),
 }
 # Presets: the options the guides use together. A preset keeps only the options that apply to the target device.
 COMPILER_PRESETS: dict[str, dict[str, Any]] = {
@@ -411,6 +422,13 @@ def _compiler(v: _Validator, table: dict, section: str, device: str) -> tuple[tu
                 f"{v.where}: {label} {key} applies to {' and '.join(devices)} builds only (this recipe targets "
                 f"{device!r}); remove it"
             )
+        if key == "attention_backend":
+            known = [b for b, (_, on) in ATTENTION_BACKENDS.items() if device in on]
+            if value not in known:
+                raise RecipeError(
+                    f"{v.where}: {label} attention_backend = {value!r} is not available for {device!r} builds; "
+                    f"expected one of: {', '.join(known)}"
+                )
         options[key] = value
     return tuple(sorted(options.items()))
 
