@@ -199,8 +199,10 @@ def _restore_tf32(before: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def _inductor_options(comp: ComponentRecipe) -> dict[str, Any]:
-    return {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+def _compile(comp: ComponentRecipe, recipe: Recipe, exported: Any, package: Path) -> None:
+    """AOTInductor with the recipe's target and options (those that are torch settings are set around it)."""
+    options = {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+    compile_package(comp.name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa, options=options)
 
 
 def _build_component_in(
@@ -254,14 +256,7 @@ def _build_component_in(
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
         if reuse is None:
             with rep.stage(f"{label}: compile (AOTInductor)"):
-                compile_package(
-                    name,
-                    exported,
-                    package,
-                    device=_device_type(recipe),
-                    cpu_isa=recipe.cpu_isa,
-                    options=_inductor_options(comp),
-                )
+                _compile(comp, recipe, exported, package)
         else:
             shutil.copy2(reuse.root / package.relative_to(root), package)
         fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
@@ -346,14 +341,7 @@ def _build_regional(
             with rep.stage(f"{label}: export"):
                 exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
             with rep.stage(f"{label}: compile (AOTInductor)"):
-                compile_package(
-                    name,
-                    exported,
-                    package,
-                    device=_device_type(recipe),
-                    cpu_isa=recipe.cpu_isa,
-                    options=_inductor_options(comp),
-                )
+                _compile(comp, recipe, exported, package)
         blocks.append(
             BlockEntry(
                 package=package.relative_to(root).as_posix(),
