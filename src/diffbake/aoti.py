@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .archive import ALLOWED, inspect_package
+from .archive import entry_kind, inspect_package
 from .errors import BuildError
 from .verify import CPU_TARGETS, cpu_features
 
@@ -115,7 +115,7 @@ def strip_package(path: Path, device: str) -> None:
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
             rel = info.filename.removeprefix(root)
-            kind = next((k for k, pattern in ALLOWED.items() if pattern.fullmatch(rel)), None)
+            kind = entry_kind(rel)
             if kind is None or (kind == "kernel" and device != "cuda"):
                 continue  # sources, flags, per-kernel metadata: nothing the loader reads
             entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)

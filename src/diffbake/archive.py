@@ -49,6 +49,11 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, Valu
 _ZIP_ERRORS += (RuntimeError, zlib.error, struct.error, KeyError, UnicodeDecodeError, OverflowError)
 
 
+def entry_kind(rel: str) -> str | None:
+    """Which allowed kind of entry ``rel`` (a name inside the archive's folder) is, or None if none."""
+    return next((kind for kind, pattern in ALLOWED.items() if pattern.fullmatch(rel)), None)
+
+
 @dataclass(frozen=True)
 class PackageInfo:
     library: str  # the shared library's entry name
@@ -90,7 +95,7 @@ def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
             if not name.startswith(root):
                 raise refuse(f"entry {name!r} is outside the archive's folder {root!r}")
             rel = name[len(root) :]
-            kind = next((k for k, pattern in ALLOWED.items() if pattern.fullmatch(rel)), None)
+            kind = entry_kind(rel)
             if kind is None:
                 raise refuse(
                     f"unexpected entry {name!r} (not a file the build writes: sources, flags and pickles are refused)"
@@ -225,7 +230,9 @@ class Package:
         import torch
 
         self.path = Path(path)
-        self.info = inspect_package(self.path, device, machine)
+        # Also when load() inspected every package first (so none loads if any is bad): a package opened on
+        # its own is checked too, and it costs a read of the zip directory.
+        inspect_package(self.path, device, machine)
         with _tmpdir(folder):
             try:
                 self._loader = torch._C._aoti.AOTIModelPackageLoader(

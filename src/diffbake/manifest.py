@@ -148,6 +148,11 @@ class ComponentEntry:
     blocks: list[BlockEntry] = field(default_factory=list)
     compiler: dict[str, Any] = field(default_factory=dict)  # the inductor options the recipe chose, as applied
 
+    @property
+    def packages(self) -> list[str]:
+        """Every compiled package of this component: its variants' (full) or its blocks' (regional)."""
+        return [v.package for v in self.variants if v.package] + [b.package for b in self.blocks]
+
 
 @dataclass(frozen=True)
 class FileEntry:

@@ -717,11 +717,7 @@ class LoadedArtifact:
 
 def package_paths(manifest: Manifest) -> list[str]:
     """Every compiled package an artifact holds, relative to its folder."""
-    out = []
-    for entry in manifest.components.values():
-        out += [v.package for v in entry.variants if v.package]
-        out += [b.package for b in entry.blocks]
-    return out
+    return [package for entry in manifest.components.values() for package in entry.packages]
 
 
 class _DropStandInTypeWarnings(logging.Filter):

@@ -95,9 +95,8 @@ def _same_code(loaded: LoadedArtifact, root: Path, manifest: Any) -> None:
         problems.append(f"components {sorted(manifest.components)}, loaded {sorted(old.components)}")
     for name in set(manifest.components) & set(old.components):
         a, b = old.components[name], manifest.components[name]
-        packages = [v.package for v in b.variants if v.package] + [x.package for x in b.blocks]
-        old_packages = [v.package for v in a.variants if v.package] + [x.package for x in a.blocks]
-        if packages != old_packages or any(manifest.files[p].sha256 != old.files[p].sha256 for p in packages):
+        packages = b.packages
+        if packages != a.packages or any(manifest.files[p].sha256 != old.files[p].sha256 for p in packages):
             problems.append(f"{name}: other compiled code")
         elif a.constants != b.constants:
             problems.append(f"{name}: other constants")
