@@ -1,7 +1,8 @@
 """diffbake: ahead-of-time compiled diffusers pipelines.
 
 ``diffbake.build(recipe)`` writes an artifact; ``diffbake.load(path)`` turns it back into a diffusers pipeline
-that runs the compiled code. Loading imports nothing from the build side, so ``import diffbake`` stays light and
+that runs the compiled code; ``diffbake.push(path, repo_id)`` publishes it, and
+``diffbake.load(repo_id, revision=sha, trust_remote_code=True)`` loads the build that fits the host. Loading imports nothing from the build side, so ``import diffbake`` stays light and
 the build modules load only when ``build`` is used.
 """
 
@@ -15,11 +16,13 @@ from .errors import (
     BuildError,
     CompatibilityError,
     DiffbakeError,
+    HubError,
     InputMismatchError,
     IntegrityError,
     RecipeError,
     SelfTestError,
     SourceError,
+    TrustError,
     VerificationError,
 )
 
@@ -31,17 +34,20 @@ __all__ = [
     "BuildError",
     "CompatibilityError",
     "DiffbakeError",
+    "HubError",
     "InputMismatchError",
     "IntegrityError",
     "Recipe",
     "RecipeError",
     "SelfTestError",
     "SourceError",
+    "TrustError",
     "VerificationError",
     "__version__",
     "build",
     "load",
     "load_recipe",
+    "push",
     "rebind",
     "replicate",
     "set_weights",
@@ -49,6 +55,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .builder import build
+    from .publish import push
     from .rebinding import rebind
     from .recipe import Recipe, load_recipe
     from .runtime import load
@@ -59,6 +66,7 @@ _LAZY = {
     "load": "runtime",
     "Recipe": "recipe",
     "load_recipe": "recipe",
+    "push": "publish",
     "rebind": "rebinding",
     "replicate": "serving",
     "set_weights": "serving",

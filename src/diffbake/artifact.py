@@ -53,9 +53,12 @@ class Staging:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self, make_manifest: Callable[[dict[str, FileEntry]], Manifest]) -> Path:
-        """Hash every file, write the manifest last, then move the folder into place (replacing ``dest``)."""
-        write_manifest(self.path, make_manifest(list_files(self.path)))
+    def commit(self, make_manifest: Callable[[dict[str, FileEntry]], Manifest] | None = None) -> Path:
+        """Hash every file, write the manifest last, then move the folder into place (replacing ``dest``).
+
+        Without ``make_manifest`` the staging folder already holds its manifest (a copy of a verified artifact)."""
+        if make_manifest is not None:
+            write_manifest(self.path, make_manifest(list_files(self.path)))
         if not self.dest.exists():
             os.rename(self.path, self.dest)
         elif _exchange(self.path, self.dest):

@@ -1,4 +1,4 @@
-"""The ``diffbake`` command: build, rebind, generate, inspect, verify.
+"""The ``diffbake`` command: build, rebind, generate, inspect, verify, push, pull.
 
 Only this module prints. Known errors print one line and exit 1; ``DIFFBAKE_DEBUG=1`` shows the traceback.
 """
@@ -102,6 +102,8 @@ def cli() -> None:
     diffbake inspect artifacts/tiny-sd
     diffbake verify artifacts/tiny-sd            # every check, in a child process; exit 0 or 1
     diffbake rebind artifacts/tiny-sd --weights /models/finetune --lora style.safetensors
+    diffbake push artifacts/tiny-sd org/tiny-sd  # one Hub commit; prints the sha to pin
+    diffbake pull org/tiny-sd --revision SHA     # fetch the build that fits this host
 
     Set DIFFBAKE_DEBUG=1 to see the full traceback of an error.
     """
@@ -200,6 +202,10 @@ def rebind(
 @click.option("--height", type=click.IntRange(min=1), help="Pixels [default: the compiled height].")
 @click.option("--width", type=click.IntRange(min=1), help="Pixels [default: the compiled width].")
 @click.option("--images", type=click.IntRange(min=1), help="Images per call [default: the compiled batch].")
+@click.option("--revision", default=None, help="For a Hub repo id: the commit sha to load.")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="For a Hub repo id: run its native code (needed, with --revision)."
+)
 @click.option(
     "--out",
     "-o",
@@ -218,20 +224,21 @@ def generate(
     height: int | None,
     width: int | None,
     images: int | None,
+    revision: str | None,
+    trust_remote_code: bool,
     out: Path,
 ) -> None:
-    """Generate images with a built ARTIFACT, at the size it was compiled for."""
+    """Generate images with a built ARTIFACT (a folder, or a Hub repo id), at the size it was compiled for."""
     import torch
 
     from .runtime import load
 
     _quiet_loading_bars()
     start = time.perf_counter()
-    pipe = load(artifact)
+    source = str(artifact) if not artifact.exists() else artifact  # a repo id is not a path
+    pipe = load(source, revision=revision, trust_remote_code=trust_remote_code)
     click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)
-    from .manifest import read_manifest
-
-    manifest = read_manifest(artifact)
+    manifest = pipe._diffbake_artifact.manifest
     family = FAMILIES[manifest.source["family"]]
     # The call must match the compiled shapes; take them from the denoiser's first variant (or the VAE's if only
     # it is compiled), at the low end of a dynamic range unless given.
@@ -373,6 +380,88 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
         reason = f"the check failed after the {stage!r} stage (exit {code}): {tail}"
     raise CheckFailed(f"{artifact}: {reason}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option(
+    "--build",
+    "build_name",
+    default=None,
+    help="Folder of the repo for this build [default: device, hardware and dtype, e.g. cpu-x86_64-avx2-float32].",
+)
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--branch", default=None, help="Commit to this branch (created from main if new) [default: main].")
+@click.option("--message", "-m", default=None, help="Commit message [default: diffbake: build BUILD].")
+def push(
+    artifact: Path, repo_id: str, build_name: str | None, private: bool, branch: str | None, message: str | None
+) -> None:
+    """Publish an ARTIFACT to the Hub repo REPO_ID as one commit, and print the commit sha to pin.
+
+    \b
+    Each build goes into its own folder, so one repo can hold builds for several
+    devices, GPUs and CPU instruction sets; loaders pick the one that fits. The
+    model card (README.md) is regenerated to describe every build. A push that
+    fails midway commits nothing. Log in first (`hf auth login` or HF_TOKEN).
+    """
+    from .publish import push as run_push
+
+    start = time.perf_counter()
+    result = run_push(
+        artifact,
+        repo_id,
+        build=build_name,
+        private=private,
+        branch=branch,
+        message=message,
+        progress=lambda stage, detail: click.echo(f"  {stage}: {detail}", err=True),
+    )
+    click.echo(
+        f"pushed {artifact} to {result.repo_id} as build {result.build} ({result.files} files, "
+        f"{_mb(result.bytes)}) in {time.perf_counter() - start:.1f} s",
+        err=True,
+    )
+    click.echo("load it with (pin this commit):", err=True)
+    click.echo(f'  diffbake.load("{result.repo_id}", revision="{result.commit}", trust_remote_code=True)', err=True)
+    click.echo(result.commit)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--revision", required=True, help="The commit sha to fetch (what `diffbake push` printed).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="[default: artifacts/<repo name>].")
+@click.option(
+    "--build", "build_name", default=None, help="Build folder to fetch [default: the one that fits this host]."
+)
+@click.option("--device", default=None, help="Fit the build to this device [default: each build's own].")
+@click.option("--force", is_flag=True, help="Replace what is at --out (only once the new copy is verified).")
+def pull(
+    repo_id: str, revision: str, out: Path | None, build_name: str | None, device: str | None, force: bool
+) -> None:
+    """Fetch a build of the Hub repo REPO_ID at a pinned commit into a local artifact folder, checked.
+
+    \b
+    For hosts that stage artifacts before serving: the build that fits this host
+    (or --build) is downloaded, every file is checked against its manifest's sha256,
+    and the folder appears only once complete. Nothing is loaded or executed; load
+    the folder with diffbake.load(OUT) or `diffbake generate OUT`.
+    """
+    from .hub import fetch
+
+    start = time.perf_counter()
+    dest = out or Path("artifacts") / repo_id.split("/")[-1]
+    folder, chosen = fetch(
+        repo_id,
+        revision,
+        device=device,
+        build=build_name,
+        out=dest,
+        force=force,
+        progress=lambda stage, detail: click.echo(f"  {detail}", err=True),
+    )
+    click.echo(f"pulled {repo_id}@{revision[:12]} build {chosen.name} in {time.perf_counter() - start:.1f} s", err=True)
+    click.echo(str(folder))
 
 
 class CheckFailed(DiffbakeError):

@@ -58,3 +58,11 @@ class CompatibilityError(DiffbakeError, RuntimeError):
 
 class InputMismatchError(DiffbakeError, ValueError):
     """A call does not fit the shapes, dtypes or devices an artifact was compiled for."""
+
+
+class TrustError(DiffbakeError, PermissionError):
+    """A remote artifact was asked for without the opt-in and the pinned commit that loading native code needs."""
+
+
+class HubError(DiffbakeError, RuntimeError):
+    """The Hub refused or failed a request (push, listing, download) for a reason other than a missing repo."""

@@ -282,25 +282,34 @@ def read_manifest(artifact: str | Path) -> Manifest:
         raise ArtifactError(f"{path}: is a symbolic link; an artifact holds regular files only; rebuild it")
     with open(path, "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, where: str | Path) -> Manifest:
+    """Check and convert a manifest's bytes; ``where`` names it in errors (a path, or a repo and folder).
+
+    Raises:
+        ArtifactError: not a diffbake manifest of a version this diffbake reads, or malformed.
+    """
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ArtifactError(
-            f"{path}: more than the {MAX_MANIFEST_BYTES} bytes a manifest may have; rebuild the artifact"
+            f"{where}: more than the {MAX_MANIFEST_BYTES} bytes a manifest may have; rebuild the artifact"
         )
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ArtifactError(f"{path}: not a valid manifest ({reason}); rebuild the artifact") from None
+        raise ArtifactError(f"{where}: not a valid manifest ({reason}); rebuild the artifact") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ArtifactError(
-            f"{path}: format is {_short(found)}, expected {FORMAT_NAME!r}: this is not a diffbake artifact"
+            f"{where}: format is {_short(found)}, expected {FORMAT_NAME!r}: this is not a diffbake artifact"
         )
     if data.get("format_version") != FORMAT_VERSION:
         versions = data.get("versions")
         built_by = versions.get("diffbake") if isinstance(versions, dict) else None
         raise ArtifactError(
-            f"{path}: format_version {_short(data.get('format_version'))}, but this diffbake reads version {FORMAT_VERSION}; "
+            f"{where}: format_version {_short(data.get('format_version'))}, but this diffbake reads version {FORMAT_VERSION}; "
             "rebuild the artifact with this diffbake, or load it with the diffbake that built it "
             f"({built_by if isinstance(built_by, str) else 'unknown'})"
         )
@@ -311,8 +320,17 @@ def read_manifest(artifact: str | Path) -> Manifest:
         manifest = _convert(Manifest, data, "manifest")
         _check_manifest(manifest)
     except _SchemaError as e:
-        raise ArtifactError(f"{path}: malformed manifest: {e}; rebuild the artifact") from None
+        raise ArtifactError(f"{where}: malformed manifest: {e}; rebuild the artifact") from None
     return manifest
+
+
+def sealed(raw: bytes) -> bool:
+    """Whether a manifest's bytes match the digest they were sealed with at build."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes)
+        return isinstance(data, dict) and data.get(DIGEST_KEY) == content_digest(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
 
 
 def check_seal(artifact: str | Path) -> None:
@@ -324,12 +342,7 @@ def check_seal(artifact: str | Path) -> None:
     path = Path(artifact) / MANIFEST_FILE
     with open(path, "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_dupes)
-        intact = isinstance(data, dict) and data.get(DIGEST_KEY) == content_digest(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        intact = False
-    if not intact:
+    if not sealed(raw):
         raise IntegrityError(
             f"{path}: its content does not match the digest it was sealed with; the manifest was changed after "
             "the build; rebuild or re-download the artifact"

@@ -38,6 +38,7 @@ from .archive import Package, inspect_package
 from .archive import unpack_dir as resolve_unpack_dir
 from .errors import ArtifactError, ArtifactNotFoundError, InputMismatchError, SelfTestError
 from .families import FAMILIES, VAE_DECODER
+from .hub import check_remote, fetch, is_repo_id
 from .manifest import (
     BlockEntry,
     ComponentEntry,
@@ -610,8 +611,11 @@ def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Mo
 def load(
     artifact: str | Path,
     *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    build: str | None = None,
     device: str | None = None,
-    verify: str = "full",
+    verify: str | None = None,
     self_test: bool = False,
     unpack_dir: str | Path | None = None,
     progress: Callable[[str, str], None] | None = None,
@@ -624,10 +628,16 @@ def load(
     (size and sha256, nothing unlisted) and every package (an allow-list of entries: no sources, no pickles).
 
     Args:
-        artifact: the artifact folder written by ``diffbake build``.
+        artifact: the artifact folder written by ``diffbake build``, or a Hub repo id ("org/name") that
+            ``diffbake push`` wrote to; a local folder of that name wins.
+        revision: for a Hub repo, the commit sha to load (a branch or tag is refused: it can move).
+        trust_remote_code: must be True for a Hub repo: its builds are native code that runs in this process.
+        build: for a Hub repo, the build folder to use; by default the one that fits this host (a GPU build
+            first, then the CPU build using most of this CPU's instruction sets).
         device: where to run; defaults to the device the artifact was built for ("cpu" or "cuda[:N]").
-        verify: "full" (default) hashes every file; "stamp" skips the hashing if a stamp recorded by an earlier
-            full verification on this host still matches every file's size, mtime, ctime and inode.
+        verify: "full" hashes every file; "stamp" skips the hashing if a stamp recorded by an earlier full
+            verification on this host still matches every file's size, mtime, ctime and inode. The default is
+            "full" for a local folder and "stamp" for a Hub build, whose files are hashed once, when fetched.
         self_test: replay the call recorded at build on each compiled variant and compare the output.
         unpack_dir: where packages are extracted before loading; default $DIFFBAKE_UNPACK_DIR, else the
             temporary folder. It must allow executing programs (not mounted noexec).
@@ -640,21 +650,33 @@ def load(
         ``pipe(prompt, num_inference_steps=..., generator=...)``.
 
     Raises:
-        ArtifactNotFoundError: no artifact at that path.
+        TrustError: a Hub repo without ``trust_remote_code=True`` or without a pinned commit sha; nothing was
+            requested from the Hub.
+        ArtifactNotFoundError: no artifact at that path, no such repo or commit, or (HF_HUB_OFFLINE=1) not cached.
+        HubError: the Hub failed a request.
         ArtifactError: the artifact is malformed, a file differs from its manifest (IntegrityError), or the
             self-test failed (SelfTestError).
-        CompatibilityError: the artifact was built for another device, torch, platform or CPU, or the unpack
-            folder cannot hold executable code.
+        CompatibilityError: the artifact (for a Hub repo: every build, each listed with its reason) was built
+            for another device, torch, platform or CPU, or the unpack folder cannot hold executable code.
     """
     import diffusers
 
     start = time.perf_counter()
     root = Path(artifact)
     report = progress or (lambda stage, detail: logger.info("%s: %s", stage, detail))
-    if verify not in ("full", "stamp"):
+    if verify not in (None, "full", "stamp"):
         raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if is_repo_id(artifact):
+        check_remote(str(artifact), revision, trust_remote_code=trust_remote_code)
+        root, _ = fetch(str(artifact), revision, device=device, build=build, progress=report)
+        verify = verify or "stamp"
+    elif revision is not None or build is not None:
+        raise ValueError(
+            f"{artifact}: revision= and build= apply to Hub repo ids; this is a local path, loaded as it is"
+        )
+    verify = verify or "full"
     if not root.exists():
         raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
     manifest = read_manifest(root)

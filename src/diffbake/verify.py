@@ -28,14 +28,15 @@ STAMP_ENV = "DIFFBAKE_STAMP_DIR"
 STAMP_VERSION = 1
 
 
-def verify_files(artifact: str | Path, manifest: Manifest, *, use_stamp: bool = False) -> str:
+def verify_files(artifact: str | Path, manifest: Manifest, *, use_stamp: bool = False, record: bool = True) -> str:
     """Check every file against the manifest: a regular file, right size and sha256, none unlisted; and the
     manifest against the digest it was sealed with.
 
-    Hashing costs about 0.7 s per GB (1.5 GB/s measured). After a full check, a stamp of every file's size, mtime, ctime and inode
-    is recorded for this host (in $DIFFBAKE_STAMP_DIR, else ~/.cache/diffbake/stamps); with ``use_stamp`` a
-    stamp that still matches skips the hashing. Anything that rewrites a file changes its ctime, so the stamp
-    no longer matches and the full check runs again.
+    Hashing costs about 0.7 s per GB (1.5 GB/s measured). After a full check, a stamp of every file's size,
+    mtime, ctime and inode is recorded for this host (in $DIFFBAKE_STAMP_DIR, else ~/.cache/diffbake/stamps);
+    with ``use_stamp`` a stamp that still matches skips the hashing. Anything that rewrites a file changes its
+    ctime, so the stamp no longer matches and the full check runs again. ``record=False`` records no stamp (for
+    a folder about to be moved: see :func:`record_stamp`).
 
     Returns:
         "stamp" if a matching stamp skipped the hashing, else "full".
@@ -57,9 +58,17 @@ def verify_files(artifact: str | Path, manifest: Manifest, *, use_stamp: bool = 
                 f"{path}: sha256 {digest[:16]}…, but the manifest records {entry.sha256[:16]}…; the file was changed; "
                 "rebuild or re-download the artifact"
             )
-    if _stats(root, manifest) == stats:  # unchanged while it was hashed
+    if record and _stats(root, manifest) == stats:  # unchanged while it was hashed
         _write_stamp(root, stats)
     return "full"
+
+
+def record_stamp(artifact: str | Path, manifest: Manifest) -> None:
+    """Record a stamp for files that were fully verified elsewhere and then moved here unchanged (a rename keeps
+    size, times and inode), so that the next load with ``use_stamp`` need not hash them again."""
+    root = Path(artifact)
+    _check_listing(root, manifest)
+    _write_stamp(root, _stats(root, manifest))
 
 
 def _check_listing(root: Path, manifest: Manifest) -> None:
