@@ -374,3 +374,26 @@ def test_choice_prefers_gpu_then_the_widest_cpu_build(hub_artifact):
     builds[2] = Build("gpu", gpu, None)
     assert choose_build("o/r", "0" * 40, builds).name == "gpu"
     assert is_repo_id("org/name") and not is_repo_id("/abs/path") and not is_repo_id("a/b/c")
+
+
+def test_push_to_a_branch_of_a_new_private_repo(hub, artifacts, tmp_path):
+    home = tmp_path / "publisher"
+    proc = _cli(hub, home, "push", str(artifacts("sd")), "tester/private", "--private", "--branch", "release")
+    assert proc.returncode == 0, proc.stderr
+    sha = proc.stdout.strip().splitlines()[-1]
+    assert hub.head("tester/private", "release") == sha
+    assert hub.files("tester/private", "main") == {}  # main keeps its initial commit only
+    # Private: invisible without a token (the Hub answers as for a missing repo), readable with one.
+    anonymous = _load(hub, tmp_path / "anon", repo="tester/private", revision=sha, trust=True, HF_TOKEN="")
+    assert anonymous["error"] == "ArtifactNotFoundError"
+    assert "no such repo" in anonymous["message"] and "private and no valid token" in anonymous["message"]
+
+
+def test_generate_from_a_repo_id(hub, pushed, tmp_path):
+    out = tmp_path / "cat.png"
+    args = ["generate", REPO, "--prompt", PROMPT, "--steps", "2", "--out", str(out)]
+    refused = _cli(hub, tmp_path, *args)
+    assert refused.returncode == 1 and "trust_remote_code=True" in refused.stderr
+    proc = _cli(hub, tmp_path, *args, "--revision", pushed["sha"], "--trust-remote-code")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out) and out.stat().st_size > 0
