@@ -119,7 +119,7 @@ def test_missing_source_folder(tmp_path: Path):
     assert result.output.splitlines()[-2] == (
         f"error: {recipe}: [source] model = '{tmp_path}/no-model': no such folder; expected a folder saved with "
         "diffusers' save_pretrained (holding model_index.json), a Hub id such as 'org/name', or one of tiny:sd, "
-        "tiny:sdxl, tiny:flux"
+        "tiny:sdxl, tiny:flux, random:sd15, random:flux-small"
     )
     assert not (tmp_path / "a").exists()
 

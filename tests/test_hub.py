@@ -54,6 +54,7 @@ print(json.dumps({"root": str(pipe._diffbake_artifact.root), "stages": stages}))
 @pytest.fixture(scope="module")
 def hub():
     with HubServer() as server:
+        server.page_size = 4  # tree listings of a build take several pages, as a real model's do
         yield server
         assert not server.errors, server.errors
 

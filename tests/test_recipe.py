@@ -100,7 +100,8 @@ def test_flux_text_tokens_default_to_512():
         (GOOD.replace('model = "tiny:sd"', ""), "r.toml: missing 'model' in [source]"),
         (
             GOOD.replace("tiny:sd", "tiny:sd3"),
-            "r.toml: [source] model = 'tiny:sd3' is not a built-in tiny pipeline; known: tiny:sd, tiny:sdxl, tiny:flux",
+            "r.toml: [source] model = 'tiny:sd3' is not a built-in pipeline; known: tiny:sd, tiny:sdxl, tiny:flux, "
+            "random:sd15, random:flux-small",
         ),
         (
             GOOD.replace('model = "tiny:sd"', 'model = "tiny:sd"\nrevision = "main"'),

@@ -49,6 +49,17 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
+# Pipelines diffbake makes locally, with no download (model -> family): "tiny:*" have hidden sizes around 32
+# (tests and the demo); "random:*" have the real architectures with random weights (benchmarks).
+BUILTIN_MODELS: dict[str, str] = {
+    "tiny:sd": "sd",
+    "tiny:sdxl": "sdxl",
+    "tiny:flux": "flux",
+    "random:sd15": "sd",
+    "random:flux-small": "flux",
+}
+BUILTIN_PREFIXES = ("tiny:", "random:")
+
 KNOWN_COMPONENTS: tuple[str, ...] = tuple(sorted({c for f in FAMILIES.values() for c in f.components}))
 
 

@@ -8,7 +8,7 @@ the family, is the height a multiple of the VAE scale factor) live in :func:`che
 Example::
 
     [source]
-    model = "tiny:sd"           # Hub id, local save_pretrained folder, or tiny:sd / tiny:sdxl / tiny:flux
+    model = "tiny:sd"           # Hub id, local save_pretrained folder, tiny:sd|sdxl|flux, random:sd15|flux-small
     revision = "main"           # optional, Hub ids only
 
     [target]
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .families import FAMILIES, KNOWN_COMPONENTS, VAE_DECODER, Family
+from .families import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER, Family
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +50,6 @@ else:  # pragma: no cover
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
-TINY_PREFIX = "tiny:"
 
 _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
@@ -187,8 +186,8 @@ class Recipe:
         return self.path.stem if self.path is not None else "artifact"
 
     @property
-    def is_tiny(self) -> bool:
-        return self.model.startswith(TINY_PREFIX)
+    def is_builtin(self) -> bool:
+        return self.model in BUILTIN_MODELS
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -229,11 +228,10 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
     v.keys(source, _SOURCE_KEYS, "[source]")
     model = v.string(source, "model", "[source]", required=True)
     revision = v.string(source, "revision", "[source]")
-    if model.startswith(TINY_PREFIX):
-        family = model[len(TINY_PREFIX) :]
-        if family not in FAMILIES:
-            known = ", ".join(TINY_PREFIX + f for f in FAMILIES)
-            raise RecipeError(f"{where}: [source] model = {model!r} is not a built-in tiny pipeline; known: {known}")
+    if model.startswith(BUILTIN_PREFIXES):
+        if model not in BUILTIN_MODELS:
+            known = ", ".join(BUILTIN_MODELS)
+            raise RecipeError(f"{where}: [source] model = {model!r} is not a built-in pipeline; known: {known}")
         if revision is not None:
             raise RecipeError(f"{where}: [source] revision applies to Hub ids only; remove it for {model!r}")
 

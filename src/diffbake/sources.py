@@ -13,26 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SourceError, SourceNotFoundError
-from .families import FAMILIES, Family, family_for_pipeline_class, supported_pipeline_classes
-from .recipe import TINY_PREFIX, Recipe
+from .families import BUILTIN_MODELS, FAMILIES, Family, family_for_pipeline_class, supported_pipeline_classes
+from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
+BUILTIN_KINDS = ("tiny", "random")
 
 
 @dataclass(frozen=True)
 class SourceInfo:
-    kind: str  # "tiny" | "local" | "hub"
-    location: str  # family name, absolute folder, or repo id
+    kind: str  # "tiny" | "random" (built in) | "local" | "hub"
+    location: str  # built-in model name ("tiny:sd"), absolute folder, or repo id
     revision: str | None
     family: Family
     pipeline_class: str
     vae_scale_factor: int
 
     def to_dict(self) -> dict[str, Any]:
-        model = TINY_PREFIX + self.location if self.kind == "tiny" else self.location
-        return {"model": model, "kind": self.kind, "revision": self.revision, "family": self.family.name}
+        return {"model": self.location, "kind": self.kind, "revision": self.revision, "family": self.family.name}
 
 
 def inspect_source(recipe: Recipe) -> SourceInfo:
@@ -44,12 +44,12 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
     """
     where = str(recipe.path) if recipe.path is not None else "recipe"
     model = recipe.model
-    if model.startswith(TINY_PREFIX):
-        from .tiny import make_tiny_pipeline
+    if model in BUILTIN_MODELS:
+        from .tiny import builtin_configs
 
-        name = model[len(TINY_PREFIX) :]
-        pipe = make_tiny_pipeline(name)
-        return SourceInfo("tiny", name, None, FAMILIES[name], type(pipe).__name__, pipe.vae_scale_factor)
+        family = FAMILIES[BUILTIN_MODELS[model]]
+        class_name, vae_scale_factor = builtin_configs(model)
+        return SourceInfo(model.split(":")[0], model, None, family, class_name, vae_scale_factor)
 
     folder = Path(model).expanduser()
     if folder.exists():
@@ -67,7 +67,7 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
         raise SourceNotFoundError(
             f"{where}: [source] model = {model!r}: no such folder; expected a folder saved with diffusers' "
             f"save_pretrained (holding {MODEL_INDEX}), a Hub id such as 'org/name', or one of "
-            + ", ".join(TINY_PREFIX + f for f in FAMILIES)
+            + ", ".join(BUILTIN_MODELS)
         )
     index = _hub_json(model, MODEL_INDEX, recipe.revision, where)
     vae_config = _hub_json(model, "vae/config.json", recipe.revision, where, required=False)
@@ -80,10 +80,10 @@ def load_pipeline(info: SourceInfo, dtype: str):
     from diffusers import DiffusionPipeline
 
     torch_dtype = getattr(torch, dtype)
-    if info.kind == "tiny":
-        from .tiny import make_tiny_pipeline
+    if info.kind in BUILTIN_KINDS:
+        from .tiny import make_builtin_pipeline
 
-        pipe = make_tiny_pipeline(info.location)  # built in float32
+        pipe = make_builtin_pipeline(info.location)  # built in float32
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     try:
         return DiffusionPipeline.from_pretrained(info.location, revision=info.revision, dtype=torch_dtype)
@@ -100,10 +100,10 @@ def load_module(info: SourceInfo, attr: str, dtype: str):
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    if info.kind == "tiny":
-        from .tiny import make_tiny_pipeline
+    if info.kind in BUILTIN_KINDS:
+        from .tiny import make_builtin_component
 
-        return getattr(make_tiny_pipeline(info.location), attr).to(dtype=torch_dtype)
+        return make_builtin_component(info.location, attr).to(dtype=torch_dtype)
     try:
         if info.kind == "local":
             index = _read_json(Path(info.location) / MODEL_INDEX, info.location)

@@ -302,17 +302,205 @@ def _flux():
     )
 
 
-_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
+# The real architectures with random weights, for benchmarks that need real-sized compute without a download:
+# Stable Diffusion 1.5 (UNet 860 M parameters, its VAE, a CLIP ViT-L/14-sized text encoder with the small
+# vocabulary above) and a reduced-width Flux (the real block structure at 768 wide, 4 + 8 blocks).
 
 
-def make_tiny_pipeline(family: str) -> diffusers.DiffusionPipeline:
-    """Build the tiny float32 pipeline for ``family`` (one of ``TINY_FAMILIES``)."""
-    if family not in _BUILDERS:
-        raise ValueError(f"Unknown tiny pipeline family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
+def _sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    # runwayml/stable-diffusion-v1-5's unet/config.json (the rest are diffusers' defaults, equal to it).
+    return _seeded(
+        UNet2DConditionModel,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def _sd_vae(**overrides):
+    # The SD 1.x / SDXL / Flux VAE layout: four blocks (vae_scale_factor 8), two layers each.
+    return _vae(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        sample_size=512,
+        **overrides,
+    )
+
+
+def _clip_l(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    return _seeded(CLIPTextModel, config)
+
+
+def _sd15_components(only: str | None = None) -> dict:
+    tokenizer = _clip_tokenizer()
+    makers = {
+        "unet": _sd15_unet,
+        "vae": lambda: _sd_vae(scaling_factor=0.18215),
+        "text_encoder": lambda: _clip_l(tokenizer),
+    }
+    return {name: make() for name, make in makers.items() if only in (None, name)} | {"tokenizer": tokenizer}
+
+
+def _sd15():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    parts = _sd15_components()
+    return StableDiffusionPipeline(
+        **parts,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _flux_small_components(only: str | None = None) -> dict:
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+
+    def t5():
+        config = T5Config(
+            vocab_size=len(tokenizer_2),
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+            d_model=768,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=4,
+            num_heads=12,
+            feed_forward_proj="gated-gelu",
+        )
+        return _seeded(T5EncoderModel, config)
+
+    makers = {
+        # black-forest-labs/FLUX.1-dev's transformer config, at 6 heads instead of 24 and 4 + 8 blocks
+        # instead of 19 + 38.
+        "transformer": lambda: _seeded(
+            FluxTransformer2DModel,
+            patch_size=1,
+            in_channels=64,
+            num_layers=4,
+            num_single_layers=8,
+            attention_head_dim=128,
+            num_attention_heads=6,
+            joint_attention_dim=768,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "vae": lambda: _sd_vae(
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ),
+        "text_encoder": lambda: _clip_l(tokenizer),
+        "text_encoder_2": t5,
+    }
+    parts = {name: make() for name, make in makers.items() if only in (None, name)}
+    return parts | {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+
+
+def _flux_small():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        image_encoder=None,
+        feature_extractor=None,
+        **_flux_small_components(),
+    )
+
+
+# model -> (builder, pipeline class, vae_scale_factor, one-component builder or None: build the whole pipeline)
+_BUILDERS = {
+    "tiny:sd": (_sd, "StableDiffusionPipeline", 2, None),
+    "tiny:sdxl": (_sdxl, "StableDiffusionXLPipeline", 2, None),
+    "tiny:flux": (_flux, "FluxPipeline", 2, None),
+    "random:sd15": (_sd15, "StableDiffusionPipeline", 8, _sd15_components),
+    "random:flux-small": (_flux_small, "FluxPipeline", 8, _flux_small_components),
+}
+
+
+def builtin_configs(model: str) -> tuple[str, int]:
+    """The pipeline class and VAE scale factor of a built-in model, without building it."""
+    _, class_name, vae_scale_factor, _ = _builder(model)
+    return class_name, vae_scale_factor
+
+
+def make_builtin_pipeline(model: str) -> diffusers.DiffusionPipeline:
+    """Build a built-in float32 pipeline ("tiny:sd", "random:sd15", ...: see ``families.BUILTIN_MODELS``)."""
+    build = _builder(model)[0]
     with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[family]()
+        pipe = build()
     # Match from_pretrained, which returns modules in eval mode (T5 has dropout).
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe
+
+
+def make_builtin_component(model: str, attr: str) -> torch.nn.Module:
+    """One component of a built-in pipeline, with the same weights as in :func:`make_builtin_pipeline` (each is
+    made from its own seed), without building the others: a float32 reference of a big model is then one model."""
+    one = _builder(model)[3]
+    if one is None:
+        return getattr(make_builtin_pipeline(model), attr)
+    with torch.random.fork_rng(devices=[]):
+        return one(attr)[attr].eval()
+
+
+def make_tiny_pipeline(family: str) -> diffusers.DiffusionPipeline:
+    """Build the tiny float32 pipeline for ``family`` (one of ``TINY_FAMILIES``)."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny pipeline family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
+    return make_builtin_pipeline(f"tiny:{family}")
+
+
+def _builder(model: str) -> tuple:
+    if model not in _BUILDERS:
+        raise ValueError(f"unknown built-in pipeline {model!r}; known: {', '.join(_BUILDERS)}")
+    return _BUILDERS[model]
