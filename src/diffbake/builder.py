@@ -231,7 +231,7 @@ def _build_component_in(
         for plan in plans:
             plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
         del module32
-    transforms = _apply_transforms(comp, module, rep)
+    transforms = apply_transforms(comp, module, rep)
     settings = compile_settings(comp)
     stack.enter_context(settings)  # attention backend and TF32: for the eager reference, export and compile
     for plan in plans:  # the eager component exactly as compiled: same dtype, transforms and settings
@@ -476,7 +476,7 @@ def _describe_build(recipe: Recipe, comp: ComponentRecipe) -> str:
     return recipe.dtype + (f" with {comp.quantization.method}" if comp.quantization else "")
 
 
-def _apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Reporter) -> dict[str, Any]:
+def apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Reporter) -> dict[str, Any]:
     """fuse QKV -> channels_last -> quantize, in that order; returns what was applied, for the manifest."""
     done: dict[str, Any] = {"fuse_qkv": comp.fuse_qkv, "channels_last": comp.channels_last, "quantization": None}
     if comp.fuse_qkv:

@@ -1,4 +1,4 @@
-"""The ``diffbake`` command: build, rebind, generate, inspect, verify, push, pull.
+"""The ``diffbake`` command: build, rebind, generate, inspect, verify, push, pull, bench.
 
 Only this module prints. Known errors print one line and exit 1; ``DIFFBAKE_DEBUG=1`` shows the traceback.
 """
@@ -17,8 +17,10 @@ from pathlib import Path
 import click
 
 from .errors import DiffbakeError
-from .families import FAMILIES, VAE_DECODER
 from .manifest import VariantEntry
+
+# The fresh-process runs of `diffbake bench` (bench.PATHS; the bench module imports the build side).
+PATH_NAMES = ("eager", "compile_cold", "compile_warm", "artifact")
 
 DEBUG_ENV = "DIFFBAKE_DEBUG"
 
@@ -104,6 +106,7 @@ def cli() -> None:
     diffbake rebind artifacts/tiny-sd --weights /models/finetune --lora style.safetensors
     diffbake push artifacts/tiny-sd org/tiny-sd  # one Hub commit; prints the sha to pin
     diffbake pull org/tiny-sd --revision SHA     # fetch the build that fits this host
+    diffbake bench recipes/bench-sd15-cpu.toml   # vs eager and torch.compile, the ladder, % of peak
 
     Set DIFFBAKE_DEBUG=1 to see the full traceback of an error.
     """
@@ -231,34 +234,25 @@ def generate(
     """Generate images with a built ARTIFACT (a folder, or a Hub repo id), at the size it was compiled for."""
     import torch
 
-    from .runtime import load
+    from .runtime import compiled_call, load
 
     _quiet_loading_bars()
     start = time.perf_counter()
     source = str(artifact) if not artifact.exists() else artifact  # a repo id is not a path
     pipe = load(source, revision=revision, trust_remote_code=trust_remote_code)
     click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)
-    manifest = pipe._diffbake_artifact.manifest
-    family = FAMILIES[manifest.source["family"]]
-    # The call must match the compiled shapes; take them from the denoiser's first variant (or the VAE's if only
-    # it is compiled), at the low end of a dynamic range unless given.
-    entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
-    variant = entry.variants[0]
-    low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
-    kwargs = {
-        "height": height or low["height"],
-        "width": width or low["width"],
-        "num_inference_steps": steps,
-        "num_images_per_prompt": images or low["batch"],
-    }
-    if low.get("text_tokens"):
-        kwargs["max_sequence_length"] = low["text_tokens"]
+    kwargs = compiled_call(pipe._diffbake_artifact.manifest)
+    kwargs["num_inference_steps"] = steps
+    if height:
+        kwargs["height"] = height
+    if width:
+        kwargs["width"] = width
+    if images:
+        kwargs["num_images_per_prompt"] = images
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    elif variant.cfg is False:
-        kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()
     images = pipe(prompt, generator=generator, **kwargs).images
@@ -462,6 +456,91 @@ def pull(
     )
     click.echo(f"pulled {repo_id}@{revision[:12]} build {chosen.name} in {time.perf_counter() - start:.1f} s", err=True)
     click.echo(str(folder))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder [default: artifacts/<recipe name>-bench].",
+)
+@click.option(
+    "--artifact",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Artifact to measure [default: artifacts/<recipe name>, built if missing or from another recipe].",
+)
+@click.option("--rebuild", is_flag=True, help="Build the artifact again even if it could be reused.")
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(min=1), help="Denoising steps per image.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed denoiser calls.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed calls first.")
+@click.option("--image-repeats", default=2, show_default=True, type=click.IntRange(min=0), help="Timed whole images.")
+@click.option(
+    "--paths",
+    default=",".join(PATH_NAMES),
+    show_default=True,
+    help="Fresh-process runs to make, comma-separated.",
+)
+@click.option("--no-ladder", is_flag=True, help="Skip the optimization ladder.")
+@click.option("--timeout", default=3600, show_default=True, type=click.IntRange(min=1), help="Seconds per run.")
+def bench(
+    recipe: Path,
+    out: Path | None,
+    artifact: Path | None,
+    rebuild: bool,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    image_repeats: int,
+    paths: str,
+    no_ladder: bool,
+    timeout: int,
+) -> None:
+    """Measure a RECIPE's artifact against eager diffusers and torch.compile, with the optimization ladder.
+
+    \b
+    Same inputs everywhere. Each path runs in a fresh process and reports the time
+    from process start to the first image (torch.compile twice: with an empty
+    inductor cache, then with the cache that run filled), the denoiser step
+    latency, the whole-image latency and peak memory. The ladder adds the recipe's
+    optimizations one at a time (float32 eager, dtype, QKV fusion, channels_last,
+    quantization, AOT compile) with each one's latency and error against float32.
+    The denoiser step's FLOP/s is compared with the measured matmul peak. Writes
+    bench.json, bench.md and bench.png into --out.
+    """
+    from .bench import bench as run_bench
+    from .bench import table
+
+    chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PATH_NAMES]
+    if unknown or not chosen:
+        raise click.BadParameter(
+            f"{', '.join(unknown) or 'none'}; choose from {', '.join(PATH_NAMES)}", param_hint="--paths"
+        )
+    _quiet_loading_bars()
+    start = time.perf_counter()
+    click.echo(f"benchmarking {recipe}", err=True)
+    report = run_bench(
+        recipe,
+        out=out,
+        artifact=artifact,
+        rebuild=rebuild,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        image_repeats=image_repeats,
+        paths=chosen,
+        ladder=not no_ladder,
+        timeout=timeout,
+        reporter=_TerminalReporter(),
+    )
+    click.echo("", err=True)
+    for line in table(report):
+        click.echo(line)
+    for key, value in report["summary"].items():
+        click.echo(f"  {key}: {value:.2f}x")
+    click.echo(f"report in {report['out']} ({time.perf_counter() - start:.0f} s)", err=True)
 
 
 class CheckFailed(DiffbakeError):

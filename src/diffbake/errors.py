@@ -66,3 +66,7 @@ class TrustError(DiffbakeError, PermissionError):
 
 class HubError(DiffbakeError, RuntimeError):
     """The Hub refused or failed a request (push, listing, download) for a reason other than a missing repo."""
+
+
+class BenchError(DiffbakeError, RuntimeError):
+    """A benchmark could not be made: a measurement process failed, or the artifact named cannot be used."""

@@ -719,6 +719,22 @@ def load(
     return pipe
 
 
+def compiled_call(manifest: Manifest) -> dict[str, Any]:
+    """Pipeline-call keyword arguments that fit what was compiled: the size and images per call of the
+    denoiser's first variant (the VAE's if only it is compiled), at the low end of a dynamic range, and no
+    guidance where no CFG batch was compiled."""
+    family = FAMILIES[manifest.source["family"]]
+    entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+    variant = entry.variants[0]
+    low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
+    kwargs: dict[str, Any] = {"height": low["height"], "width": low["width"], "num_images_per_prompt": low["batch"]}
+    if low.get("text_tokens"):
+        kwargs["max_sequence_length"] = low["text_tokens"]
+    if variant.cfg is False:
+        kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
+    return kwargs
+
+
 def bound_set_weights(pipe: Any) -> Callable[..., None]:
     """``pipe.set_weights(artifact)``: :func:`diffbake.set_weights` as a method of the loaded pipeline."""
 

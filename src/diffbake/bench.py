@@ -1,0 +1,491 @@
+"""``diffbake bench RECIPE``: the artifact against eager diffusers and torch.compile, and the optimization ladder.
+
+Every figure comes from one run, with the same inputs (the compiled size, one prompt, one seed, one step count):
+
+- the time from process start to the first image, each path in a fresh process: eager, ``torch.compile`` with an
+  empty inductor cache (what a new server pays), ``torch.compile`` with the cache that run left (a restart on the
+  same host), and the artifact;
+- the denoiser step latency (median of repeated calls on the first step's inputs, after warm-up), the whole-image
+  latency, and the peak memory (RSS; CUDA peak allocated on a GPU) of each path;
+- the ladder: float32 eager, then each of the recipe's optimizations added in turn (dtype, QKV fusion,
+  channels_last, quantization, AOT compile), each rung's latency and error against float32 eager;
+- how close to the hardware: the denoiser step's FLOPs (``torch.utils.flop_counter``) per second, against the
+  device's measured matmul peak in the recipe's dtype;
+- the artifact's size and build time.
+
+Results go to a folder: ``bench.json`` (everything), ``bench.md`` (a report), ``bench.png`` (a chart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .builder import LogReporter, Reporter, build
+from .errors import BenchError, DiffbakeError
+from .manifest import RECIPE_FILE, read_manifest
+from .recipe import load_recipe
+
+REPORT_VERSION = 1
+PROMPT = "a photo of an astronaut riding a horse"
+# The fresh-process runs, in order; "compile_warm" reuses the inductor cache "compile_cold" filled.
+PATHS = ("eager", "compile_cold", "compile_warm", "artifact")
+LABELS = {
+    "eager": "eager diffusers",
+    "compile_cold": "torch.compile, empty cache",
+    "compile_warm": "torch.compile, warm cache",
+    "artifact": "diffbake artifact",
+}
+
+
+def bench(
+    recipe_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    artifact: str | Path | None = None,
+    rebuild: bool = False,
+    steps: int = 4,
+    repeats: int = 5,
+    warmup: int = 2,
+    image_repeats: int = 2,
+    paths: tuple[str, ...] = PATHS,
+    ladder: bool = True,
+    prompt: str = PROMPT,
+    timeout: float = 3600,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark of a recipe and write its report; returns the report (what bench.json holds).
+
+    Args:
+        recipe_path: the TOML recipe.
+        out: the report folder [default: artifacts/<recipe name>-bench].
+        artifact: the artifact to measure [default: artifacts/<recipe name>]; reused if it was built from this
+            very recipe on a host like this one, else built (an explicit ``artifact`` is rebuilt only with
+            ``rebuild``).
+        steps: denoising steps per image. repeats, warmup: timed and untimed denoiser calls.
+        image_repeats: timed whole images after the first.
+        paths: which fresh-process runs to make, from :data:`PATHS`.
+        ladder: also run the optimization ladder.
+
+    Raises:
+        RecipeError: the recipe is invalid, or targets a device this host lacks.
+        BuildError: the build failed. BenchError: a measurement process failed.
+    """
+    rep = reporter or LogReporter()
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise ValueError(f"paths: {', '.join(unknown) or 'none'}; choose from {', '.join(PATHS)}")
+    if "compile_warm" in paths and "compile_cold" not in paths:
+        raise ValueError("paths: compile_warm reuses the cache compile_cold fills; ask for both")
+    for name, n, least in (
+        ("steps", steps, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("image_repeats", image_repeats, 0),
+    ):
+        if isinstance(n, bool) or not isinstance(n, int) or n < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, not {n!r}")
+    out_dir = Path(out) if out is not None else Path("artifacts") / f"{recipe.name}-bench"
+    dest = Path(artifact) if artifact is not None else Path("artifacts") / recipe.name
+
+    build_info = _artifact(recipe, recipe_path, dest, explicit=artifact is not None, rebuild=rebuild, rep=rep)
+    manifest = read_manifest(dest)
+    scratch = Path(tempfile.mkdtemp(prefix="diffbake-bench-"))
+    try:
+        common = {
+            "recipe": str(recipe_path.resolve()),
+            "artifact": str(dest.resolve()),
+            "steps": steps,
+            "repeats": repeats,
+            "warmup": warmup,
+            "image_repeats": image_repeats,
+            "prompt": prompt,
+            "seed": 0,
+        }
+        runs: dict[str, dict] = {}
+        if ladder:
+            with rep.stage("ladder: float32 eager, each optimization in turn, then the artifact (fresh process)"):
+                runs["ladder"] = _child("ladder", common, scratch, timeout, env={})
+        inductor_cache = scratch / "inductor-cache"
+        for path in paths:
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)} if path.startswith("compile") else {}
+            mode = "compile" if path.startswith("compile") else path
+            with rep.stage(f"{LABELS[path]} (fresh process)"):
+                runs[path] = _child(mode, common, scratch, timeout, env=env)
+        report = _report(recipe, recipe_path, dest, manifest, build_info, runs, common, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_report(report, out_dir)
+    report["out"] = str(out_dir)
+    return report
+
+
+def _artifact(recipe: Any, recipe_path: Path, dest: Path, *, explicit: bool, rebuild: bool, rep: Reporter) -> dict:
+    """Reuse the artifact if it was built from this very recipe and fits this host; else build it."""
+    reason = None if not rebuild else "--rebuild asked for"
+    if reason is None:
+        reason = _not_reusable(dest, recipe)
+    if reason is None:
+        manifest = read_manifest(dest)
+        rep_seconds = sum(c.build_seconds for c in manifest.components.values())
+        return {"reused": True, "seconds": rep_seconds, "seconds_note": "compile time recorded at build"}
+    if explicit and dest.exists() and not rebuild:
+        raise BenchError(
+            f"{dest}: {reason}; pass --rebuild to build it again from {recipe_path}, or omit --artifact to use "
+            f"artifacts/{recipe.name}"
+        )
+    start = time.perf_counter()
+    with rep.stage(f"build {dest} ({reason})"):
+        build(recipe, dest, force=True, reporter=rep)
+    return {"reused": False, "seconds": time.perf_counter() - start, "seconds_note": "wall time of the build"}
+
+
+def _not_reusable(dest: Path, recipe: Any) -> str | None:
+    from .verify import check_compatibility, verify_files
+
+    if not dest.exists():
+        return "no artifact yet"
+    try:
+        manifest = read_manifest(dest)
+        if (dest / RECIPE_FILE).read_text(encoding="utf-8") != recipe.text:
+            return "it was built from another recipe"
+        check_compatibility(manifest, manifest.device)
+        verify_files(dest, manifest, use_stamp=True)
+    except (DiffbakeError, OSError) as e:
+        return f"it cannot be used here ({e})"
+    return None
+
+
+def _child(mode: str, common: dict, scratch: Path, timeout: float, env: dict[str, str]) -> dict:
+    spec = {
+        **common,
+        "mode": mode,
+        "result": str(scratch / f"{mode}-{time.time_ns()}.json"),
+        "image": str(scratch / f"{mode}-{time.time_ns()}.npy"),
+        "step_output": str(scratch / f"{mode}-{time.time_ns()}.pt"),
+    }
+    spec_path = scratch / f"spec-{time.time_ns()}.json"
+    spec_path.write_text(json.dumps(spec))
+    child_env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DIFFUSERS_VERBOSITY": "error",
+        **env,
+    }
+    t0 = time.time()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "diffbake.benchrun", str(spec_path)],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the {mode} run took longer than {timeout:.0f} s; raise --timeout") from None
+    if proc.returncode != 0 or not Path(spec["result"]).is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"the {mode} measurement failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(Path(spec["result"]).read_text())
+    result["t_spawn"] = t0
+    result["files"] = {"image": spec["image"], "step_output": spec["step_output"]}
+    return result
+
+
+def _report(
+    recipe: Any,
+    recipe_path: Path,
+    dest: Path,
+    manifest: Any,
+    build_info: dict,
+    runs: dict[str, dict],
+    common: dict,
+    scratch: Path,
+) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from .runtime import compiled_call
+
+    ladder_run = runs.get("ladder")
+    flops = ladder_run["flops_per_step"] if ladder_run else None
+    peak = ladder_run["matmul_peak"] if ladder_run else None
+    reference_image = np.load(runs["eager"]["files"]["image"]) if "eager" in runs else None
+    reference_step = torch.load(runs["eager"]["files"]["step_output"]) if "eager" in runs else None
+    paths: dict[str, dict] = {}
+    for name in PATHS:
+        run = runs.get(name)
+        if run is None:
+            continue
+        entry = {
+            "label": LABELS[name],
+            "first_image_s": run["t_first_image"] - run["t_spawn"],
+            "load_s": run["t_loaded"] - run["t_spawn"],
+            "first_call_s": run["t_first_image"] - run["t_loaded"],
+            "step_median_s": run["step_median_s"],
+            "step_s": run["step_s"],
+            "image_median_s": run["image_median_s"],
+            "peak_rss_mb": run["peak_rss_mb"],
+            "cuda_peak_mb": run.get("cuda_peak_mb"),
+        }
+        if flops and peak:
+            achieved = flops / run["step_median_s"]
+            entry["flops_per_s"] = achieved
+            entry["percent_of_peak"] = 100 * achieved / peak["flops_per_s"]
+        if reference_image is not None and name != "eager":
+            entry["image_max_abs_error_vs_eager"] = float(
+                np.abs(np.load(run["files"]["image"]) - reference_image).max()
+            )
+            step = torch.load(run["files"]["step_output"])
+            entry["step_max_abs_error_vs_eager"] = (step - reference_step).abs().max().item()
+        paths[name] = entry
+
+    ladder = []
+    if ladder_run:
+        base = ladder_run["ladder"][0]["step_median_s"]
+        for rung in ladder_run["ladder"]:
+            ladder.append({**rung, "speedup_vs_float32": base / rung["step_median_s"]})
+
+    summary: dict[str, float] = {}
+    art = paths.get("artifact")
+    if art:
+        for other, key in (("compile_cold", "first_image"), ("compile_warm", "first_image"), ("eager", "first_image")):
+            if other in paths:
+                summary[f"{key}_{other}_over_artifact"] = paths[other][f"{key}_s"] / art[f"{key}_s"]
+        for other in ("compile_warm", "compile_cold", "eager"):
+            if other in paths:
+                summary[f"step_{other}_over_artifact"] = paths[other]["step_median_s"] / art["step_median_s"]
+                if paths[other]["image_median_s"] and art["image_median_s"]:
+                    summary[f"image_{other}_over_artifact"] = paths[other]["image_median_s"] / art["image_median_s"]
+
+    files = manifest.files
+    import diffusers
+
+    return {
+        "report_version": REPORT_VERSION,
+        "recipe": str(recipe_path),
+        "recipe_text": recipe.text,
+        "artifact": str(dest),
+        "host": {
+            "device": recipe.device,
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if recipe.device == "cuda" and torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "model": recipe.model,
+            "dtype": recipe.dtype,
+            "call": compiled_call(manifest),
+            **{k: common[k] for k in ("steps", "repeats", "warmup", "image_repeats", "prompt", "seed")},
+        },
+        "build": {
+            **build_info,
+            "artifact_bytes": sum(f.size for f in files.values()),
+            "package_bytes": sum(f.size for rel, f in files.items() if rel.endswith(".pt2")),
+            "weights_bytes": sum(f.size for rel, f in files.items() if rel.endswith(".safetensors")),
+        },
+        "paths": paths,
+        "ladder": ladder,
+        "flops": {"per_step": flops, "matmul_peak": peak},
+        "summary": summary,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """bench.json, bench.md and bench.png into ``out_dir``, each written whole (a temp file, then a rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
+    _write(out_dir / "bench.md", markdown(report).encode())
+    _write(out_dir / "bench.png", chart(report))
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    """The paths and the ladder as plain-text table lines, for the terminal."""
+    rows = [("path", "to 1st image", "step", "image", "peak RSS", "% of peak", "error vs eager")]
+    for p in report["paths"].values():
+        rows.append(
+            (
+                p["label"],
+                f"{p['first_image_s']:.1f} s",
+                _ms(p["step_median_s"]),
+                f"{p['image_median_s']:.2f} s" if p["image_median_s"] else "-",
+                f"{p['peak_rss_mb']:.0f} MB",
+                f"{p['percent_of_peak']:.1f} %" if "percent_of_peak" in p else "-",
+                f"{p['step_max_abs_error_vs_eager']:.1e}" if "step_max_abs_error_vs_eager" in p else "-",
+            )
+        )
+    lines = _columns(rows)
+    if report["ladder"]:
+        lines.append("")
+        rows = [("ladder (denoiser step)", "latency", "speedup", "error vs float32")]
+        for r in report["ladder"]:
+            rows.append(
+                (r["step"], _ms(r["step_median_s"]), f"{r['speedup_vs_float32']:.2f}x", f"{r['max_abs_error']:.1e}")
+            )
+        lines += _columns(rows)
+    return lines
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, h, b = report["settings"], report["host"], report["build"]
+    lines = [
+        f"# diffbake bench: {Path(report['recipe']).name}",
+        "",
+        f"`{s['model']}`, {s['dtype']}, {h['device']} ({h['gpu'] or h['cpu']}, {h['threads']} threads), "
+        f"torch {h['torch']}, diffusers {h['diffusers']}.",
+        f"Each call: {json.dumps(s['call'])}, {s['steps']} steps, seed {s['seed']}, prompt {s['prompt']!r}.",
+        f"Denoiser step: median of {s['repeats']} calls after {s['warmup']} warm-up, on the first step's inputs; "
+        f"whole image: median of {s['image_repeats']}.",
+        "",
+        "## Paths (each in a fresh process)",
+        "",
+        "| path | process start to first image | denoiser step | whole image | peak RSS | CUDA peak | "
+        "FLOP/s (% of peak) | step error vs eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in report["paths"].values():
+        flops = f"{p['flops_per_s'] / 1e9:.1f} G ({p['percent_of_peak']:.1f} %)" if "flops_per_s" in p else "-"
+        cuda = "-" if p["cuda_peak_mb"] is None else f"{p['cuda_peak_mb']:.0f} MB"
+        image = "-" if p["image_median_s"] is None else f"{p['image_median_s']:.3f} s"
+        lines.append(
+            f"| {p['label']} | {p['first_image_s']:.2f} s | {_ms(p['step_median_s'])} | {image} | "
+            f"{p['peak_rss_mb']:.0f} MB | {cuda} | {flops} | {p.get('step_max_abs_error_vs_eager', 0.0):.1e} |"
+        )
+    if report["summary"]:
+        lines += ["", "## Ratios (from this run)", ""]
+        lines += [f"- {_describe_ratio(k)}: **{v:.2f}x**" for k, v in report["summary"].items()]
+    if report["ladder"]:
+        lines += [
+            "",
+            "## Ladder: the denoiser step, one optimization added at a time",
+            "",
+            "| step | latency | speedup vs float32 | max abs error vs float32 | relative |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in report["ladder"]:
+            lines.append(
+                f"| {r['step']} | {_ms(r['step_median_s'])} | {r['speedup_vs_float32']:.2f}x | "
+                f"{r['max_abs_error']:.2e} | {r['relative_error']:.2e} |"
+            )
+    f = report["flops"]
+    if f["per_step"]:
+        peak = f["matmul_peak"]
+        lines += [
+            "",
+            f"Denoiser step: {f['per_step'] / 1e9:.1f} GFLOP (torch.utils.flop_counter). Matmul peak measured here: "
+            f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['dtype']}, {peak['n']}x{peak['n']}).",
+        ]
+    lines += [
+        "",
+        "## Artifact",
+        "",
+        f"- Size: {b['artifact_bytes'] / 1e6:.1f} MB (packages {b['package_bytes'] / 1e6:.1f} MB, weights "
+        f"{b['weights_bytes'] / 1e6:.1f} MB)",
+        f"- Build: {b['seconds']:.1f} s ({b['seconds_note']}{', reused' if b['reused'] else ''})",
+        "",
+        "![chart](bench.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _describe_ratio(key: str) -> str:
+    what, rest = key.split("_", 1)
+    other = rest.removesuffix("_over_artifact")
+    if what == "first":  # first_image_<other>
+        other = other.removeprefix("image_")
+        return f"process start to first image, {LABELS[other]} / artifact"
+    noun = {"step": "denoiser step", "image": "whole image"}[what]
+    return f"{noun}, {LABELS[other]} / artifact"
+
+
+def chart(report: dict[str, Any]) -> bytes:
+    """A PNG of horizontal bar panels: first image, denoiser step, and the ladder."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    panels = [
+        ("Process start to first image (s)", [(p["label"], p["first_image_s"]) for p in report["paths"].values()]),
+        ("Denoiser step (ms)", [(p["label"], p["step_median_s"] * 1000) for p in report["paths"].values()]),
+    ]
+    if report["ladder"]:
+        panels.append(
+            ("Ladder: denoiser step (ms)", [(r["step"], r["step_median_s"] * 1000) for r in report["ladder"]])
+        )
+    width, row, label_w, pad = 900, 26, 300, 16
+    height = pad + sum(40 + row * len(items) + pad for _, items in panels) + 24
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    y = pad
+    colors = [(66, 133, 244), (219, 68, 55), (244, 160, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193)]
+    for title, items in panels:
+        draw.text((pad, y), title, fill="black")
+        y += 24
+        top = max((v for _, v in items), default=1.0) or 1.0
+        for i, (label, value) in enumerate(items):
+            draw.text((pad, y + 6), label[:44], fill="black")
+            length = int((width - label_w - 110) * value / top)
+            draw.rectangle([label_w, y + 3, label_w + max(length, 1), y + row - 5], fill=colors[i % len(colors)])
+            draw.text((label_w + length + 8, y + 6), f"{value:.3g}", fill="black")
+            y += row
+        y += 16 + pad
+    draw.text(
+        (pad, height - 20),
+        f"{report['settings']['model']} {report['settings']['dtype']} on "
+        f"{report['host']['gpu'] or report['host']['cpu']}",
+        fill=(90, 90, 90),
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+__all__ = ["bench", "PATHS", "table", "markdown", "chart", "write_report"]

@@ -1,0 +1,338 @@
+"""One measurement of ``diffbake bench``, in a fresh process: ``python -m diffbake.benchrun SPEC.json``.
+
+Each way of running the pipeline (eager, torch.compile, the artifact, the optimization ladder) is measured in its
+own process, so that each pays its own imports, loading and compiling, and none inherits another's warm caches
+or memory. The spec names the mode, the recipe, the artifact and the counts; the result is written as JSON to
+the path the spec gives. Times are wall-clock ``time.time()`` stamps, so the parent can measure from the moment
+it started the process to the first image.
+
+Every mode calls the pipeline the same way (the compiled size, the same prompt, seed and step count), and the
+first denoiser call of the first image is captured: its inputs are identical in every mode, so the denoiser step
+is timed, and its output compared, on the very same tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+T_IMPORT = time.time()
+
+import torch  # noqa: E402
+
+from .families import FAMILIES, VAE_DECODER  # noqa: E402
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result: dict[str, Any] = {"mode": spec["mode"], "t_start": T_IMPORT}
+    result.update(MODES[spec["mode"]](spec))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# -- the pipeline modes: eager, torch.compile, artifact ----------------------------------------------------------
+
+
+def run_eager(spec: dict) -> dict:
+    recipe, info = _recipe(spec)
+    pipe = _source_pipeline(recipe, info)
+    return _measure(pipe, spec, info.family.denoiser)
+
+
+def run_compile(spec: dict) -> dict:
+    """The JIT path users take today: the same pipeline and transforms, then ``torch.compile`` of the denoiser and
+    ``vae.decode`` (full graph, static shapes as compiled; regional components compile their repeated blocks),
+    with the recipe's inductor options."""
+    import contextlib
+
+    from .builder import compile_settings
+
+    recipe, info = _recipe(spec)
+    pipe = _source_pipeline(recipe, info)
+    with contextlib.ExitStack() as stack:
+        for comp in recipe.components.values():
+            options = {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+            stack.enter_context(compile_settings(comp))
+            dynamic = any(v.shapes.dynamic for v in comp.variants) or len(comp.variants) > 1
+            kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if dynamic else False}
+            if options:
+                kwargs["options"] = options
+            if comp.name == VAE_DECODER:
+                pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+            elif comp.mode == "regional":
+                getattr(pipe, comp.name).compile_repeated_blocks(**kwargs)
+            else:
+                setattr(pipe, comp.name, torch.compile(getattr(pipe, comp.name), **kwargs))
+        return _measure(pipe, spec, info.family.denoiser)
+
+
+def run_artifact(spec: dict) -> dict:
+    from .runtime import load
+
+    pipe = load(spec["artifact"], device=spec.get("device"))
+    family = FAMILIES[pipe._diffbake_artifact.manifest.source["family"]]
+    return _measure(pipe, spec, family.denoiser)
+
+
+def _recipe(spec: dict) -> tuple[Any, Any]:
+    from .recipe import check_against_source, load_recipe
+    from .sources import inspect_source
+
+    recipe = load_recipe(spec["recipe"])
+    info = inspect_source(recipe)
+    return check_against_source(recipe, info.family, info.vae_scale_factor), info
+
+
+def _source_pipeline(recipe: Any, info: Any) -> Any:
+    """The source pipeline in the recipe's dtype with the recipe's transforms, as the build applies them."""
+    from .builder import LogReporter, apply_transforms
+    from .sources import load_pipeline
+
+    pipe = load_pipeline(info, recipe.dtype)
+    pipe.to(recipe.device)
+    for comp in recipe.components.values():
+        module = pipe.vae if comp.name == VAE_DECODER else getattr(pipe, comp.name)
+        apply_transforms(comp, module.eval(), LogReporter())
+    return pipe
+
+
+def _measure(pipe: Any, spec: dict, denoiser: str) -> dict:
+    """First image, then the denoiser step on the first call's inputs, then whole images."""
+    t_loaded = time.time()
+    captured: dict[str, Any] = {}
+    module = getattr(pipe, denoiser)
+    hook = module.register_forward_pre_hook(_capture(captured), with_kwargs=True)
+    first = _image(pipe, spec)
+    t_first = time.time()
+    hook.remove()
+    np_save(spec["image"], first)
+
+    args, kwargs = captured["args"], captured["kwargs"]
+    out = None
+    steps = []
+    with torch.no_grad():
+        for i in range(spec["warmup"] + spec["repeats"]):
+            start = _now(pipe.device)
+            out = module(*args, **kwargs)
+            if i >= spec["warmup"]:
+                steps.append(_now(pipe.device) - start)
+    torch.save(_first_tensor(out).detach().float().cpu(), spec["step_output"])
+    images = []
+    for _ in range(spec["image_repeats"]):
+        start = _now(pipe.device)
+        _image(pipe, spec)
+        images.append(_now(pipe.device) - start)
+    return {
+        "t_loaded": t_loaded,
+        "t_first_image": t_first,
+        "step_s": steps,
+        "image_s": images,
+        "step_median_s": statistics.median(steps),
+        "image_median_s": statistics.median(images) if images else None,
+    }
+
+
+def _image(pipe: Any, spec: dict) -> Any:
+    kwargs = _call_kwargs(spec["artifact"])
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(spec["seed"])
+    with torch.no_grad():
+        out = pipe(spec["prompt"], num_inference_steps=spec["steps"], generator=generator, output_type="np", **kwargs)
+    _sync(pipe.device)
+    return out.images
+
+
+@functools.cache
+def _call_kwargs(artifact: str) -> dict[str, Any]:
+    from .manifest import read_manifest
+    from .runtime import compiled_call
+
+    return compiled_call(read_manifest(artifact))
+
+
+def _capture(into: dict) -> Callable:
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        if "args" not in into:
+            into["args"] = _clone(args)
+            into["kwargs"] = _clone(kwargs)
+
+    return hook
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    return _first_tensor(out[0] if hasattr(out, "__getitem__") else out.sample)
+
+
+def _sync(device: Any) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _now(device: Any) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+def np_save(path: str, array: Any) -> None:
+    import numpy as np
+
+    np.save(path, array)
+
+
+# -- the ladder: float32 eager, then each optimization added in turn --------------------------------------------
+
+
+def run_ladder(spec: dict) -> dict:
+    """The denoiser on the first call's inputs: float32 eager, then the recipe's dtype, QKV fusion,
+    channels_last and quantization added in the order the build applies them, then the compiled artifact; each
+    rung's step latency and its error against float32 eager. Also counts the step's FLOPs and measures the
+    device's matmul peak in the recipe's dtype."""
+    from .sources import load_pipeline
+    from .transforms import channels_last, fuse_qkv, quantize
+
+    recipe, info = _recipe(spec)
+    name = info.family.denoiser
+    comp = recipe.components.get(name)
+    pipe = load_pipeline(info, "float32")
+    pipe.to(recipe.device)
+    module = getattr(pipe, name).eval()
+    captured: dict[str, Any] = {}
+    capture = _capture(captured)
+
+    def capture_and_stop(module: Any, args: tuple, kwargs: dict) -> None:
+        capture(module, args, kwargs)
+        raise _Captured  # the first call's inputs are all the ladder needs of the pipeline
+
+    hook = module.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
+    try:
+        _image(pipe, spec)
+    except _Captured:
+        pass
+    hook.remove()
+    del pipe  # the rest of the float32 pipeline
+    args, kwargs = captured["args"], captured["kwargs"]
+    device = torch.device(recipe.device)
+    rungs: list[dict] = []
+
+    def rung(label: str, run: Callable[[], Any]) -> torch.Tensor:
+        times, out = [], None
+        with torch.no_grad():
+            for i in range(spec["warmup"] + spec["repeats"]):
+                start = _now(device)
+                out = run()
+                if i >= spec["warmup"]:
+                    times.append(_now(device) - start)
+        got = _first_tensor(out).detach().float()
+        rungs.append({"step": label, "step_median_s": statistics.median(times), "step_s": times, "_out": got})
+        return got
+
+    reference = rung("float32 eager", lambda: module(*args, **kwargs))
+    flops = _count_flops(lambda: module(*args, **kwargs))
+    dtype = getattr(torch, recipe.dtype)
+    if recipe.dtype != "float32":
+        module.to(dtype)
+        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        rung(f"+ {recipe.dtype}", lambda: module(*args, **kwargs))
+    if comp is not None and comp.fuse_qkv:
+        fuse_qkv(name, module)
+        rung("+ QKV fusion", lambda: module(*args, **kwargs))
+    if comp is not None and comp.channels_last:
+        channels_last(module)
+        rung("+ channels_last", lambda: module(*args, **kwargs))
+    if comp is not None and comp.quantization is not None:
+        quantize(name, module, comp.quantization)
+        rung(f"+ {comp.quantization.method} (torchao)", lambda: module(*args, **kwargs))
+    module = None  # free the eager weights before the compiled component binds its own
+    if comp is not None:
+        compiled = _compiled_denoiser(spec, name)
+        rung(f"+ AOT compile ({comp.mode})", lambda: compiled(*args, **kwargs))
+    for r in rungs:
+        out = r.pop("_out")
+        r["max_abs_error"] = (out - reference).abs().max().item()
+        r["relative_error"] = r["max_abs_error"] / max(reference.abs().max().item(), 1e-12)
+    return {"ladder": rungs, "flops_per_step": flops, "matmul_peak": _matmul_peak(device, dtype)}
+
+
+class _Captured(Exception):
+    """Raised by the ladder's hook to stop the pipeline at its first denoiser call."""
+
+
+def _compiled_denoiser(spec: dict, name: str) -> Any:
+    from .archive import unpack_dir
+    from .manifest import read_manifest
+    from .runtime import load_component
+
+    manifest = read_manifest(spec["artifact"])
+    return load_component(spec["artifact"], manifest, name, spec.get("device") or manifest.device, unpack_dir(None))
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def _count_flops(run: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def _matmul_peak(device: torch.device, dtype: torch.dtype) -> dict:
+    """The best FLOP/s of a large square matmul on this device in this dtype: what the hardware delivers to the
+    densest kernel there is, as the yardstick for the denoiser step."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(8):
+            start = _now(device)
+            torch.mm(a, b)
+            elapsed = _now(device) - start
+            if i >= 2:
+                best = min(best, elapsed)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": best, "flops_per_s": 2 * n**3 / best}
+
+
+MODES: dict[str, Callable[[dict], dict]] = {
+    "eager": run_eager,
+    "compile": run_compile,
+    "artifact": run_artifact,
+    "ladder": run_ladder,
+}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
