@@ -150,3 +150,33 @@ def test_flux_quantized_fused_and_dynamic(tmp_path: Path):
     ):
         image = pipe("a cat", num_inference_steps=2, output_type="np", **call).images
         assert image.shape == shape and np.isfinite(image).all()
+
+
+def test_bench_ladder_adds_each_optimization_in_turn(optimized, tmp_path):
+    from diffbake.bench import bench
+
+    report = bench(
+        optimized.parent / "sd-int8.toml",
+        artifact=optimized,
+        out=tmp_path / "bench",
+        paths=("artifact",),
+        steps=2,
+        repeats=2,
+        warmup=1,
+        image_repeats=0,
+    )
+    assert report["build"]["reused"] is True
+    ladder = report["ladder"]
+    assert [r["step"] for r in ladder] == [
+        "float32 eager",
+        "+ QKV fusion",
+        "+ channels_last",
+        "+ int8_dynamic (torchao)",
+        "+ AOT compile (full)",
+    ]
+    assert ladder[0]["max_abs_error"] == 0.0 and ladder[0]["speedup_vs_float32"] == 1.0
+    # Fusion and layout change no math to speak of; int8 does, and the compiled step stays close to it.
+    assert ladder[1]["max_abs_error"] < 1e-4 and ladder[2]["max_abs_error"] < 1e-4
+    assert 0 < ladder[3]["relative_error"] < 0.1
+    assert abs(ladder[4]["max_abs_error"] - ladder[3]["max_abs_error"]) < 0.05
+    assert all(len(r["step_s"]) == 2 and r["step_median_s"] > 0 for r in ladder)

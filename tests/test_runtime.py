@@ -227,3 +227,10 @@ def test_attention_slicing_message(sd):
         "layout and memory use were fixed when the artifact was built; call the pipeline without it (set what the "
         "recipe offers, such as fuse_qkv or compiler options, and rebuild)"
     )
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_apply(artifacts):
+    with pytest.raises(ValueError, match="cuda_graphs=True applies to CUDA artifacts; this one was built for 'cpu'"):
+        diffbake.load(artifacts("sd"), cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs concurrency=1"):
+        diffbake.load(artifacts("sd"), cuda_graphs=True, concurrency=2)

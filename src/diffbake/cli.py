@@ -518,6 +518,8 @@ def bench(
         raise click.BadParameter(
             f"{', '.join(unknown) or 'none'}; choose from {', '.join(PATH_NAMES)}", param_hint="--paths"
         )
+    if "compile_warm" in chosen and "compile_cold" not in chosen:
+        raise click.BadParameter("compile_warm reuses the cache compile_cold fills; ask for both", param_hint="--paths")
     _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"benchmarking {recipe}", err=True)

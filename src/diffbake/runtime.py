@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,11 +92,18 @@ class CompiledComponent:
     """
 
     def __init__(
-        self, artifact: Path, entry: ComponentEntry, device: str, unpack: Path | None = None, concurrency: int = 1
+        self,
+        artifact: Path,
+        entry: ComponentEntry,
+        device: str,
+        unpack: Path | None = None,
+        concurrency: int = 1,
+        cuda_graphs: bool = False,
     ):
         from safetensors.torch import load_file
 
         self.concurrency = concurrency
+        self.cuda_graphs = cuda_graphs
         self.entry = entry
         self.name = entry.name
         self.device = torch.device(device)
@@ -148,12 +156,95 @@ class _CompiledVariant:
                 f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
             )
         self._runner.bind(weights)
+        # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
+        self._graphs = _GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
+        if component.cuda_graphs and entry.dynamic:
+            logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, _describe(entry))
 
     def __call__(self, values: list[Any]) -> torch.Tensor:
         return self.run(self.check(values))
 
     def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self._graphs is not None:
+            return self._graphs(tensors)
         return self._runner(*tensors)[0]
+
+    def bind(self, weights: dict[str, torch.Tensor]) -> None:
+        """Bind other weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
+        self._runner.bind(weights)
+        if self._graphs is not None:
+            self._graphs = _GraphReplay(self)
+
+
+class _GraphReplay:
+    """CUDA graphs of one static-shape variant: launch overhead paid once per shape, not once per kernel and step.
+
+    The first call at a shape runs as is (lazy initialization, allocator warm-up); the second captures a graph
+    after a warm-up on a side stream and checks that the graph's output equals an uncaptured run's on the same
+    inputs; every later call copies its inputs into the graph's buffers, replays it, and returns a copy of its
+    output buffer (the next replay overwrites it). A capture that fails or disagrees turns graphs off for the
+    variant, with a warning, rather than serving different numbers.
+    """
+
+    def __init__(self, variant: _CompiledVariant):
+        self.variant = variant
+        self.seen: set[tuple] = set()
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
+        self.off: str | None = None
+        # Replicas share this object; a graph has one set of buffers, so replays take turns.
+        self.lock = threading.Lock()
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        with self.lock:
+            return self._call(tensors)
+
+    def _call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        run = self.variant._runner
+        if self.off is not None:
+            return run(*tensors)[0]
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return run(*tensors)[0]
+            graph = self._capture(key, tensors)
+            if graph is None:
+                return run(*tensors)[0]
+        inputs, output, cuda_graph = graph
+        for buffer, t in zip(inputs, tensors, strict=True):
+            buffer.copy_(t)
+        cuda_graph.replay()
+        return output.clone()
+
+    def _capture(self, key: tuple, tensors: list[torch.Tensor]) -> tuple | None:
+        run, device = self.variant._runner, self.variant.device
+        inputs = [t.clone() for t in tensors]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    expected = run(*inputs)[0].clone()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = run(*inputs)[0]
+            graph.replay()
+            torch.cuda.synchronize(device)
+        except Exception as e:  # capture is refused for many reasons (a host sync, an unsupported op)
+            return self._turn_off(f"capture failed ({type(e).__name__}: {e})")
+        error = (output.float() - expected.float()).abs().max().item()
+        bound = 1e-3 * expected.float().abs().max().item() + 1e-5
+        if not error <= bound:
+            return self._turn_off(f"the captured graph's output differs from an uncaptured run by {error:.3g}")
+        self.graphs[key] = (inputs, output, graph)
+        return self.graphs[key]
+
+    def _turn_off(self, why: str) -> None:
+        self.off = why
+        logger.warning("%s: CUDA graphs off for %s: %s", self.variant.name, _describe(self.variant.entry), why)
+        return None
 
     def check(self, values: list[Any]) -> list[torch.Tensor]:
         """Check every input against what was compiled; returns the inputs as the package needs them."""
@@ -554,11 +645,14 @@ def load_component(
     device: str | None = None,
     unpack: Path | None = None,
     concurrency: int = 1,
+    cuda_graphs: bool = False,
 ) -> torch.nn.Module:
     """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
     artifact = Path(artifact)
     entry = manifest.components[name]
     if entry.mode == "regional":
+        if cuda_graphs:
+            logger.info("%s: regional blocks run without CUDA graphs", name)
         return load_regional(artifact, entry, device or manifest.device, unpack, concurrency)
     cls = STAND_INS.get(entry.class_name)
     if cls is None:
@@ -566,7 +660,7 @@ def load_component(
             f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
             f"known: {', '.join(STAND_INS)}; upgrade diffbake"
         )
-    program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency)
+    program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency, cuda_graphs)
     return cls(program, _read_config(artifact / entry.config))
 
 
@@ -620,6 +714,7 @@ def load(
     unpack_dir: str | Path | None = None,
     progress: Callable[[str, str], None] | None = None,
     concurrency: int = 1,
+    cuda_graphs: bool = False,
 ):
     """Load an artifact as a diffusers pipeline whose denoiser and VAE decoder run the compiled code.
 
@@ -644,6 +739,9 @@ def load(
         progress: called with (stage, detail) as each check passes; by default they are logged.
         concurrency: how many denoiser (and VAE) calls may run at once, from pipelines made with
             :func:`replicate`; each extra runner costs activation memory only, never a weight copy.
+        cuda_graphs: on a CUDA artifact, replay each static-shape variant as a CUDA graph (captured on the
+            second call at a shape, checked against an uncaptured run); dynamic-shape variants and regional
+            blocks run as they are. Needs ``concurrency=1``: a graph replays into one set of buffers.
 
     Returns:
         A ``diffusers.DiffusionPipeline`` (e.g. ``StableDiffusionPipeline``), used as usual:
@@ -668,6 +766,11 @@ def load(
         raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if cuda_graphs and concurrency != 1:
+        raise ValueError(
+            f"cuda_graphs=True needs concurrency=1 (found {concurrency}): a captured graph replays into one set of "
+            "buffers, so concurrent calls would overwrite each other's results"
+        )
     if is_repo_id(artifact):
         check_remote(str(artifact), revision, trust_remote_code=trust_remote_code)
         root, _ = fetch(str(artifact), revision, device=device, build=build, progress=report)
@@ -683,6 +786,10 @@ def load(
     report("manifest", f"format {manifest.format_version}, {manifest.pipeline_class}, {len(manifest.files)} files")
     device = device or manifest.device
     check_compatibility(manifest, torch.device(device).type)
+    if cuda_graphs and manifest.device != "cuda":
+        raise ValueError(
+            f"{root}: cuda_graphs=True applies to CUDA artifacts; this one was built for {manifest.device!r}"
+        )
     unpack = resolve_unpack_dir(unpack_dir)
     report("host", f"{device}, torch {torch.__version__}, cpu_isa {manifest.host.cpu_isa}, unpack into {unpack}")
     how = verify_files(root, manifest, use_stamp=verify == "stamp")
@@ -698,7 +805,10 @@ def load(
     report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
 
     family = FAMILIES[manifest.source["family"]]
-    modules = {name: load_component(root, manifest, name, device, unpack, concurrency) for name in manifest.components}
+    modules = {
+        name: load_component(root, manifest, name, device, unpack, concurrency, cuda_graphs)
+        for name in manifest.components
+    }
     report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
     if self_test:
         for line in run_self_test(root, manifest, modules):

@@ -80,7 +80,7 @@ def set_weights(pipe: Any, artifact: str | Path, *, verify: str = "full") -> Non
         if isinstance(module, _CompiledModel):
             program = module._program
             for variant in program.variants:
-                variant._runner.bind(weights)  # pointer swap: the package reads the new tensors from now on
+                variant.bind(weights)  # pointer swap: the package reads the new tensors from now on
             program._weights = weights
         else:  # regional: the blocks read the module's own parameters, so copying into them is enough
             module.load_state_dict(weights, strict=True)

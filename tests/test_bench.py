@@ -1,0 +1,100 @@
+"""``diffbake bench``: the report's structure and the command's errors, on a tiny recipe (timings are not tested).
+
+One full run on the session's tiny SD artifact (reused, not rebuilt): the ladder, eager, torch.compile with an
+empty and a warm inductor cache, and the artifact, each in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffbake.bench import PATHS
+from diffbake.cli import cli
+from diffbake.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def run(artifacts, workdir, tmp_path_factory):
+    artifact = artifacts("sd")
+    out = tmp_path_factory.mktemp("bench") / "report"
+    args = ["bench", str(workdir / "sd.toml"), "--artifact", str(artifact), "--out", str(out)]
+    args += ["--steps", "2", "--repeats", "3", "--warmup", "1", "--image-repeats", "1"]
+    result = CliRunner().invoke(cli, args)
+    return result, out, artifact
+
+
+def test_bench_writes_json_markdown_and_a_chart(run):
+    result, out, artifact = run
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert report["report_version"] == 1
+    assert list(report["paths"]) == list(PATHS)
+    for name, path in report["paths"].items():
+        assert path["first_image_s"] > path["load_s"] > 0, name
+        assert len(path["step_s"]) == 3 and path["step_median_s"] > 0
+        assert path["image_median_s"] > 0 and path["peak_rss_mb"] > 0
+        assert path["cuda_peak_mb"] is None  # CPU run
+        assert 0 < path["percent_of_peak"] and math.isclose(
+            path["flops_per_s"], report["flops"]["per_step"] / path["step_median_s"]
+        )
+        if name != "eager":
+            # The same inputs in every process: the compiled paths reproduce eager (float32).
+            assert path["step_max_abs_error_vs_eager"] < 1e-4
+            assert path["image_max_abs_error_vs_eager"] < 1e-3
+    assert [r["step"] for r in report["ladder"]] == ["float32 eager", "+ AOT compile (full)"]
+    assert report["ladder"][1]["max_abs_error"] < 1e-4
+    peak = report["flops"]["matmul_peak"]
+    assert report["flops"]["per_step"] > 0 and peak["dtype"] == "float32" and peak["flops_per_s"] > 0
+    assert set(report["summary"]) >= {
+        "first_image_compile_cold_over_artifact",
+        "first_image_compile_warm_over_artifact",
+        "step_compile_warm_over_artifact",
+        "step_eager_over_artifact",
+    }
+    manifest = read_manifest(artifact)
+    assert report["build"]["reused"] is True
+    assert report["build"]["artifact_bytes"] == sum(f.size for f in manifest.files.values())
+    assert report["settings"]["call"] == {"height": 64, "width": 64, "num_images_per_prompt": 1}
+
+    md = (out / "bench.md").read_text()
+    assert "## Paths (each in a fresh process)" in md and "## Ladder" in md and "![chart](bench.png)" in md
+    for label in ("eager diffusers", "torch.compile, empty cache", "torch.compile, warm cache", "diffbake artifact"):
+        assert f"| {label} |" in md
+        assert label in result.output  # the terminal table
+    with Image.open(out / "bench.png") as png:
+        assert png.format == "PNG" and png.width == 900 and png.height > 300
+
+
+def test_bench_errors(run, artifacts, workdir, tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["bench", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 1 and "no such recipe file" in missing.output
+
+    bogus = runner.invoke(cli, ["bench", str(workdir / "sd.toml"), "--paths", "eager,warp"])
+    assert bogus.exit_code == 2 and "warp; choose from eager, compile_cold, compile_warm, artifact" in bogus.output
+    warm = runner.invoke(cli, ["bench", str(workdir / "sd.toml"), "--paths", "compile_warm"])
+    assert warm.exit_code == 2 and "compile_warm reuses the cache compile_cold fills" in warm.output
+
+    gpu = tmp_path / "gpu.toml"
+    gpu.write_text((workdir / "sd.toml").read_text() + '[target]\ndevice = "cuda"\n')
+    refused = runner.invoke(cli, ["bench", str(gpu), "--out", str(tmp_path / "o")])
+    assert refused.exit_code == 1 and "this host has no CUDA GPU" in refused.output
+    assert not (tmp_path / "o").exists()
+
+    # An artifact built from another recipe is not measured in its place, nor replaced without --rebuild.
+    other = tmp_path / "other.toml"
+    other.write_text(
+        (workdir / "sd.toml").read_text().replace("height = 64, width = 64 }", "height = 64, width = 64 }  # edited", 1)
+    )
+    copy = Path(shutil.copytree(artifacts("sd"), tmp_path / "copy"))
+    stale = runner.invoke(cli, ["bench", str(other), "--artifact", str(copy), "--out", str(tmp_path / "o")])
+    assert stale.exit_code == 1
+    assert f"{copy}: it was built from another recipe; pass --rebuild to build it again from {other}" in stale.output
+    assert read_manifest(copy) == read_manifest(artifacts("sd")) and not (tmp_path / "o").exists()
