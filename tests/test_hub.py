@@ -299,6 +299,13 @@ def test_the_build_that_fits_is_chosen_and_misfits_are_listed_with_reasons(hub, 
         build="cpu-torch299",
     )
     assert named["error"] == "CompatibilityError" and "does not fit this host: torch" in named["message"]
+    # Staging for another host: pull takes a named build that does not fit here, and says so.
+    fleet = hub.head("tester/fleet")
+    staged = tmp_path / "staged"
+    proc = _cli(hub, home, "pull", "tester/fleet", "--revision", fleet, "--build", "cpu-torch299", "--out", str(staged))
+    assert proc.returncode == 0, proc.stderr
+    assert "note: cpu-torch299 does not fit this host (torch: this artifact was built with '2.99.0'" in proc.stderr
+    assert read_manifest(staged).versions["torch"] == "2.99.0"
 
 
 def test_push_that_fails_midway_commits_nothing(hub, artifacts, tmp_path):
@@ -398,3 +405,14 @@ def test_generate_from_a_repo_id(hub, pushed, tmp_path):
     proc = _cli(hub, tmp_path, *args, "--revision", pushed["sha"], "--trust-remote-code")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out) and out.stat().st_size > 0
+
+
+def test_an_artifact_uploaded_as_the_whole_repo_loads_as_one_build(hub, hub_artifact, tmp_path):
+    manifest = read_manifest(hub_artifact)
+    hub.create_repo("tester/whole")
+    sha = hub.commit(
+        "tester/whole", {rel: (hub_artifact / rel).read_bytes() for rel in [MANIFEST_FILE, *manifest.files]}
+    )
+    got = _load(hub, tmp_path, repo="tester/whole", revision=sha, trust=True)
+    assert "error" not in got, got
+    assert Path(got["root"]) == tmp_path / "diffbake-hub" / "models--tester--whole" / sha / "_root"

@@ -426,7 +426,10 @@ def push(
 @click.option("--revision", required=True, help="The commit sha to fetch (what `diffbake push` printed).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="[default: artifacts/<repo name>].")
 @click.option(
-    "--build", "build_name", default=None, help="Build folder to fetch [default: the one that fits this host]."
+    "--build",
+    "build_name",
+    default=None,
+    help="Build folder to fetch, even one for another host [default: the one that fits this host].",
 )
 @click.option("--device", default=None, help="Fit the build to this device [default: each build's own].")
 @click.option("--force", is_flag=True, help="Replace what is at --out (only once the new copy is verified).")
@@ -452,6 +455,7 @@ def pull(
         build=build_name,
         out=dest,
         force=force,
+        must_fit=build_name is None,  # a named build may be staged here for another host
         progress=lambda stage, detail: click.echo(f"  {detail}", err=True),
     )
     click.echo(f"pulled {repo_id}@{revision[:12]} build {chosen.name} in {time.perf_counter() - start:.1f} s", err=True)

@@ -39,6 +39,8 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 # A build's folder in a repo: one path component, no dots first (no ".", "..", hidden folders).
 BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 CACHE_ENV = "DIFFBAKE_HUB_CACHE"
+# The name of a build that is the whole repo (manifest.json at its root), as an uploaded artifact folder is.
+ROOT_BUILD = "_root"  # not a name a push can give (those start with a letter or digit)
 
 Progress = Callable[[str, str], None]
 
@@ -106,8 +108,10 @@ def list_builds(repo_id: str, revision: str, *, device: str | None = None) -> li
         ArtifactNotFoundError: no such repo or commit, no build in it, or (offline) none cached.
         HubError: the Hub failed the request.
     """
-    snapshot = _snapshot(repo_id, revision, [f"*/{MANIFEST_FILE}"])
+    snapshot = _snapshot(repo_id, revision, [MANIFEST_FILE, f"*/{MANIFEST_FILE}"])
     builds = []
+    if (snapshot / MANIFEST_FILE).is_file():  # an artifact uploaded as the whole repo: one build, at the root
+        builds.append(_check_build(repo_id, revision, ROOT_BUILD, snapshot / MANIFEST_FILE, device))
     for path in sorted(snapshot.glob(f"*/{MANIFEST_FILE}")):
         builds.append(_check_build(repo_id, revision, path.parent.name, path, device))
     if not builds:
@@ -118,7 +122,9 @@ def list_builds(repo_id: str, revision: str, *, device: str | None = None) -> li
     return builds
 
 
-def choose_build(repo_id: str, revision: str, builds: list[Build], *, build: str | None = None) -> Build:
+def choose_build(
+    repo_id: str, revision: str, builds: list[Build], *, build: str | None = None, must_fit: bool = True
+) -> Build:
     """The named build, or else the one that fits this host best: a GPU build before a CPU one, and among CPU
     builds the one that uses the most of this CPU's instruction sets.
 
@@ -133,7 +139,7 @@ def choose_build(repo_id: str, revision: str, builds: list[Build], *, build: str
             raise ArtifactNotFoundError(
                 f"{_where(repo_id, revision)}: no build named {build!r}; the repo holds:\n{listing}"
             )
-        if chosen[0].problem is not None:
+        if chosen[0].problem is not None and (must_fit or chosen[0].manifest is None):
             raise CompatibilityError(
                 f"{_where(repo_id, revision)}: build {chosen[0].describe()} does not fit this host: {chosen[0].problem}"
             )
@@ -161,6 +167,7 @@ def fetch(
     build: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    must_fit: bool = True,
     progress: Progress | None = None,
 ) -> tuple[Path, Build]:
     """Fetch the build of ``repo_id`` at commit ``revision`` that fits this host into a folder of regular files,
@@ -168,7 +175,8 @@ def fetch(
     ~/.cache/diffbake/hub) and a build fetched before is reused (checked by its stamp); with ``out`` it is that folder.
 
     The revision must be a commit sha (:func:`check_pinned`); trust is the caller's to check (``load`` asks for
-    ``trust_remote_code``; ``diffbake pull`` only stages files).
+    ``trust_remote_code``; ``diffbake pull`` only stages files). A build named with ``build`` is fetched even if
+    it does not fit this host when ``must_fit`` is false (staging for other hosts); its problem is reported.
 
     Returns:
         The artifact folder and the build it holds.
@@ -183,10 +191,12 @@ def fetch(
         builds = _fetched_builds(repo_id, revision, device) if out is None else []
         if not builds:
             raise ArtifactNotFoundError(str(e)) from None
-    chosen = choose_build(repo_id, revision, builds, build=build)
+    chosen = choose_build(repo_id, revision, builds, build=build, must_fit=must_fit)
     manifest = chosen.manifest
     assert manifest is not None
     report("hub", f"{_where(repo_id, revision)}: {len(builds)} build(s), using {chosen.describe()}")
+    if chosen.problem is not None:
+        report("hub", f"note: {chosen.name} does not fit this host ({chosen.problem}); fetched for another host")
     dest = Path(out) if out is not None else cache_dir() / _repo_folder(repo_id) / revision / chosen.name
     if _already_there(dest, repo_id, revision, chosen):
         report("hub", f"{dest}: fetched before, stamp matches")
@@ -195,14 +205,15 @@ def fetch(
         raise ArtifactError(
             f"{dest}: already exists and holds something else; pass --force to replace it, or pick another --out"
         )
-    names = [f"{chosen.name}/{rel}" for rel in [MANIFEST_FILE, *manifest.files]]
+    prefix = "" if chosen.name == ROOT_BUILD else f"{chosen.name}/"
+    names = [f"{prefix}{rel}" for rel in [MANIFEST_FILE, *manifest.files]]
     total = sum(f.size for f in manifest.files.values())
     report("hub", f"downloading {len(names)} files, {total / 1e6:.1f} MB")
     snapshot = _snapshot(repo_id, revision, [glob.escape(name) for name in names])
     with Staging(dest) as staging:
         for name in names:
             src = snapshot / name
-            rel = name.split("/", 1)[1]
+            rel = name.removeprefix(prefix)
             if not src.is_file():
                 raise IntegrityError(
                     f"{_where(repo_id, revision)}: {name} is listed in the build's manifest but not in the repo; the "
@@ -276,7 +287,7 @@ class _NotCached(ArtifactNotFoundError):
 
 def _check_build(repo_id: str, revision: str, name: str, path: Path, device: str | None) -> Build:
     where = f"{_where(repo_id, revision)}/{name}/{MANIFEST_FILE}"
-    if not BUILD_NAME.fullmatch(name):
+    if name != ROOT_BUILD and not BUILD_NAME.fullmatch(name):
         return Build(name, None, "not a build folder name diffbake writes")
     try:
         raw = path.read_bytes()
