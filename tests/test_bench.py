@@ -38,7 +38,8 @@ def test_bench_writes_json_markdown_and_a_chart(run):
     assert list(report["paths"]) == list(PATHS)
     for name, path in report["paths"].items():
         assert path["first_image_s"] > path["load_s"] > 0, name
-        assert len(path["step_s"]) == 3 and path["step_median_s"] > 0
+        assert len(path["step_s"]) == 3 and path["step_median_s"] >= path["step_min_s"] > 0
+        assert math.isclose(path["startup_overhead_s"], path["first_image_s"] - path["image_median_s"])
         assert path["image_median_s"] > 0 and path["peak_rss_mb"] > 0
         assert path["cuda_peak_mb"] is None  # CPU run
         assert 0 < path["percent_of_peak"] and math.isclose(
@@ -55,6 +56,7 @@ def test_bench_writes_json_markdown_and_a_chart(run):
     assert set(report["summary"]) >= {
         "first_image_compile_cold_over_artifact",
         "first_image_compile_warm_over_artifact",
+        "startup_compile_cold_over_artifact",
         "step_compile_warm_over_artifact",
         "step_eager_over_artifact",
     }

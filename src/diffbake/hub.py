@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import Staging
 from .errors import ArtifactError, ArtifactNotFoundError, CompatibilityError, HubError, IntegrityError, TrustError
 from .manifest import MANIFEST_FILE, Manifest, parse_manifest, sealed
 from .verify import check_compatibility, record_stamp, verify_files
@@ -209,7 +208,12 @@ def fetch(
     names = [f"{prefix}{rel}" for rel in [MANIFEST_FILE, *manifest.files]]
     total = sum(f.size for f in manifest.files.values())
     report("hub", f"downloading {len(names)} files, {total / 1e6:.1f} MB")
-    snapshot = _snapshot(repo_id, revision, [glob.escape(name) for name in names])
+    try:
+        snapshot = _snapshot(repo_id, revision, [glob.escape(name) for name in names])
+    except _NotCached as e:  # offline, with the manifests cached but not this build's files
+        raise ArtifactNotFoundError(str(e)) from None
+    from .artifact import Staging  # only when fetching: a local load imports none of the artifact-writing code
+
     with Staging(dest) as staging:
         for name in names:
             src = snapshot / name
