@@ -140,9 +140,8 @@ def _artifact(recipe: Any, recipe_path: Path, dest: Path, *, explicit: bool, reb
     if reason is None:
         reason = _not_reusable(dest, recipe)
     if reason is None:
-        manifest = read_manifest(dest)
-        rep_seconds = sum(c.build_seconds for c in manifest.components.values())
-        return {"reused": True, "seconds": rep_seconds, "seconds_note": "compile time recorded at build"}
+        seconds = sum(c.build_seconds for c in read_manifest(dest).components.values())
+        return {"reused": True, "seconds": seconds, "seconds_note": "compile time recorded at build"}
     if explicit and dest.exists() and not rebuild:
         raise BenchError(
             f"{dest}: {reason}; pass --rebuild to build it again from {recipe_path}, or omit --artifact to use "

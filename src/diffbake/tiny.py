@@ -118,20 +118,15 @@ def _t5_tokenizer():
     )
 
 
-def _clip_text_config(tokenizer):
-    """Small CLIP text config whose vocab, positions and special ids match ``tokenizer``.
+def _clip_text_config(tokenizer, **sizes):
+    """CLIP text config whose vocab, positions and special ids match ``tokenizer``; small unless ``sizes`` say.
 
     ``eos_token_id`` matters: the pooled output is taken at the first EOS
     position, so it must be the tokenizer's real ``<|endoftext|>`` id.
     """
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    small = dict(
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
@@ -139,6 +134,14 @@ def _clip_text_config(tokenizer):
         projection_dim=32,
         hidden_act="gelu",
         layer_norm_eps=1e-5,
+    )
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**small, **sizes},
     )
 
 
@@ -338,14 +341,10 @@ def _sd_vae(**overrides):
 
 
 def _clip_l(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    # CLIP ViT-L/14's text tower (SD 1.x), with the small vocabulary above.
+    sizes = dict(
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
@@ -353,7 +352,7 @@ def _clip_l(tokenizer):
         projection_dim=768,
         hidden_act="quick_gelu",
     )
-    return _seeded(CLIPTextModel, config)
+    return _seeded(CLIPTextModel, _clip_text_config(tokenizer, **sizes))
 
 
 def _sd15_components(only: str | None = None) -> dict:
