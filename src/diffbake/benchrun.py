@@ -55,13 +55,13 @@ def run_compile(spec: dict) -> dict:
     with the recipe's inductor options."""
     import contextlib
 
-    from .builder import compile_settings
+    from .builder import compile_settings, inductor_options
 
     recipe, info = _recipe(spec)
     pipe = _source_pipeline(recipe, info)
     with contextlib.ExitStack() as stack:
         for comp in recipe.components.values():
-            options = {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+            options = inductor_options(comp)
             stack.enter_context(compile_settings(comp))
             dynamic = any(v.shapes.dynamic for v in comp.variants) or len(comp.variants) > 1
             kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if dynamic else False}
@@ -133,14 +133,7 @@ def _measure(pipe: Any, spec: dict, denoiser: str) -> dict:
     np_save(spec["image"], first)
 
     args, kwargs = captured["args"], captured["kwargs"]
-    out = None
-    steps = []
-    with torch.no_grad():
-        for i in range(spec["warmup"] + spec["repeats"]):
-            start = _now(pipe.device)
-            out = module(*args, **kwargs)
-            if i >= spec["warmup"]:
-                steps.append(_now(pipe.device) - start)
+    steps, out = _timed(lambda: module(*args, **kwargs), spec, pipe.device)
     torch.save(_first_tensor(out).detach().float().cpu(), spec["step_output"])
     images = []
     for _ in range(spec["image_repeats"]):
@@ -156,6 +149,18 @@ def _measure(pipe: Any, spec: dict, denoiser: str) -> dict:
         "step_min_s": min(steps),
         "image_median_s": statistics.median(images) if images else None,
     }
+
+
+def _timed(run: Callable[[], Any], spec: dict, device: Any) -> tuple[list[float], Any]:
+    """``spec["warmup"]`` untimed calls, then ``spec["repeats"]`` timed ones; the times and the last output."""
+    times, out = [], None
+    with torch.no_grad():
+        for i in range(spec["warmup"] + spec["repeats"]):
+            start = _now(device)
+            out = run()
+            if i >= spec["warmup"]:
+                times.append(_now(device) - start)
+    return times, out
 
 
 def _image(pipe: Any, spec: dict) -> Any:
@@ -256,13 +261,7 @@ def run_ladder(spec: dict) -> dict:
     rungs: list[dict] = []
 
     def rung(label: str, run: Callable[[], Any]) -> torch.Tensor:
-        times, out = [], None
-        with torch.no_grad():
-            for i in range(spec["warmup"] + spec["repeats"]):
-                start = _now(device)
-                out = run()
-                if i >= spec["warmup"]:
-                    times.append(_now(device) - start)
+        times, out = _timed(run, spec, device)
         got = _first_tensor(out).detach().float()
         rungs.append({"step": label, "step_median_s": statistics.median(times), "step_s": times, "_out": got})
         return got

@@ -199,9 +199,14 @@ def _restore_tf32(before: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def inductor_options(comp: ComponentRecipe) -> dict[str, Any]:
+    """The recipe's compiler options that are inductor settings (the others are torch settings: compile_settings)."""
+    return {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+
+
 def _compile(comp: ComponentRecipe, recipe: Recipe, exported: Any, package: Path) -> None:
     """AOTInductor with the recipe's target and options (those that are torch settings are set around it)."""
-    options = {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
+    options = inductor_options(comp)
     compile_package(comp.name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa, options=options)
 
 
