@@ -145,6 +145,32 @@ def _clip_text_config(tokenizer, **sizes):
     )
 
 
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,  # the pipeline warns about and rewrites any other value
+    )
+
+
+def _flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def _seeded(build, *args, **kwargs):
     """Construct a component from a fixed seed so its weights are reproducible."""
     torch.manual_seed(0)
@@ -183,7 +209,7 @@ def _unet(**overrides):
 
 
 def _sd():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer = _clip_tokenizer()
@@ -192,14 +218,7 @@ def _sd():
         text_encoder=_seeded(CLIPTextModel, _clip_text_config(tokenizer)),
         tokenizer=tokenizer,
         unet=_unet(cross_attention_dim=32),
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,  # the pipeline warns about and rewrites any other value
-        ),
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -244,7 +263,7 @@ def _sdxl():
 
 
 def _flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
@@ -286,14 +305,7 @@ def _flux():
         axes_dims_rope=(4, 4, 8),  # must sum to attention_head_dim
     )
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=_flux_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -366,19 +378,12 @@ def _sd15_components(only: str | None = None) -> dict:
 
 
 def _sd15():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     parts = _sd15_components()
     return StableDiffusionPipeline(
         **parts,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -437,17 +442,10 @@ def _flux_small_components(only: str | None = None) -> dict:
 
 
 def _flux_small():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=_flux_scheduler(),
         image_encoder=None,
         feature_extractor=None,
         **_flux_small_components(),
