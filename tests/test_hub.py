@@ -102,19 +102,17 @@ def _downloads(hub: HubServer) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def hub_artifact(artifacts, tmp_path_factory) -> Path:
+def hub_artifact(hub, artifacts, tmp_path_factory) -> Path:
     """The tiny SD artifact, recorded as built from a Hub model (so the card names a base model and license)."""
     folder = Path(shutil.copytree(artifacts("sd"), tmp_path_factory.mktemp("hub") / "tiny-sd"))
+    base_sha = hub.create_repo(BASE, card_data={"license": "openrail++"})
+    edit_manifest(folder, lambda m: m["source"].update(model=BASE, kind="hub", revision=base_sha))
     return folder
 
 
 @pytest.fixture(scope="module")
 def pushed(hub, hub_artifact, tmp_path_factory) -> dict:
-    base_sha = hub.create_repo(BASE, card_data={"license": "openrail++"})
-    edit_manifest(
-        hub_artifact,
-        lambda m: m["source"].update(model=BASE, kind="hub", revision=base_sha),
-    )
+    base_sha = read_manifest(hub_artifact).source["revision"]
     home = tmp_path_factory.mktemp("pusher")
     before = len(hub.commits(REPO)) if REPO in hub.repo_ids() else 0
     proc = _cli(hub, home, "push", str(hub_artifact), REPO)
