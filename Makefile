@@ -26,9 +26,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Style, and the import layers of pyproject.toml's [tool.importlinter] (cli > bench > builder > runtime > hub > format > errors).
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import diffbake
-from diffbake.families import VAE_DECODER
-from diffbake.inputs import example_inputs
-from diffbake.manifest import read_manifest, unflatten_call
-from diffbake.recipe import check_against_source, load_recipe
-from diffbake.sources import inspect_source, load_pipeline
+from diffbake.builder.inputs import example_inputs
+from diffbake.builder.recipe import check_against_source, load_recipe
+from diffbake.builder.sources import inspect_source, load_pipeline
+from diffbake.format.components import VAE_DECODER
+from diffbake.format.manifest import read_manifest, unflatten_call
 
 LOAD_SCRIPT = "import sys, time; t = time.perf_counter(); import diffbake; diffbake.load(sys.argv[1]); print(time.perf_counter() - t)"
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffbake.artifact import list_files
-from diffbake.manifest import MANIFEST_FILE, read_manifest, seal
-from diffbake.verify import verify_files
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import MANIFEST_FILE, read_manifest, seal
+from diffbake.format.staging import list_files
 
 
 def pad(artifact: Path, gigabytes: float) -> Path:

@@ -75,7 +75,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def saved_pipelines(workdir: Path):
     """family -> folder holding the tiny pipeline saved with diffusers' save_pretrained."""
-    from diffbake.tiny import make_tiny_pipeline
+    from diffbake.builder.tiny import make_tiny_pipeline
 
     cache: dict[str, Path] = {}
 

@@ -7,7 +7,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from diffbake.manifest import MANIFEST_FILE, seal, sha256_file
+from diffbake.format.manifest import MANIFEST_FILE, seal, sha256_file
 
 
 def edit_manifest(folder: Path, edit: Callable[[dict], object]) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from diffbake.artifact import Staging, recover
 from diffbake.errors import DiffbakeError
-from diffbake.manifest import MANIFEST_FILE, read_manifest
-from diffbake.verify import verify_files
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import MANIFEST_FILE, read_manifest
+from diffbake.format.staging import Staging, recover
 
 # The cheapest real build: the VAE decoder alone (its compile is cached after the first build of the session).
 RECIPE = """

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from diffbake.bench import PATHS
+from diffbake.bench.bench import PATHS
 from diffbake.cli import cli
-from diffbake.manifest import read_manifest
+from diffbake.format.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

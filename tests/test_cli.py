@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import diffbake.builder
+import diffbake.builder.build
 from diffbake.cli import cli
 from diffbake.errors import BuildError
 
@@ -85,7 +85,7 @@ def test_a_failed_build_leaves_the_old_artifact_and_no_debris(demo, tmp_path: Pa
     def fail(name, exported, path, **kwargs):
         raise BuildError(f"{name}: AOTInductor compile failed (simulated)")
 
-    monkeypatch.setattr(diffbake.builder, "compile_package", fail)
+    monkeypatch.setattr(diffbake.builder.build, "compile_package", fail)
     result = CliRunner().invoke(cli, ["build", str(DEMO), "--out", str(victim), "--force"])
     assert result.exit_code == 1
     assert "error: unet: AOTInductor compile failed (simulated)" in result.output

@@ -11,9 +11,9 @@ import pytest
 from diffusers import DiffusionPipeline
 
 import diffbake
+from diffbake.builder.recipe import parse_recipe
 from diffbake.errors import RecipeError
-from diffbake.manifest import read_manifest
-from diffbake.recipe import parse_recipe
+from diffbake.format.manifest import read_manifest
 
 RECIPE = """
 [source]

@@ -12,8 +12,8 @@ from diffusers import DiffusionPipeline
 
 import diffbake
 from diffbake.errors import InputMismatchError
-from diffbake.manifest import DimSpec, read_manifest
-from diffbake.runtime import _CompiledVariant
+from diffbake.format.manifest import DimSpec, read_manifest
+from diffbake.runtime.compiled import CompiledVariant
 
 RECIPE = """
 [source]
@@ -44,13 +44,13 @@ def pipes(dynamic, saved_pipelines):
 @pytest.fixture
 def used(monkeypatch):
     packages: list[str] = []
-    run = _CompiledVariant.run
+    run = CompiledVariant.run
 
     def spy(self, tensors):
         packages.append(f"{self.name}:{self.entry.package}")
         return run(self, tensors)
 
-    monkeypatch.setattr(_CompiledVariant, "run", spy)
+    monkeypatch.setattr(CompiledVariant, "run", spy)
     return packages
 
 
@@ -124,11 +124,11 @@ def test_a_dynamic_only_component_refuses_out_of_range(pipes):
 
 
 def test_a_unet_range_must_fit_its_downsampling():
+    from diffbake.builder.inputs import component_inputs
+    from diffbake.builder.recipe import ComponentRecipe, Shapes, Variant
+    from diffbake.builder.tiny import make_tiny_pipeline
     from diffbake.errors import RecipeError
-    from diffbake.families import FAMILIES
-    from diffbake.inputs import component_inputs
-    from diffbake.recipe import ComponentRecipe, Shapes, Variant
-    from diffbake.tiny import make_tiny_pipeline
+    from diffbake.format.components import FAMILIES
 
     variant = Variant(Shapes(1, (34, 96), 64), True)  # latent 17..48: the tiny UNet halves once, so 17 is odd
     comp = ComponentRecipe("unet", (variant,))

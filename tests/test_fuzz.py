@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diffbake
-from diffbake.archive import ALLOWED, inspect_package
 from diffbake.errors import DiffbakeError
-from diffbake.manifest import MANIFEST_FILE, seal
+from diffbake.format.manifest import MANIFEST_FILE, seal
+from diffbake.format.packages import ALLOWED, inspect_package
 
 SETTINGS = settings(
     max_examples=300,

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import diffbake
-from diffbake.manifest import read_manifest
+from diffbake.format.manifest import read_manifest
 
 pytestmark = pytest.mark.gpu
 

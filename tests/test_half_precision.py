@@ -15,7 +15,7 @@ from PIL import Image
 import diffbake
 from diffbake.cli import cli
 from diffbake.errors import InputMismatchError
-from diffbake.manifest import read_manifest
+from diffbake.format.manifest import read_manifest
 
 RECIPE = """
 [source]

@@ -19,10 +19,10 @@ import torch
 
 import diffbake
 from diffbake.errors import TrustError
-from diffbake.hub import Build, choose_build, is_repo_id
-from diffbake.manifest import MANIFEST_FILE, read_manifest
-from diffbake.publish import default_build_name
-from diffbake.verify import verify_files
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import MANIFEST_FILE, read_manifest
+from diffbake.hub.fetch import Build, choose_build, is_repo_id
+from diffbake.hub.push import default_build_name
 from helpers import edit_manifest, rehash
 from hubserver import HubServer, client_env, front_matter
 

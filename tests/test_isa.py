@@ -14,8 +14,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 import diffbake
-import diffbake.verify
-from diffbake.manifest import read_manifest
+import diffbake.format.host
+from diffbake.format.manifest import read_manifest
 
 RECIPE = """
 [source]
@@ -58,14 +58,14 @@ def test_an_avx2_build_has_no_avx512_or_amx_instructions(avx2: Path, artifacts, 
     assert not [f for f in host.cpu_features if f.startswith(("avx512", "amx"))]
     assert {"avx2", "fma", "f16c"} <= set(host.cpu_features)
     # The control: on a host with AVX-512, the native build of the same decoder does use it.
-    have = diffbake.verify.cpu_features() or frozenset()
+    have = diffbake.format.host.cpu_features() or frozenset()
     if "avx512f" in have:
         assert "zmm" in _disassemble(artifacts("sd") / "vae_decoder" / "model.pt2", tmp_path)
 
 
 def test_an_avx2_build_loads_and_matches_stock_on_a_cpu_without_avx512(avx2: Path, saved_pipelines, monkeypatch):
-    older = frozenset(diffbake.verify.CPU_TARGETS["avx2"][2])
-    monkeypatch.setattr(diffbake.verify, "cpu_features", lambda: older)
+    older = frozenset(diffbake.format.host.CPU_TARGETS["avx2"][2])
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: older)
     pipe = diffbake.load(avx2, self_test=True)
     stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
     call = dict(prompt="a photo of a cat", num_inference_steps=2, output_type="np", height=64, width=64)

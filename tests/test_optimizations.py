@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 import diffbake
-from diffbake.manifest import read_manifest
-from diffbake.tiny import make_tiny_pipeline
+from diffbake.builder.tiny import make_tiny_pipeline
+from diffbake.format.manifest import read_manifest
 
 RECIPE = """
 [source]
@@ -153,7 +153,7 @@ def test_flux_quantized_fused_and_dynamic(tmp_path: Path):
 
 
 def test_bench_ladder_adds_each_optimization_in_turn(optimized, tmp_path):
-    from diffbake.bench import bench
+    from diffbake.bench.bench import bench
 
     report = bench(
         optimized.parent / "sd-int8.toml",

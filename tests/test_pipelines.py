@@ -12,8 +12,12 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 import diffbake
-from diffbake.manifest import read_manifest
-from diffbake.runtime import CompiledAutoencoderKL, CompiledFluxTransformer2DModel, CompiledUNet2DConditionModel
+from diffbake.format.manifest import read_manifest
+from diffbake.runtime.standins import (
+    CompiledAutoencoderKL,
+    CompiledFluxTransformer2DModel,
+    CompiledUNet2DConditionModel,
+)
 
 ATOL = 5e-4  # max abs over the whole float32 image
 

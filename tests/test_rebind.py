@@ -12,9 +12,9 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 import diffbake
-import diffbake.builder
+import diffbake.builder.build
 from diffbake.errors import RebindError
-from diffbake.manifest import read_manifest
+from diffbake.format.manifest import read_manifest
 
 CALL = dict(prompt="a photo of a cat", num_inference_steps=3, output_type="np")
 
@@ -57,15 +57,15 @@ def no_compiler(artifacts):
     """Any compile during the rebinds of this module fails the test."""
     artifacts("sd"), artifacts("sdxl")  # built (compiled) before compiling is forbidden
     calls = []
-    original = diffbake.builder.compile_package
+    original = diffbake.builder.build.compile_package
 
     def refuse(*args, **kwargs):
         calls.append(args[0])
         raise AssertionError("rebind compiled")
 
-    diffbake.builder.compile_package = refuse
+    diffbake.builder.build.compile_package = refuse
     yield calls
-    diffbake.builder.compile_package = original
+    diffbake.builder.build.compile_package = original
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffbake.builder.recipe import Shapes, Variant, check_against_source, load_recipe, parse_recipe
 from diffbake.errors import DiffbakeError, RecipeError
-from diffbake.families import FAMILIES
-from diffbake.recipe import Shapes, Variant, check_against_source, load_recipe, parse_recipe
+from diffbake.format.components import FAMILIES
 
 GOOD = """
 [source]
@@ -401,9 +401,11 @@ def test_cpu_isa_parses_and_is_checked_against_the_build_host(monkeypatch):
         parse(GOOD.replace('dtype = "bfloat16"', 'cpu_isa = "sse2"'))
     assert str(e.value) == "r.toml: [target] cpu_isa = 'sse2' is not supported; expected one of: native, avx2, avx512"
     # A build host without AVX-512 could not run (and so verify) code built for it.
-    import diffbake.verify
+    import diffbake.format.host
 
-    monkeypatch.setattr(diffbake.verify, "cpu_features", lambda: frozenset(diffbake.verify.CPU_TARGETS["avx2"][2]))
+    monkeypatch.setattr(
+        diffbake.format.host, "cpu_features", lambda: frozenset(diffbake.format.host.CPU_TARGETS["avx2"][2])
+    )
     with pytest.raises(RecipeError) as e:
         parse(GOOD.replace('dtype = "bfloat16"', 'cpu_isa = "avx512"'))
     assert str(e.value) == (

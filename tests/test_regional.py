@@ -10,8 +10,8 @@ from diffusers import DiffusionPipeline
 
 import diffbake
 from diffbake.errors import InputMismatchError
-from diffbake.manifest import read_manifest
-from diffbake.runtime import _CompiledBlock
+from diffbake.format.manifest import read_manifest
+from diffbake.runtime.regional import CompiledBlock
 
 RECIPES = {
     "sd": """
@@ -60,7 +60,7 @@ def test_regional_images_match_stock(regional, saved_pipelines, family):
     assert np.abs(got - want).max() <= 5e-4
     attr, classes = BLOCKS[family]
     module = getattr(loaded, attr)
-    compiled = {type(m).__name__ for m in module.modules() if isinstance(m.__dict__.get("forward"), _CompiledBlock)}
+    compiled = {type(m).__name__ for m in module.modules() if isinstance(m.__dict__.get("forward"), CompiledBlock)}
     assert compiled == classes
 
 
@@ -103,9 +103,9 @@ def test_inspect_shows_the_block_groups(regional):
 
 
 def test_a_regional_artifact_rebinds_to_new_weights(regional, saved_pipelines, tmp_path, monkeypatch):
-    import diffbake.builder
+    import diffbake.builder.build
 
-    monkeypatch.setattr(diffbake.builder, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
+    monkeypatch.setattr(diffbake.builder.build, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
     pipe = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from diffbake.errors import (
     InputMismatchError,
     IntegrityError,
 )
-from diffbake.manifest import seal
+from diffbake.format.manifest import seal
 
 
 @pytest.fixture(scope="module")

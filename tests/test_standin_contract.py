@@ -14,11 +14,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 
 import diffbake
-from diffbake.runtime import (
+from diffbake.runtime.standins import (
     CompiledAutoencoderKL,
     CompiledFluxTransformer2DModel,
+    CompiledModel,
     CompiledUNet2DConditionModel,
-    _CompiledModel,
 )
 
 # diffusers' own machinery (hooks, offload checks, DiffusionPipeline.to) reads these of every component.
@@ -77,7 +77,7 @@ def test_pipelines_read_only_what_the_stand_ins_are_known_to_answer(family, arti
         CompiledAutoencoderKL: "vae",
     }
     reads: dict[str, set[str]] = {}
-    get_attribute = _CompiledModel.__getattribute__
+    get_attribute = CompiledModel.__getattribute__
     get_config = ConfigMixin.config.fget
 
     def record(self, attr):
@@ -96,8 +96,8 @@ def test_pipelines_read_only_what_the_stand_ins_are_known_to_answer(family, arti
 
         return RecordingConfig(get_config(self))
 
-    monkeypatch.setattr(_CompiledModel, "__getattribute__", record)
-    monkeypatch.setattr(_CompiledModel, "config", property(config))
+    monkeypatch.setattr(CompiledModel, "__getattribute__", record)
+    monkeypatch.setattr(CompiledModel, "config", property(config))
     pipe = diffbake.load(artifact)
     pipe(**CALLS[family], generator=torch.Generator().manual_seed(0), output_type="np")
     assert {k: sorted(v) for k, v in reads.items()} == EXPECTED[family]

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import diffbake
-import diffbake.verify
-from diffbake.archive import inspect_package
+import diffbake.format.host
 from diffbake.errors import (
     ArtifactError,
     ArtifactNotFoundError,
@@ -24,7 +23,8 @@ from diffbake.errors import (
     IntegrityError,
     SelfTestError,
 )
-from diffbake.manifest import MANIFEST_FILE, read_manifest
+from diffbake.format.manifest import MANIFEST_FILE, read_manifest
+from diffbake.format.packages import inspect_package
 from helpers import edit_manifest, package_entry, rehash, rewrite_package
 
 
@@ -193,8 +193,8 @@ def test_a_hand_edited_host_fact_is_refused_by_name_too(copy, no_package_loaded)
 
 def test_an_older_cpu_is_refused_a_native_build(copy, monkeypatch, no_package_loaded):
     art = copy()
-    older = frozenset(diffbake.verify.CPU_TARGETS["avx2"][2])
-    monkeypatch.setattr(diffbake.verify, "cpu_features", lambda: older)
+    older = frozenset(diffbake.format.host.CPU_TARGETS["avx2"][2])
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: older)
     with pytest.raises(CompatibilityError) as e:
         diffbake.load(art)
     message = str(e.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from diffbake.errors import (
     ArtifactError,
     ArtifactNotFoundError,
     BuildError,
@@ -54,22 +54,23 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .builder import build
-    from .publish import push
-    from .rebinding import rebind
-    from .recipe import Recipe, load_recipe
-    from .runtime import load
-    from .serving import replicate, set_weights
+    from diffbake.builder.build import build
+    from diffbake.builder.rebind import rebind
+    from diffbake.builder.recipe import Recipe, load_recipe
+    from diffbake.hub.push import push
+    from diffbake.runtime.load import load
+    from diffbake.runtime.serving import replicate, set_weights
 
+# Public name -> the module that defines it, imported on first use (the build side only when it is used).
 _LAZY = {
-    "build": "builder",
-    "load": "runtime",
-    "Recipe": "recipe",
-    "load_recipe": "recipe",
-    "push": "publish",
-    "rebind": "rebinding",
-    "replicate": "serving",
-    "set_weights": "serving",
+    "build": "diffbake.builder.build",
+    "load": "diffbake.runtime.load",
+    "Recipe": "diffbake.builder.recipe",
+    "load_recipe": "diffbake.builder.recipe",
+    "push": "diffbake.hub.push",
+    "rebind": "diffbake.builder.rebind",
+    "replicate": "diffbake.runtime.serving",
+    "set_weights": "diffbake.runtime.serving",
 }
 
 
@@ -77,5 +78,5 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'diffbake' has no attribute {name!r}")

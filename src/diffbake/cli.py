@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from .errors import DiffbakeError
-from .manifest import VariantEntry
+from diffbake.errors import DiffbakeError
+from diffbake.format.manifest import VariantEntry
 
 # The fresh-process runs of `diffbake bench` (bench.PATHS; the bench module imports the build side).
 PATH_NAMES = ("eager", "compile_cold", "compile_warm", "artifact")
@@ -123,13 +123,13 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only once the new one is complete).")
 def build(recipe: Path, out: Path | None, force: bool) -> None:
     """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
-    from .builder import build as run_build
+    from diffbake.builder.build import build as run_build
 
     _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"building {recipe}", err=True)
     dest = run_build(recipe, out, force=force, reporter=_TerminalReporter())
-    from .manifest import read_manifest
+    from diffbake.format.manifest import read_manifest
 
     manifest = read_manifest(dest)
     size = sum(f.size for f in manifest.files.values())
@@ -181,7 +181,7 @@ def rebind(
     force: bool,
 ) -> None:
     """Bind other weights (a fine-tune, LoRAs) to an ARTIFACT's compiled code: a new artifact, no compile."""
-    from .rebinding import rebind as run_rebind
+    from diffbake.builder.rebind import rebind as run_rebind
 
     if len(scales) > len(loras):
         raise click.UsageError(f"{len(scales)} --scale values for {len(loras)} --lora files")
@@ -234,7 +234,7 @@ def generate(
     """Generate images with a built ARTIFACT (a folder, or a Hub repo id), at the size it was compiled for."""
     import torch
 
-    from .runtime import compiled_call, load
+    from diffbake.runtime.load import compiled_call, load
 
     _quiet_loading_bars()
     start = time.perf_counter()
@@ -269,7 +269,7 @@ def generate(
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(artifact: Path, as_json: bool) -> None:
     """Show what an ARTIFACT holds: components, shapes, sizes, versions, measured errors."""
-    from .manifest import read_manifest
+    from diffbake.format.manifest import read_manifest
 
     m = read_manifest(artifact)
     if as_json:
@@ -335,7 +335,7 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
     import signal
     import subprocess
 
-    cmd = [sys.executable, "-m", "diffbake.selfcheck", str(artifact), device or "", str(unpack_dir or "")]
+    cmd = [sys.executable, "-m", "diffbake.runtime.selfcheck", str(artifact), device or "", str(unpack_dir or "")]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     timer = threading.Timer(timeout, proc.kill)
@@ -399,7 +399,7 @@ def push(
     model card (README.md) is regenerated to describe every build. A push that
     fails midway commits nothing. Log in first (`hf auth login` or HF_TOKEN).
     """
-    from .publish import push as run_push
+    from diffbake.hub.push import push as run_push
 
     start = time.perf_counter()
     result = run_push(
@@ -444,7 +444,7 @@ def pull(
     and the folder appears only once complete. Nothing is loaded or executed; load
     the folder with diffbake.load(OUT) or `diffbake generate OUT`.
     """
-    from .hub import fetch
+    from diffbake.hub.fetch.fetch import fetch
 
     start = time.perf_counter()
     dest = out or Path("artifacts") / repo_id.split("/")[-1]
@@ -513,8 +513,8 @@ def bench(
     The denoiser step's FLOP/s is compared with the measured matmul peak. Writes
     bench.json, bench.md and bench.png into --out.
     """
-    from .bench import bench as run_bench
-    from .bench import table
+    from diffbake.bench.bench import bench as run_bench
+    from diffbake.bench.bench import table
 
     chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PATH_NAMES]

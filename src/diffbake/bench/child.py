@@ -1,4 +1,4 @@
-"""One measurement of ``diffbake bench``, in a fresh process: ``python -m diffbake.benchrun SPEC.json``.
+"""One measurement of ``diffbake bench``, in a fresh process: ``python -m diffbake.bench.child SPEC.json``.
 
 Each way of running the pipeline (eager, torch.compile, the artifact, the optimization ladder) is measured in its
 own process, so that each pays its own imports, loading and compiling, and none inherits another's warm caches
@@ -27,7 +27,7 @@ T_IMPORT = time.time()
 
 import torch  # noqa: E402
 
-from .families import FAMILIES, VAE_DECODER  # noqa: E402
+from diffbake.format.components import FAMILIES, VAE_DECODER  # noqa: E402
 
 
 def main(spec_path: str) -> None:
@@ -70,7 +70,7 @@ def run_compile(spec: dict) -> dict:
     with the recipe's inductor options."""
     import contextlib
 
-    from .builder import compile_settings, inductor_options
+    from diffbake.builder.build import compile_settings, inductor_options
 
     recipe, info = _recipe(spec)
     pipe = _source_pipeline(recipe, info)
@@ -92,7 +92,7 @@ def run_compile(spec: dict) -> dict:
 
 
 def run_artifact(spec: dict) -> dict:
-    from .runtime import load
+    from diffbake.runtime.load import load
 
     pipe = load(spec["artifact"], device=spec.get("device"))
     family = FAMILIES[pipe._diffbake_artifact.manifest.source["family"]]
@@ -102,8 +102,8 @@ def run_artifact(spec: dict) -> dict:
 def _recipe(spec: dict) -> tuple[Any, Any]:
     from dataclasses import replace
 
-    from .recipe import check_against_source, load_recipe
-    from .sources import inspect_source
+    from diffbake.builder.recipe import check_against_source, load_recipe
+    from diffbake.builder.sources import inspect_source
 
     recipe = load_recipe(spec["recipe"])
     info = inspect_source(recipe)
@@ -116,7 +116,7 @@ def _recipe(spec: dict) -> tuple[Any, Any]:
 
 def run_save(spec: dict) -> dict:
     """Save a built-in source pipeline, in the recipe's dtype, for the eager and torch.compile runs to load."""
-    from .sources import load_pipeline
+    from diffbake.builder.sources import load_pipeline
 
     recipe, info = _recipe({**spec, "source_folder": None})
     load_pipeline(info, recipe.dtype).save_pretrained(spec["save_to"])
@@ -125,8 +125,8 @@ def run_save(spec: dict) -> dict:
 
 def _source_pipeline(recipe: Any, info: Any) -> Any:
     """The source pipeline in the recipe's dtype with the recipe's transforms, as the build applies them."""
-    from .builder import LogReporter, apply_transforms
-    from .sources import load_pipeline
+    from diffbake.builder.build import LogReporter, apply_transforms
+    from diffbake.builder.sources import load_pipeline
 
     pipe = load_pipeline(info, recipe.dtype)
     pipe.to(recipe.device)
@@ -190,8 +190,8 @@ def _image(pipe: Any, spec: dict) -> Any:
 
 @functools.cache
 def _call_kwargs(artifact: str) -> dict[str, Any]:
-    from .manifest import read_manifest
-    from .runtime import compiled_call
+    from diffbake.format.manifest import read_manifest
+    from diffbake.runtime.load import compiled_call
 
     return compiled_call(read_manifest(artifact))
 
@@ -247,8 +247,8 @@ def run_ladder(spec: dict) -> dict:
     channels_last and quantization added in the order the build applies them, then the compiled artifact; each
     rung's step latency and its error against float32 eager. Also counts the step's FLOPs and measures the
     device's matmul peak in the recipe's dtype."""
-    from .sources import load_pipeline
-    from .transforms import channels_last, fuse_qkv, quantize
+    from diffbake.builder.sources import load_pipeline
+    from diffbake.builder.transforms import channels_last, fuse_qkv, quantize
 
     # The source itself, not the copy saved in the recipe's dtype: float32 means the original weights.
     recipe, info = _recipe({**spec, "source_folder": None})
@@ -313,9 +313,9 @@ class _Captured(Exception):
 
 
 def _compiled_denoiser(spec: dict, name: str) -> Any:
-    from .archive import unpack_dir
-    from .manifest import read_manifest
-    from .runtime import load_component
+    from diffbake.format.manifest import read_manifest
+    from diffbake.runtime.load import load_component
+    from diffbake.runtime.packages import unpack_dir
 
     manifest = read_manifest(spec["artifact"])
     return load_component(spec["artifact"], manifest, name, spec.get("device") or manifest.device, unpack_dir(None))

@@ -5,7 +5,7 @@ by default: device, hardware and dtype, so that builds for different machines si
 model card that describes every build in the repo, in a single ``create_commit`` whose parent is the commit the
 push started from. huggingface_hub uploads the large files first and makes the commit last, so a push that fails
 midway commits nothing, and one that races another push is refused instead of mixing the two. The commit sha is
-returned for pinning: loaders accept nothing else (see :mod:`diffbake.hub`).
+returned for pinning: loaders accept nothing else (see :mod:`diffbake.hub.fetch`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, HubError
-from .hub import BUILD_NAME, REPO_ID
-from .manifest import MANIFEST_FILE, RECIPE_FILE, Manifest, parse_manifest, read_manifest
-from .verify import verify_files
+from diffbake.errors import ArtifactError, HubError
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import MANIFEST_FILE, RECIPE_FILE, Manifest, parse_manifest, read_manifest
+from diffbake.hub.fetch import BUILD_NAME, REPO_ID
 
 logger = logging.getLogger(__name__)
 

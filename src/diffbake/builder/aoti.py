@@ -14,9 +14,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .archive import entry_kind, inspect_package
-from .errors import BuildError
-from .verify import CPU_TARGETS, cpu_features
+from diffbake.errors import BuildError
+from diffbake.format.host import CPU_TARGETS, cpu_features
+from diffbake.format.packages import entry_kind, inspect_package
 
 INDUCTOR_CONFIGS: dict[str, Any] = {
     # Code only: the weights go to weights.safetensors, stored once.

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
-from .families import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER, Family
+from diffbake.errors import RecipeError
+from diffbake.format.components import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER, Family
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -434,7 +434,7 @@ def _compiler(v: _Validator, table: dict, section: str, device: str) -> tuple[tu
 def _require_cpu_isa(where: str, cpu_isa: str) -> None:
     import platform
 
-    from .verify import CPU_TARGETS, cpu_features
+    from diffbake.format.host import CPU_TARGETS, cpu_features
 
     if platform.machine() not in ("x86_64", "AMD64"):
         raise RecipeError(

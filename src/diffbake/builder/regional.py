@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import BuildError
-from .manifest import TensorSpec, unflatten_call
+from diffbake.errors import BuildError
+from diffbake.format.manifest import TensorSpec, unflatten_call
 
 
 @dataclass

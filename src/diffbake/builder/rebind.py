@@ -14,13 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .builder import LogReporter, Reporter, Reuse, check_destination, write_artifact
-from .errors import RebindError, SourceError
-from .families import VAE_DECODER
-from .manifest import RECIPE_FILE, read_manifest, sha256_file
-from .recipe import check_against_source, parse_recipe
-from .sources import inspect_source, load_pipeline
-from .verify import verify_files
+from diffbake.builder.build import LogReporter, Reporter, Reuse, check_destination, write_artifact
+from diffbake.builder.recipe import check_against_source, parse_recipe
+from diffbake.builder.sources import inspect_source, load_pipeline
+from diffbake.errors import RebindError, SourceError
+from diffbake.format.components import VAE_DECODER
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import RECIPE_FILE, read_manifest, sha256_file
 
 
 def rebind(

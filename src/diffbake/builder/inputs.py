@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .errors import RecipeError
-from .families import VAE_DECODER, Family
-from .manifest import DimSpec, TensorSpec
-from .recipe import ComponentRecipe, Size, Variant
+from diffbake.builder.recipe import ComponentRecipe, Size, Variant
+from diffbake.errors import RecipeError
+from diffbake.format.components import VAE_DECODER, Family
+from diffbake.format.manifest import DimSpec, TensorSpec
 
 Dims = dict[str, DimSpec]
 

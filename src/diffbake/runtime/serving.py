@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactError, RebindError
-from .families import VAE_DECODER
-from .manifest import read_manifest
-from .runtime import LoadedArtifact, _check_weights, _CompiledModel, bound_set_weights
-from .verify import check_compatibility, verify_files
+from diffbake.errors import ArtifactError, RebindError
+from diffbake.format.components import VAE_DECODER
+from diffbake.format.host import check_compatibility
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import read_manifest
+from diffbake.runtime.compiled import LoadedArtifact, check_weights
+from diffbake.runtime.load import bound_set_weights
+from diffbake.runtime.standins import CompiledModel
 
 __all__ = ["replicate", "set_weights"]
 
@@ -76,8 +79,8 @@ def set_weights(pipe: Any, artifact: str | Path, *, verify: str = "full") -> Non
     for name, entry in manifest.components.items():
         module = getattr(pipe, "vae" if name == VAE_DECODER else name)
         weights = load_file(root / entry.weights, device=str(torch.device(loaded.device)))
-        _check_weights(entry, weights)
-        if isinstance(module, _CompiledModel):
+        check_weights(entry, weights)
+        if isinstance(module, CompiledModel):
             program = module._program
             for variant in program.variants:
                 variant.bind(weights)  # pointer swap: the package reads the new tensors from now on

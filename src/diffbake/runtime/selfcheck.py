@@ -1,4 +1,4 @@
-"""Every check of an artifact, run in this process: ``python -m diffbake.selfcheck ARTIFACT [DEVICE] [UNPACK_DIR]``.
+"""Every check of an artifact, run in this process: ``python -m diffbake.runtime.selfcheck ARTIFACT [DEVICE] [UNPACK_DIR]``.
 
 ``diffbake verify`` runs this in a child process, so that code which crashes (an illegal instruction, a segfault
 in a library built for another torch) ends the child, not the caller, and is reported with the stage it reached.
@@ -23,8 +23,8 @@ def _emit(obj: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from .errors import DiffbakeError
-    from .runtime import load
+    from diffbake.errors import DiffbakeError
+    from diffbake.runtime.load import load
 
     artifact = argv[0]
     device = argv[1] if len(argv) > 1 and argv[1] else None

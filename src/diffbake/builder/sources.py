@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError, SourceNotFoundError
-from .families import BUILTIN_MODELS, FAMILIES, Family, family_for_pipeline_class, supported_pipeline_classes
-from .recipe import Recipe
+from diffbake.builder.recipe import Recipe
+from diffbake.errors import SourceError, SourceNotFoundError
+from diffbake.format.components import (
+    BUILTIN_MODELS,
+    FAMILIES,
+    Family,
+    family_for_pipeline_class,
+    supported_pipeline_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
     where = str(recipe.path) if recipe.path is not None else "recipe"
     model = recipe.model
     if model in BUILTIN_MODELS:
-        from .tiny import builtin_configs
+        from diffbake.builder.tiny import builtin_configs
 
         family = FAMILIES[BUILTIN_MODELS[model]]
         class_name, vae_scale_factor = builtin_configs(model)
@@ -81,7 +87,7 @@ def load_pipeline(info: SourceInfo, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     if info.kind in BUILTIN_KINDS:
-        from .tiny import make_builtin_pipeline
+        from diffbake.builder.tiny import make_builtin_pipeline
 
         pipe = make_builtin_pipeline(info.location)  # built in float32
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
@@ -101,7 +107,7 @@ def load_module(info: SourceInfo, attr: str, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     if info.kind in BUILTIN_KINDS:
-        from .tiny import make_builtin_component
+        from diffbake.builder.tiny import make_builtin_component
 
         return make_builtin_component(info.location, attr).to(dtype=torch_dtype)
     try:

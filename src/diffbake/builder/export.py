@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .errors import BuildError
-from .manifest import DimSpec, TensorSpec, unflatten_call
+from diffbake.errors import BuildError
+from diffbake.format.manifest import DimSpec, TensorSpec, unflatten_call
 
 
 class FlatCall(torch.nn.Module):

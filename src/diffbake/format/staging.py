@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
+from diffbake.format.manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
 
 logger = logging.getLogger(__name__)
 

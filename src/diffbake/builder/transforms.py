@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import BuildError, RecipeError
-from .recipe import QUANT_METHODS, Quantization
+from diffbake.builder.recipe import QUANT_METHODS, Quantization
+from diffbake.errors import BuildError, RecipeError
 
 logger = logging.getLogger(__name__)
 

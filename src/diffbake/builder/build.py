@@ -22,15 +22,25 @@ from typing import Any, Protocol
 
 import torch
 
-from . import __version__
-from .aoti import compile_package, required_cpu_features
-from .archive import Package, unpack_dir
-from .artifact import Staging
-from .errors import BuildError, RebindError, VerificationError
-from .export import FlatCall, dynamic_shapes, export_component
-from .families import VAE_DECODER
-from .inputs import component_inputs, example_inputs
-from .manifest import (
+from diffbake import __version__
+from diffbake.builder.aoti import compile_package, required_cpu_features
+from diffbake.builder.export import FlatCall, dynamic_shapes, export_component
+from diffbake.builder.inputs import component_inputs, example_inputs
+from diffbake.builder.recipe import (
+    ATTENTION_BACKENDS,
+    ComponentRecipe,
+    Recipe,
+    Variant,
+    check_against_source,
+    load_recipe,
+)
+from diffbake.builder.regional import BlockCall, capture_blocks
+from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
+from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
+from diffbake.errors import BuildError, RebindError, VerificationError
+from diffbake.format.components import VAE_DECODER
+from diffbake.format.host import host_facts
+from diffbake.format.manifest import (
     CONFIG_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -49,13 +59,11 @@ from .manifest import (
     TensorSpec,
     VariantEntry,
 )
-from .recipe import ATTENTION_BACKENDS, ComponentRecipe, Recipe, Variant, check_against_source, load_recipe
-from .regional import BlockCall, capture_blocks
-from .runtime import CompiledComponent, load_regional
-from .selftest import SEED, self_test_inputs, self_test_sizes, summarize
-from .sources import SourceInfo, inspect_source, load_module, load_pipeline
-from .transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
-from .verify import host_facts
+from diffbake.format.staging import Staging
+from diffbake.runtime.compiled import CompiledComponent
+from diffbake.runtime.packages import Package, unpack_dir
+from diffbake.runtime.regional import load_regional
+from diffbake.runtime.selftest import SEED, self_test_inputs, self_test_sizes, summarize
 
 logger = logging.getLogger(__name__)
 

@@ -1,38 +1,35 @@
-"""AOTInductor packages: what one may hold, and opening one with nothing but its shared library loaded.
+"""AOTInductor packages: what one may hold, checked without opening it.
 
-A ``.pt2`` package is a zip file. torch's loader extracts it into a temporary folder and ``dlopen``s the shared
-library inside; if there is none, it compiles the C++ sources it finds, with flags read from the archive. torch's
-Python reader (``load_package``) also runs the C++ compiler at every load to probe the CPU, and unpickles weights
-when an archive holds any. So diffbake inspects each package first and opens it through the C++ loader directly.
+A ``.pt2`` package is a zip file. torch's loader extracts it and ``dlopen``s the shared library inside; if there
+is none, it compiles the C++ sources it finds, with flags read from the archive. torch's Python reader
+(``load_package``) also runs the C++ compiler at every load to probe the CPU, and unpickles weights when an
+archive holds any. So diffbake inspects each package first and opens it through the C++ loader directly
+(:mod:`diffbake.runtime.packages`).
 
 The inspection is an allow-list of exactly what ``diffbake build`` writes (see :data:`ALLOWED`): the archive's
 format records, one shared library, its metadata, and on CUDA the kernel binaries. Sources, compile flags,
 pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
 archive must hold no bytes outside its entries, so Python's zip reader and torch's (miniz) see the same files.
-
-This module is part of the runtime: it imports nothing from the build side.
+The build strips its packages with the same allow-list, so a build fails where the loader would refuse.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import struct
-import tempfile
-import threading
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, CompatibilityError, DiffbakeError
+from diffbake.errors import ArtifactError, CompatibilityError, DiffbakeError
 
 # The model folder inside a package, under the archive's root folder (the package's file name without .pt2).
 MODEL_DIR = "data/aotinductor/model/"
+
+
 # Entry names relative to the root folder. Generated file names are inductor's base32 hashes.
 ALLOWED: dict[str, re.Pattern[str]] = {
     "format": re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"),
@@ -41,11 +38,23 @@ ALLOWED: dict[str, re.Pattern[str]] = {
     # CUDA kernels are separate binaries the library loads (cuModuleLoad), not code the loader compiles.
     "kernel": re.compile(re.escape(MODEL_DIR) + r"[A-Za-z0-9_]+\.(cubin|fatbin)"),
 }
+
+
 MAX_ENTRIES = 4096
+
+
 MAX_METADATA_BYTES = 64 * 1024
+
+
 _ELF_MACHINES = {"x86_64": 62, "AMD64": 62, "aarch64": 183, "arm64": 183, "ppc64le": 21, "s390x": 22}
+
+
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+
+
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError)
+
+
 _ZIP_ERRORS += (RuntimeError, zlib.error, struct.error, KeyError, UnicodeDecodeError, OverflowError)
 
 
@@ -163,94 +172,3 @@ def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise refuse(f"metadata {name!r} is not an object of strings")
     return data
-
-
-# --- opening a package ------------------------------------------------------------------------------------------
-
-# torch's loader extracts into std::filesystem::temp_directory_path(), which reads TMPDIR. TMPDIR is process-wide,
-# so packages are opened one at a time.
-_UNPACK_LOCK = threading.Lock()
-UNPACK_ENV = "DIFFBAKE_UNPACK_DIR"
-
-
-def unpack_dir(requested: str | Path | None = None) -> Path:
-    """Where packages are extracted before their library is loaded: ``requested``, else $DIFFBAKE_UNPACK_DIR,
-    else the system's temporary folder. It must be writable and allow executing what it holds.
-
-    Raises:
-        CompatibilityError: the folder is missing, not writable, or on a filesystem mounted ``noexec``.
-    """
-    chosen = requested or os.environ.get(UNPACK_ENV) or tempfile.gettempdir()
-    folder = Path(chosen)
-    how = (
-        "pass unpack_dir=... to diffbake.load, or set " + UNPACK_ENV + " to a writable folder on a filesystem "
-        "that allows executing programs"
-    )
-    if not folder.is_dir():
-        raise CompatibilityError(f"unpack_dir: {folder} is not a folder; {how}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CompatibilityError(f"unpack_dir: {folder} is not writable; {how}")
-    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_NOEXEC", 8):
-        raise CompatibilityError(
-            f"unpack_dir: {folder} is on a filesystem mounted noexec, so the compiled library extracted there "
-            f"could not be loaded (dlopen would fail with 'failed to map segment'); {how}"
-        )
-    return folder
-
-
-@contextlib.contextmanager
-def _tmpdir(folder: Path) -> Iterator[None]:
-    with _UNPACK_LOCK:
-        before = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = str(folder)
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ["TMPDIR"]
-            else:
-                os.environ["TMPDIR"] = before
-
-
-class Package:
-    """An opened package: its runner, called on a list of tensors. Weights are bound with :meth:`bind`."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        device: str,
-        *,
-        folder: Path,
-        machine: str,
-        device_index: int = -1,
-        runners: int = 1,
-    ):
-        """``runners``: how many calls may run at once; each runner has its own activation buffers and all share
-        the bound weights (calls beyond that wait for a free runner)."""
-        import torch
-
-        self.path = Path(path)
-        # Also when load() inspected every package first (so none loads if any is bad): a package opened on
-        # its own is checked too, and it costs a read of the zip directory.
-        inspect_package(self.path, device, machine)
-        with _tmpdir(folder):
-            try:
-                self._loader = torch._C._aoti.AOTIModelPackageLoader(
-                    str(self.path), "model", False, runners, device_index
-                )
-            except RuntimeError as e:
-                raise ArtifactError(
-                    f"{self.path}: torch could not load this package ({str(e).strip().splitlines()[0]}); "
-                    "check that torch and the artifact come from the same build, or rebuild the artifact"
-                ) from e
-
-    def constant_names(self) -> list[str]:
-        return list(self._loader.get_constant_fqns())
-
-    def bind(self, constants: dict[str, Any]) -> None:
-        """Bind every constant the package expects, in place (``user_managed``: the caller keeps them alive)."""
-        # (constants, use_inactive, check_full_update, user_managed, allow_h2d_copy), as torch's own wrapper calls it
-        self._loader.load_constants(constants, False, True, True, False)
-
-    def __call__(self, *tensors: Any) -> list[Any]:
-        return self._loader.boxed_run(list(tensors))

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
-from .errors import ArtifactError, ArtifactNotFoundError, IntegrityError
-from .families import FAMILIES, KNOWN_COMPONENTS
+from diffbake.errors import ArtifactError, ArtifactNotFoundError, IntegrityError
+from diffbake.format.components import FAMILIES, KNOWN_COMPONENTS
 
 FORMAT_NAME = "diffbake-artifact"
 FORMAT_VERSION = 2

@@ -8,7 +8,7 @@ and a pinned commit sha; both are checked before any request is made.
 Files go through huggingface_hub's own cache, so ``HF_HOME``, ``HF_HUB_OFFLINE``, tokens and mirrors work as
 usual. The chosen build's files are then linked (or copied, across file systems) into a folder of regular files,
 hashed against the manifest once, when fetched, and stamped; later loads check the stamp instead of hashing again
-(see :func:`diffbake.verify.verify_files`). That folder is a plain artifact: everything the loader checks on a local
+(see :func:`diffbake.format.integrity.verify_files`). That folder is a plain artifact: everything the loader checks on a local
 artifact it checks on a fetched one.
 
 This module is on the runtime side: it imports nothing from the build side.
@@ -26,9 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, ArtifactNotFoundError, CompatibilityError, HubError, IntegrityError, TrustError
-from .manifest import MANIFEST_FILE, Manifest, parse_manifest, sealed
-from .verify import check_compatibility, record_stamp, verify_files
+from diffbake.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    CompatibilityError,
+    HubError,
+    IntegrityError,
+    TrustError,
+)
+from diffbake.format.host import check_compatibility
+from diffbake.format.integrity import record_stamp, verify_files
+from diffbake.format.manifest import MANIFEST_FILE, Manifest, parse_manifest, sealed
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +220,9 @@ def fetch(
         snapshot = _snapshot(repo_id, revision, [glob.escape(name) for name in names])
     except _NotCached as e:  # offline, with the manifests cached but not this build's files
         raise ArtifactNotFoundError(str(e)) from None
-    from .artifact import Staging  # only when fetching: a local load imports none of the artifact-writing code
+    from diffbake.format.staging import (
+        Staging,  # only when fetching: a local load imports none of the artifact-writing code
+    )
 
     with Staging(dest) as staging:
         for name in names:

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .builder import LogReporter, Reporter, build
-from .errors import BenchError, DiffbakeError
-from .manifest import RECIPE_FILE, read_manifest
-from .recipe import load_recipe
+from diffbake.builder.build import LogReporter, Reporter, build
+from diffbake.builder.recipe import load_recipe
+from diffbake.errors import BenchError, DiffbakeError
+from diffbake.format.manifest import RECIPE_FILE, read_manifest
 
 REPORT_VERSION = 1
 PROMPT = "a photo of an astronaut riding a horse"
@@ -154,7 +154,8 @@ def _artifact(recipe: Any, recipe_path: Path, dest: Path, *, explicit: bool, reb
 
 
 def _not_reusable(dest: Path, recipe: Any) -> str | None:
-    from .verify import check_compatibility, verify_files
+    from diffbake.format.host import check_compatibility
+    from diffbake.format.integrity import verify_files
 
     if not dest.exists():
         return "no artifact yet"
@@ -189,7 +190,7 @@ def _child(mode: str, common: dict, scratch: Path, timeout: float, env: dict[str
     t0 = time.time()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "diffbake.benchrun", str(spec_path)],
+            [sys.executable, "-m", "diffbake.bench.child", str(spec_path)],
             env=child_env,
             capture_output=True,
             text=True,
@@ -219,7 +220,7 @@ def _report(
     import numpy as np
     import torch
 
-    from .runtime import compiled_call
+    from diffbake.runtime.load import compiled_call
 
     ladder_run = runs.get("ladder")
     flops = ladder_run["flops_per_step"] if ladder_run else None

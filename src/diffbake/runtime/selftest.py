@@ -8,11 +8,15 @@ self_test=True)`` and ``diffbake verify`` replay the call and compare, so a host
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .manifest import SelfTest, VariantEntry
+from diffbake.errors import SelfTestError
+from diffbake.format.manifest import Manifest, SelfTest, VariantEntry, unflatten_call
+from diffbake.runtime.guards import describe
+from diffbake.runtime.standins import CompiledModel
 
 PROBES = 16
 SEED = 1234
@@ -79,3 +83,31 @@ def _probe_indices(n: int) -> list[int]:
     if n <= PROBES:
         return list(range(n))
     return [round(i * (n - 1) / (PROBES - 1)) for i in range(PROBES)]
+
+
+def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Replay every variant's recorded call on the loaded modules; returns one line per variant checked.
+
+    Raises:
+        SelfTestError: a variant's output differs from what the build recorded.
+    """
+    lines = []
+    for name, module in modules.items():
+        entry = manifest.components[name]
+        for i, variant in enumerate(entry.variants):
+            where = f"{name} variant {i + 1}/{len(entry.variants)} ({describe(variant)})"
+            inputs = self_test_inputs(variant, variant.self_test, getattr(module, "device", manifest.device))
+            with torch.no_grad():
+                if isinstance(module, CompiledModel):
+                    out = module._program.variants[i](inputs)
+                else:
+                    kwargs = unflatten_call([s.name for s in variant.inputs], inputs)
+                    out = module(**kwargs, return_dict=False)[0]
+            problem = compare(variant.self_test, out)
+            if problem is not None:
+                raise SelfTestError(
+                    f"{root}: self-test of {where} failed: {problem}; this host computes differently from the build "
+                    "host: rebuild the artifact on (or for) this host, and report it with DIFFBAKE_DEBUG=1 output"
+                )
+            lines.append(f"{where}: matches the build")
+    return lines

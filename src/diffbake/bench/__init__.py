@@ -1,0 +1,1 @@
+"""``diffbake bench``: the artifact against eager diffusers and torch.compile, each measured in a fresh process."""

@@ -1,0 +1,140 @@
+"""Host facts: what compiled code depends on (device, GPU, platform, CPU instruction sets), the CPU targets a
+build may name, and the check that an artifact's recorded facts fit this host.
+
+Loading an AOTInductor package dlopens a shared library; a crash inside it (wrong CPU instructions, another torch
+build) cannot be caught, so this check runs before any compiled code is loaded.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from diffbake.errors import CompatibilityError
+from diffbake.format.manifest import Manifest
+
+# x86 CPU capabilities as torch names them, lowest first: code built for one runs on it and above.
+_CPU_CAPABILITY_RANK = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 2}
+
+
+# CPU targets a recipe may name (besides "native"): the -march level each compiles for, the vector width
+# inductor's kernels use, and the instruction-set extensions (as /proc/cpuinfo names them) that level implies.
+_X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
+
+
+_X86_64_V3 = (*_X86_64_V2, "abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
+
+
+CPU_TARGETS: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "avx2": ("x86-64-v3", 256, _X86_64_V3),
+    "avx512": ("x86-64-v4", 512, (*_X86_64_V3, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+}
+
+
+# Extensions that compiled code can contain; a native build requires every one of them the build host has.
+ISA_FEATURES = frozenset(
+    {f for _, _, features in CPU_TARGETS.values() for f in features}
+    | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg"}
+    | {"avx512_vpopcntdq", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "gfni", "vaes", "vpclmulqdq"}
+    # aarch64 names them in the "Features" line
+    | {"asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm", "fphp", "svebf16", "svei8mm"}
+)
+
+
+def cpu_features() -> frozenset[str] | None:
+    """The instruction-set extensions this CPU has (among :data:`ISA_FEATURES`); None where unknown (no
+    /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split()) & ISA_FEATURES
+    except OSError:
+        pass
+    return None
+
+
+def host_facts(device: str) -> dict[str, Any]:
+    """The facts about this host that compiled code depends on, named as :class:`~diffbake.format.manifest.Host` names
+    them."""
+    import torch
+
+    facts: dict[str, Any] = {
+        "device": device,
+        "platform": platform.system().lower(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+        "compute_capability": None,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+        facts["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    return facts
+
+
+def check_compatibility(manifest: Manifest, device: str) -> None:
+    """Refuse to load where the compiled code cannot run correctly; every recorded fact is compared.
+
+    Raises:
+        CompatibilityError: naming the field, the value recorded at build, the value found here and the remedy.
+    """
+    import torch
+
+    built = manifest.host
+    if device != built.device:
+        raise CompatibilityError(
+            f"device: this artifact was compiled for {built.device!r}, but {device!r} was asked for; "
+            f"load it with device={built.device!r}, or rebuild the recipe with [target] device = {device!r}"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompatibilityError(
+            "device: this artifact was compiled for 'cuda', but this host has no CUDA GPU; load it on a GPU host"
+        )
+    here = host_facts(device)
+
+    def refuse(fld: str, was: Any, now: Any, remedy: str) -> None:
+        raise CompatibilityError(f"{fld}: this artifact was built with {was!r}, this host has {now!r}; {remedy}")
+
+    wanted_torch = manifest.versions["torch"]
+    if wanted_torch != torch.__version__:
+        # Compiled packages link against one torch build's C++ ABI; another build can fail or crash at load.
+        refuse(
+            "torch",
+            wanted_torch,
+            torch.__version__,
+            f"install torch=={wanted_torch} here, or rebuild the artifact with this torch",
+        )
+    if built.cuda != here["cuda"]:
+        refuse("cuda", built.cuda, here["cuda"], "install the torch build (CUDA version) the artifact was built with")
+    for fld in ("platform", "machine"):
+        if getattr(built, fld) != here[fld]:
+            refuse(fld, getattr(built, fld), here[fld], "rebuild the artifact on a host of this platform")
+    if built.compute_capability != here["compute_capability"]:
+        refuse(
+            "compute_capability",
+            built.compute_capability,
+            here["compute_capability"],
+            "CUDA code is built for one GPU architecture; rebuild the artifact on this GPU",
+        )
+    have = cpu_features()
+    if have is None:
+        # No feature list here (not Linux): fall back to torch's coarser capability names.
+        want, now = _CPU_CAPABILITY_RANK.get(built.cpu_capability), _CPU_CAPABILITY_RANK.get(here["cpu_capability"])
+        if want is None or now is None or now < want:
+            refuse("cpu_capability", built.cpu_capability, here["cpu_capability"], _ISA_REMEDY)
+        return
+    missing = sorted(set(built.cpu_features) - have)
+    if missing:
+        raise CompatibilityError(
+            f"cpu_features: this artifact's code (cpu_isa {built.cpu_isa!r}) uses {', '.join(missing)}, which "
+            f"this CPU lacks; {_ISA_REMEDY}"
+        )
+
+
+_ISA_REMEDY = (
+    'executing it would crash the process (illegal instruction); rebuild with [target] cpu_isa = "avx2" '
+    "for a fleet of older CPUs, or build on this CPU"
+)

@@ -1,0 +1,270 @@
+"""A compiled component: its variants (one AOTInductor package each), bound to one shared copy of its weights.
+
+A call goes to the first variant whose compiled shapes fit (exact static variants first, then dynamic ones);
+each variant checks every input first (:mod:`diffbake.runtime.guards`), because compiled code checks none.
+Weights live here, not in the packages, so :meth:`CompiledComponent.bind` swaps them for every variant, and every
+pipeline sharing the component (replicas) sees the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.format.manifest import (
+    ComponentEntry,
+    Manifest,
+    TensorSpec,
+    VariantEntry,
+)
+from diffbake.runtime.graphs import GraphReplay
+from diffbake.runtime.guards import describe, fmt_range, torch_dtype
+from diffbake.runtime.packages import Package
+from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
+
+logger = logging.getLogger(__name__)
+
+
+__all__ = ["CompiledComponent"]
+
+
+class CompiledComponent:
+    """A component's compiled variants, bound to one shared copy of its weights, behind input guards.
+
+    Args:
+        artifact: the artifact folder.
+        entry: the component's manifest entry.
+        device: where the packages run ("cpu", "cuda", "cuda:1").
+        unpack: where packages are extracted before loading (see :func:`diffbake.runtime.packages.unpack_dir`).
+    """
+
+    def __init__(
+        self,
+        artifact: Path,
+        entry: ComponentEntry,
+        device: str,
+        unpack: Path | None = None,
+        concurrency: int = 1,
+        cuda_graphs: bool = False,
+    ):
+        from safetensors.torch import load_file
+
+        self.concurrency = concurrency
+        self.cuda_graphs = cuda_graphs
+        self.entry = entry
+        self.name = entry.name
+        self.device = torch.device(device)
+        self.unpack = unpack or resolve_unpack_dir()
+        self.dtype = torch_dtype(entry.variants[0].output.dtype)
+        weights = load_file(artifact / entry.weights, device=str(self.device))
+        check_weights(entry, weights)
+        # user_managed: every variant's runner uses these tensors in place (one copy in memory), so they must
+        # outlive the runners; we keep them here.
+        self._weights = weights
+        self.variants = [CompiledVariant(self, artifact, v, weights) for v in entry.variants]
+        # Exact static variants first, then dynamic ones, each in recipe order.
+        self._order = sorted(self.variants, key=lambda v: v.entry.dynamic)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.entry.variants[0].inputs]
+
+    def __call__(self, values: list[Any]) -> torch.Tensor:
+        """Run the first variant (static ones first) whose shapes fit the inputs."""
+        if len(self.variants) == 1:
+            return self.variants[0](values)
+        reasons = []
+        for variant in self._order:
+            try:
+                tensors = variant.check(values)
+            except InputMismatchError as e:
+                reasons.append(f"[{describe(variant.entry)}] {e}")
+                continue
+            return variant.run(tensors)
+        raise InputMismatchError(f"{self.name}: no compiled variant fits this call: " + "; ".join(reasons))
+
+
+class CompiledVariant:
+    """One AOTInductor package of a component, bound to the component's weights."""
+
+    def __init__(self, component: CompiledComponent, artifact: Path, entry: VariantEntry, weights: dict):
+        self.component = component
+        self.name = component.name
+        self.device = component.device
+        self.entry = entry
+        # Constants are bound before the first call: a code-only package called without them crashes the process.
+        self._runner = open_package(artifact / entry.package, self.device, component.unpack, component.concurrency)
+        expected = set(self._runner.constant_names())
+        if expected != set(weights):
+            missing = sorted(expected - set(weights))[:5]
+            extra = sorted(set(weights) - expected)[:5]
+            raise ArtifactError(
+                f"{self.name}: {entry.package} expects constants that its weights file does not match "
+                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+            )
+        self._runner.bind(weights)
+        # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
+        self._graphs = GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
+        if component.cuda_graphs and entry.dynamic:
+            logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, describe(entry))
+
+    def __call__(self, values: list[Any]) -> torch.Tensor:
+        return self.run(self.check(values))
+
+    def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self._graphs is not None:
+            return self._graphs(tensors)
+        return self._runner(*tensors)[0]
+
+    def bind(self, weights: dict[str, torch.Tensor]) -> None:
+        """Bind other weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
+        self._runner.bind(weights)
+        if self._graphs is not None:
+            self._graphs = GraphReplay(self)
+
+    def check(self, values: list[Any]) -> list[torch.Tensor]:
+        """Check every input against what was compiled; returns the inputs as the package needs them."""
+        sizes: dict[str, int] = {}
+        specs = self.entry.inputs
+        out: list[Any] = [None] * len(specs)
+        # Coerced inputs (timesteps) take their shape from the others, so check those first.
+        for i in sorted(range(len(specs)), key=lambda i: specs[i].coerce):
+            out[i] = self._check(specs[i], values[i], sizes)
+        return out
+
+    def _check(self, spec: TensorSpec, value: Any, sizes: dict[str, int]) -> torch.Tensor:
+        where = f"{self.name}: input {spec.name!r}"
+        dtype = torch_dtype(spec.dtype)
+        if value is None:
+            raise InputMismatchError(f"{where} is required by the compiled code, but the call passed none")
+        if spec.coerce:
+            # The eager module broadcasts and casts these itself (a scalar int64 timestep, say), so do the same.
+            if not torch.is_tensor(value):
+                value = torch.tensor(value)
+            if value.numel() == 1:
+                value = value.reshape(()).expand([sizes.get(d, 0) if isinstance(d, str) else d for d in spec.shape])
+            value = value.to(device=self.device, dtype=dtype)
+        if not torch.is_tensor(value):
+            raise InputMismatchError(f"{where} must be a tensor, found {type(value).__name__}")
+        if not self._shape_fits(spec, value, sizes):
+            expected = tuple(self._render(d) for d in spec.shape)
+            shown = "(" + ", ".join(expected) + ("," if len(expected) == 1 else "") + ")"
+            raise InputMismatchError(
+                f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {shown} "
+                f"({describe(self.entry)}); {self._shape_hint(spec, value)}"
+            )
+        if value.dtype != dtype:
+            raise InputMismatchError(
+                f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, but this artifact was compiled for "
+                f"{spec.dtype}; load the pipeline with its own dtype (diffbake.load does) and do not cast it"
+            )
+        if value.device != self.device and not (self.device.type == value.device.type and self.device.index is None):
+            raise InputMismatchError(
+                f"{where} is on {value.device}, but this artifact runs on {self.device}; "
+                f"keep the pipeline on {self.device}"
+            )
+        # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
+        return value.contiguous()
+
+    def _shape_fits(self, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> bool:
+        if value.dim() != len(spec.shape):
+            return False
+        for want, have in zip(spec.shape, value.shape, strict=True):
+            if isinstance(want, int):
+                if want != have:
+                    return False
+            elif want in sizes:
+                if sizes[want] != have:  # one symbol, one size: the batch of every input must agree
+                    return False
+            elif self.entry.dims[want].admits(have):
+                sizes[want] = have
+            else:
+                return False
+        return True
+
+    def _render(self, size: int | str) -> str:
+        if isinstance(size, int):
+            return str(size)
+        d = self.entry.dims[size]
+        return f"{d.min}..{d.max}" + (f" (multiple of {d.multiple})" if d.multiple > 1 else "")
+
+    def _shape_hint(self, spec: TensorSpec, value: torch.Tensor) -> str:
+        s = self.entry.shapes
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+        only_batch_differs = (
+            fixed is not None and value.dim() == len(spec.shape) and list(value.shape[1:]) == spec.shape[1:]
+        )
+        if only_batch_differs and self.entry.cfg and value.shape[0] * 2 == fixed:
+            return (
+                f"this artifact was built with cfg = true for {fmt_range(s['batch'])} image(s) per call: call with "
+                f"guidance_scale > 1 (guidance_scale <= 1 turns classifier-free guidance off) and "
+                f"{fmt_range(s['batch'])} image(s) in all, or rebuild with [components.{self.name}] cfg = false"
+            )
+        if only_batch_differs and self.entry.cfg is False and value.shape[0] == fixed * 2:
+            return (
+                f"this artifact was built with cfg = false for {fmt_range(s['batch'])} image(s) per call: call with "
+                f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {fmt_range(s['batch'])} "
+                f"image(s) in all, or rebuild with [components.{self.name}] cfg = true"
+            )
+        call = f"height={fmt_range(s['height'])}, width={fmt_range(s['width'])}"
+        if s.get("text_tokens"):
+            call += f", max_sequence_length={fmt_range(s['text_tokens'])}"
+        return (
+            f"call the pipeline with {call} and {fmt_range(s['batch'])} image(s) in all (prompts x "
+            f"num_images_per_prompt), or rebuild with [components.{self.name}] shapes set for this call"
+        )
+
+
+def open_package(path: Path, device: torch.device, unpack: Path, runners: int = 1) -> Package:
+    return Package(
+        path,
+        device.type,
+        folder=unpack,
+        machine=platform.machine(),
+        device_index=device.index if device.index is not None else -1,
+        runners=runners,
+    )
+
+
+def check_weights(entry: ComponentEntry, weights: dict[str, torch.Tensor]) -> None:
+    """Check loaded weights against the manifest's constants, and restore each one's recorded layout in place.
+
+    load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
+    """
+    specs = entry.constants
+    if set(weights) != set(specs):
+        missing = sorted(set(specs) - set(weights))[:5]
+        extra = sorted(set(weights) - set(specs))[:5]
+        raise ArtifactError(
+            f"{entry.name}: {entry.weights} does not hold the constants the manifest lists "
+            f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
+        )
+    for key, spec in specs.items():
+        t = weights[key]
+        if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
+            raise ArtifactError(
+                f"{entry.name}: constant {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                f"but the package was compiled for {spec.dtype} {spec.shape}; rebuild the artifact"
+            )
+        if list(t.stride()) != spec.stride:
+            # safetensors stores tensors contiguous; restore the layout the package was compiled with.
+            weights[key] = _restride(t, spec.stride)
+
+
+def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    root: Path
+    manifest: Manifest
+    device: str

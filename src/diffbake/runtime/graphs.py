@@ -1,0 +1,87 @@
+"""CUDA graphs for static-shape variants: launch overhead paid once per shape, not once per kernel and step."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffbake.runtime.guards import describe
+
+if TYPE_CHECKING:
+    from diffbake.runtime.compiled import CompiledVariant
+
+logger = logging.getLogger(__name__)
+
+
+class GraphReplay:
+    """CUDA graphs of one static-shape variant: launch overhead paid once per shape, not once per kernel and step.
+
+    The first call at a shape runs as is (lazy initialization, allocator warm-up); the second captures a graph
+    after a warm-up on a side stream and checks that the graph's output equals an uncaptured run's on the same
+    inputs; every later call copies its inputs into the graph's buffers, replays it, and returns a copy of its
+    output buffer (the next replay overwrites it). A capture that fails or disagrees turns graphs off for the
+    variant, with a warning, rather than serving different numbers.
+    """
+
+    def __init__(self, variant: CompiledVariant):
+        self.variant = variant
+        self.seen: set[tuple] = set()
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
+        self.off: str | None = None
+        # Replicas share this object; a graph has one set of buffers, so replays take turns.
+        self.lock = threading.Lock()
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        with self.lock:
+            return self._call(tensors)
+
+    def _call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        run = self.variant._runner
+        if self.off is not None:
+            return run(*tensors)[0]
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return run(*tensors)[0]
+            graph = self._capture(key, tensors)
+            if graph is None:
+                return run(*tensors)[0]
+        inputs, output, cuda_graph = graph
+        for buffer, t in zip(inputs, tensors, strict=True):
+            buffer.copy_(t)
+        cuda_graph.replay()
+        return output.clone()
+
+    def _capture(self, key: tuple, tensors: list[torch.Tensor]) -> tuple | None:
+        run, device = self.variant._runner, self.variant.device
+        inputs = [t.clone() for t in tensors]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    expected = run(*inputs)[0].clone()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = run(*inputs)[0]
+            graph.replay()
+            torch.cuda.synchronize(device)
+        except Exception as e:  # capture is refused for many reasons (a host sync, an unsupported op)
+            return self._turn_off(f"capture failed ({type(e).__name__}: {e})")
+        error = (output.float() - expected.float()).abs().max().item()
+        bound = 1e-3 * expected.float().abs().max().item() + 1e-5
+        if not error <= bound:
+            return self._turn_off(f"the captured graph's output differs from an uncaptured run by {error:.3g}")
+        self.graphs[key] = (inputs, output, graph)
+        return self.graphs[key]
+
+    def _turn_off(self, why: str) -> None:
+        self.off = why
+        logger.warning("%s: CUDA graphs off for %s: %s", self.variant.name, describe(self.variant.entry), why)
+        return None

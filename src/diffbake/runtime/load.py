@@ -1,0 +1,264 @@
+"""``diffbake.load``: an artifact (a folder or a pinned Hub build) back into a working diffusers pipeline, with no
+compile step. Everything that can be checked is checked before the first compiled library is loaded.
+
+This package imports nothing from the build side (export, inductor's compiler, click).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbake.errors import ArtifactError, ArtifactNotFoundError
+from diffbake.format.components import FAMILIES, VAE_DECODER
+from diffbake.format.host import check_compatibility
+from diffbake.format.integrity import verify_files
+from diffbake.format.manifest import (
+    Manifest,
+    read_manifest,
+)
+from diffbake.format.packages import inspect_package
+from diffbake.hub.fetch import check_remote, fetch, is_repo_id
+from diffbake.runtime.compiled import CompiledComponent, LoadedArtifact
+from diffbake.runtime.guards import torch_dtype
+from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
+from diffbake.runtime.regional import load_regional
+from diffbake.runtime.selftest import run_self_test
+from diffbake.runtime.standins import STAND_INS, CompiledModel
+
+logger = logging.getLogger(__name__)
+
+
+def load_component(
+    artifact: str | Path,
+    manifest: Manifest,
+    name: str,
+    device: str | None = None,
+    unpack: Path | None = None,
+    concurrency: int = 1,
+    cuda_graphs: bool = False,
+) -> torch.nn.Module:
+    """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
+    artifact = Path(artifact)
+    entry = manifest.components[name]
+    if entry.mode == "regional":
+        if cuda_graphs:
+            logger.info("%s: regional blocks run without CUDA graphs", name)
+        return load_regional(artifact, entry, device or manifest.device, unpack, concurrency)
+    cls = STAND_INS.get(entry.class_name)
+    if cls is None:
+        raise ArtifactError(
+            f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
+            f"known: {', '.join(STAND_INS)}; upgrade diffbake"
+        )
+    program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency, cuda_graphs)
+    return cls(program, _read_config(artifact / entry.config))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"{path}: not a JSON config ({type(e).__name__}); rebuild the artifact") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: not a JSON object; rebuild the artifact")
+    return config
+
+
+def load(
+    artifact: str | Path,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    build: str | None = None,
+    device: str | None = None,
+    verify: str | None = None,
+    self_test: bool = False,
+    unpack_dir: str | Path | None = None,
+    progress: Callable[[str, str], None] | None = None,
+    concurrency: int = 1,
+    cuda_graphs: bool = False,
+):
+    """Load an artifact as a diffusers pipeline whose denoiser and VAE decoder run the compiled code.
+
+    Everything that can be checked is checked before the first compiled library is loaded, in this order: the
+    manifest (strict schema), the host (torch, device, CUDA, GPU, CPU instruction sets, platform), every file
+    (size and sha256, nothing unlisted) and every package (an allow-list of entries: no sources, no pickles).
+
+    Args:
+        artifact: the artifact folder written by ``diffbake build``, or a Hub repo id ("org/name") that
+            ``diffbake push`` wrote to; a local folder of that name wins.
+        revision: for a Hub repo, the commit sha to load (a branch or tag is refused: it can move).
+        trust_remote_code: must be True for a Hub repo: its builds are native code that runs in this process.
+        build: for a Hub repo, the build folder to use; by default the one that fits this host (a GPU build
+            first, then the CPU build using most of this CPU's instruction sets).
+        device: where to run; defaults to the device the artifact was built for ("cpu" or "cuda[:N]").
+        verify: "full" hashes every file; "stamp" skips the hashing if a stamp recorded by an earlier full
+            verification on this host still matches every file's size, mtime, ctime and inode. The default is
+            "full" for a local folder and "stamp" for a Hub build, whose files are hashed once, when fetched.
+        self_test: replay the call recorded at build on each compiled variant and compare the output.
+        unpack_dir: where packages are extracted before loading; default $DIFFBAKE_UNPACK_DIR, else the
+            temporary folder. It must allow executing programs (not mounted noexec).
+        progress: called with (stage, detail) as each check passes; by default they are logged.
+        concurrency: how many denoiser (and VAE) calls may run at once, from pipelines made with
+            :func:`replicate`; each extra runner costs activation memory only, never a weight copy.
+        cuda_graphs: on a CUDA artifact, replay each static-shape variant as a CUDA graph (captured on the
+            second call at a shape, checked against an uncaptured run); dynamic-shape variants and regional
+            blocks run as they are. Needs ``concurrency=1``: a graph replays into one set of buffers.
+
+    Returns:
+        A ``diffusers.DiffusionPipeline`` (e.g. ``StableDiffusionPipeline``), used as usual:
+        ``pipe(prompt, num_inference_steps=..., generator=...)``.
+
+    Raises:
+        TrustError: a Hub repo without ``trust_remote_code=True`` or without a pinned commit sha; nothing was
+            requested from the Hub.
+        ArtifactNotFoundError: no artifact at that path, no such repo or commit, or (HF_HUB_OFFLINE=1) not cached.
+        HubError: the Hub failed a request.
+        ArtifactError: the artifact is malformed, a file differs from its manifest (IntegrityError), or the
+            self-test failed (SelfTestError).
+        CompatibilityError: the artifact (for a Hub repo: every build, each listed with its reason) was built
+            for another device, torch, platform or CPU, or the unpack folder cannot hold executable code.
+    """
+    import diffusers
+
+    start = time.perf_counter()
+    root = Path(artifact)
+    report = progress or (lambda stage, detail: logger.info("%s: %s", stage, detail))
+    if verify not in (None, "full", "stamp"):
+        raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if cuda_graphs and concurrency != 1:
+        raise ValueError(
+            f"cuda_graphs=True needs concurrency=1 (found {concurrency}): a captured graph replays into one set of "
+            "buffers, so concurrent calls would overwrite each other's results"
+        )
+    if is_repo_id(artifact):
+        check_remote(str(artifact), revision, trust_remote_code=trust_remote_code)
+        root, _ = fetch(str(artifact), revision, device=device, build=build, progress=report)
+        verify = verify or "stamp"
+    elif revision is not None or build is not None:
+        raise ValueError(
+            f"{artifact}: revision= and build= apply to Hub repo ids; this is a local path, loaded as it is"
+        )
+    verify = verify or "full"
+    if not root.exists():
+        raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
+    manifest = read_manifest(root)
+    report("manifest", f"format {manifest.format_version}, {manifest.pipeline_class}, {len(manifest.files)} files")
+    device = device or manifest.device
+    check_compatibility(manifest, torch.device(device).type)
+    if cuda_graphs and manifest.device != "cuda":
+        raise ValueError(
+            f"{root}: cuda_graphs=True applies to CUDA artifacts; this one was built for {manifest.device!r}"
+        )
+    unpack = resolve_unpack_dir(unpack_dir)
+    report("host", f"{device}, torch {torch.__version__}, cpu_isa {manifest.host.cpu_isa}, unpack into {unpack}")
+    how = verify_files(root, manifest, use_stamp=verify == "stamp")
+    total = sum(f.size for f in manifest.files.values())
+    report(
+        "files",
+        f"{len(manifest.files)} files, {total / 1e6:.1f} MB, "
+        + ("stamp matched" if how == "stamp" else "sha256 checked"),
+    )
+    packages = package_paths(manifest)
+    for package in packages:
+        inspect_package(root / package, manifest.device, platform.machine())
+    report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
+
+    family = FAMILIES[manifest.source["family"]]
+    modules = {
+        name: load_component(root, manifest, name, device, unpack, concurrency, cuda_graphs)
+        for name in manifest.components
+    }
+    report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
+    if self_test:
+        for line in run_self_test(root, manifest, modules):
+            report("self-test", line)
+    overrides = {("vae" if name == VAE_DECODER else name): module for name, module in modules.items()}
+    pipeline_cls = getattr(diffusers, manifest.pipeline_class)
+    with _stand_ins_accepted():
+        # use_safetensors: the eager components load from safetensors only, never from pickled checkpoints.
+        pipe = pipeline_cls.from_pretrained(
+            root / manifest.pipeline, dtype=torch_dtype(manifest.dtype), use_safetensors=True, **overrides
+        )
+    pipe.to(device)
+    _set_default_size(pipe, family.denoiser, manifest)
+    # What set_weights and replicate need to know about the artifact this pipeline runs.
+    pipe._diffbake_artifact = LoadedArtifact(root, manifest, device)
+    pipe.set_weights = bound_set_weights(pipe)
+    report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
+    return pipe
+
+
+def compiled_call(manifest: Manifest) -> dict[str, Any]:
+    """Pipeline-call keyword arguments that fit what was compiled: the size and images per call of the
+    denoiser's first variant (the VAE's if only it is compiled), at the low end of a dynamic range, and no
+    guidance where no CFG batch was compiled."""
+    family = FAMILIES[manifest.source["family"]]
+    entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+    variant = entry.variants[0]
+    low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
+    kwargs: dict[str, Any] = {"height": low["height"], "width": low["width"], "num_images_per_prompt": low["batch"]}
+    if low.get("text_tokens"):
+        kwargs["max_sequence_length"] = low["text_tokens"]
+    if variant.cfg is False:
+        kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
+    return kwargs
+
+
+def bound_set_weights(pipe: Any) -> Callable[..., None]:
+    """``pipe.set_weights(artifact)``: :func:`diffbake.set_weights` as a method of the loaded pipeline."""
+
+    def set_weights(artifact: str | Path, *, verify: str = "full") -> None:
+        from diffbake.runtime.serving import set_weights as swap
+
+        swap(pipe, artifact, verify=verify)
+
+    return set_weights
+
+
+def package_paths(manifest: Manifest) -> list[str]:
+    """Every compiled package an artifact holds, relative to its folder."""
+    return [package for entry in manifest.components.values() for package in entry.packages]
+
+
+class _DropStandInTypeWarnings(logging.Filter):
+    # The pipeline's constructor warns that a stand-in is not the annotated eager class; that is the point of it.
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for") and "diffbake.runtime.standins.Compiled" in message)
+
+
+@contextlib.contextmanager
+def _stand_ins_accepted() -> Iterator[None]:
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    quiet = _DropStandInTypeWarnings()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+def _set_default_size(pipe: Any, denoiser: str, manifest: Manifest) -> None:
+    # A bare pipe(prompt) should ask for the compiled size, not the model's native one.
+    entry = manifest.components.get(denoiser)
+    shapes = entry.variants[0].shapes if entry is not None else {}
+    if not isinstance(shapes.get("height"), int) or shapes["height"] != shapes["width"]:
+        return
+    latent = shapes["height"] // pipe.vae_scale_factor
+    if hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = latent
+    module = getattr(pipe, denoiser)
+    if isinstance(module, CompiledModel) and "sample_size" in module.config:
+        module.register_to_config(sample_size=latent)

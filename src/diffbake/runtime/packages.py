@@ -1,0 +1,108 @@
+"""Opening an AOTInductor package with nothing but its shared library loaded, and where it is extracted.
+
+The package is inspected first (:func:`diffbake.format.packages.inspect_package`); it is then opened through
+torch's C++ loader directly, which neither compiles nor unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffbake.errors import ArtifactError, CompatibilityError
+from diffbake.format.packages import inspect_package
+
+# torch's loader extracts into std::filesystem::temp_directory_path(), which reads TMPDIR. TMPDIR is process-wide,
+# so packages are opened one at a time.
+_UNPACK_LOCK = threading.Lock()
+
+
+UNPACK_ENV = "DIFFBAKE_UNPACK_DIR"
+
+
+def unpack_dir(requested: str | Path | None = None) -> Path:
+    """Where packages are extracted before their library is loaded: ``requested``, else $DIFFBAKE_UNPACK_DIR,
+    else the system's temporary folder. It must be writable and allow executing what it holds.
+
+    Raises:
+        CompatibilityError: the folder is missing, not writable, or on a filesystem mounted ``noexec``.
+    """
+    chosen = requested or os.environ.get(UNPACK_ENV) or tempfile.gettempdir()
+    folder = Path(chosen)
+    how = (
+        "pass unpack_dir=... to diffbake.load, or set " + UNPACK_ENV + " to a writable folder on a filesystem "
+        "that allows executing programs"
+    )
+    if not folder.is_dir():
+        raise CompatibilityError(f"unpack_dir: {folder} is not a folder; {how}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CompatibilityError(f"unpack_dir: {folder} is not writable; {how}")
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_NOEXEC", 8):
+        raise CompatibilityError(
+            f"unpack_dir: {folder} is on a filesystem mounted noexec, so the compiled library extracted there "
+            f"could not be loaded (dlopen would fail with 'failed to map segment'); {how}"
+        )
+    return folder
+
+
+@contextlib.contextmanager
+def _tmpdir(folder: Path) -> Iterator[None]:
+    with _UNPACK_LOCK:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(folder)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
+
+
+class Package:
+    """An opened package: its runner, called on a list of tensors. Weights are bound with :meth:`bind`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str,
+        *,
+        folder: Path,
+        machine: str,
+        device_index: int = -1,
+        runners: int = 1,
+    ):
+        """``runners``: how many calls may run at once; each runner has its own activation buffers and all share
+        the bound weights (calls beyond that wait for a free runner)."""
+        import torch
+
+        self.path = Path(path)
+        # Also when load() inspected every package first (so none loads if any is bad): a package opened on
+        # its own is checked too, and it costs a read of the zip directory.
+        inspect_package(self.path, device, machine)
+        with _tmpdir(folder):
+            try:
+                self._loader = torch._C._aoti.AOTIModelPackageLoader(
+                    str(self.path), "model", False, runners, device_index
+                )
+            except RuntimeError as e:
+                raise ArtifactError(
+                    f"{self.path}: torch could not load this package ({str(e).strip().splitlines()[0]}); "
+                    "check that torch and the artifact come from the same build, or rebuild the artifact"
+                ) from e
+
+    def constant_names(self) -> list[str]:
+        return list(self._loader.get_constant_fqns())
+
+    def bind(self, constants: dict[str, Any]) -> None:
+        """Bind every constant the package expects, in place (``user_managed``: the caller keeps them alive)."""
+        # (constants, use_inactive, check_full_update, user_managed, allow_h2d_copy), as torch's own wrapper calls it
+        self._loader.load_constants(constants, False, True, True, False)
+
+    def __call__(self, *tensors: Any) -> list[Any]:
+        return self._loader.boxed_run(list(tensors))

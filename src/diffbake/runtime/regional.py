@@ -1,0 +1,109 @@
+"""Loading a regionally compiled component: the eager module, with each repeated block's forward running the
+package compiled for its group, bound to that block's own parameters (no copy)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.format.manifest import (
+    BlockEntry,
+    ComponentEntry,
+    flatten_call,
+)
+from diffbake.runtime.compiled import check_weights, open_package
+from diffbake.runtime.guards import bind_call, describe
+from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
+
+
+class CompiledBlock:
+    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its weights."""
+
+    def __init__(self, component: str, fqn: str, block: torch.nn.Module, entry: BlockEntry, runner: Any, built: str):
+        self.where = f"{component}: block {fqn!r}"
+        self.built = built
+        self.entry = entry
+        self.signature = inspect.signature(type(block).forward)
+        self.block = block
+        self.runner = runner
+        self.device = next(iter(block.parameters())).device
+        self.names = [spec.name for spec in entry.inputs]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        names = self.names
+        arguments = bind_call(self.where, self.signature, self.block, names, args, kwargs)
+        tensors = []
+        for spec, value in zip(self.entry.inputs, flatten_call(names, arguments), strict=True):
+            if (
+                not torch.is_tensor(value)
+                or list(value.shape) != spec.shape
+                or str(value.dtype) != f"torch.{spec.dtype}"
+            ):
+                found = (
+                    f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+                    if torch.is_tensor(value)
+                    else repr(value)
+                )
+                raise InputMismatchError(
+                    f"{self.where}: input {spec.name!r} is {found}, but it was compiled for {spec.dtype} "
+                    f"{tuple(spec.shape)} ({self.built}); a regional build runs exactly these shapes: call the "
+                    "pipeline with them, or rebuild with the shapes of this call"
+                )
+            tensors.append(value.to(self.device).contiguous())
+        out = self.runner(*tensors)
+        return tuple(out) if self.entry.outputs else out[0]
+
+
+# Eager classes a regional artifact may rebuild from its config (never a class named by the artifact alone).
+REGIONAL_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel")
+
+
+def load_regional(
+    artifact: str | Path, entry: ComponentEntry, device: str, unpack: Path | None = None, concurrency: int = 1
+) -> torch.nn.Module:
+    """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
+    block's forward replaced by its group's compiled package bound to that block's own weights (no copy)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    artifact = Path(artifact)
+    if entry.class_name not in REGIONAL_CLASSES:
+        raise ArtifactError(f"{entry.name}: regional class {entry.class_name!r} is not one of {REGIONAL_CLASSES}")
+    config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        module = getattr(diffusers, entry.class_name).from_config(config)
+    weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
+    check_weights(entry, weights)
+    expected = set(module.state_dict())
+    if set(weights) != expected:
+        raise ArtifactError(
+            f"{entry.name}: {entry.weights} does not hold the state dict of {entry.class_name} with this config "
+            f"(missing: {sorted(expected - set(weights))[:5]}); rebuild the artifact"
+        )
+    module.load_state_dict(weights, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    unpack = unpack or resolve_unpack_dir()
+    for block_entry in entry.blocks:
+        for fqn in block_entry.instances:
+            try:
+                block = module.get_submodule(fqn)
+            except AttributeError:
+                raise ArtifactError(
+                    f"{entry.name}: block {fqn!r} is not part of {entry.class_name}; rebuild the artifact"
+                ) from None
+            runner = open_package(artifact / block_entry.package, torch.device(device), unpack, concurrency)
+            names = runner.constant_names()
+            state = {f"block.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
+            if not set(names) <= set(state):
+                raise ArtifactError(
+                    f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact"
+                )
+            # user_managed: the package reads the block's own parameters in place; nothing is copied.
+            runner.bind({n: state[n].detach() for n in names})
+            block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, describe(entry.variants[0]))
+    return module
