@@ -131,3 +131,46 @@ def _library(package: Path) -> bytes:
     with zipfile.ZipFile(package) as z:
         (name,) = [n for n in z.namelist() if n.endswith(".so")]
         return z.read(name)
+
+
+def test_the_torch_compile_benchmark_runs_each_component_under_its_own_attention_backend():
+    """torch.compile traces at the first call: each component's calls must see its own SDPA setting, not the last
+    component's (no compile here: the compile function is a pass-through that records what a trace would see)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffbake.bench.child import compile_components
+
+    recipe = parse_recipe(
+        textwrap.dedent("""
+        [source]
+        model = "tiny:sd"
+        [components.unet]
+        shapes = { batch = 1, height = 64, width = 64 }
+        compiler = { attention_backend = "math" }
+        [components.vae_decoder]
+        shapes = { batch = 1, height = 64, width = 64 }
+        compiler = { attention_backend = "flash" }
+        """),
+        path="r.toml",
+    )
+    seen = {}
+
+    def recording(name):
+        def call(*args, **kwargs):
+            seen[name] = (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+
+        return call
+
+    unet = torch.nn.Module()
+    unet.forward = recording("unet")
+    vae = torch.nn.Module()
+    vae.decode = recording("vae_decoder")
+    pipe = SimpleNamespace(unet=unet, vae=vae)
+    compile_components(pipe, recipe, compile_fn=lambda fn, **kwargs: fn)
+    outside = (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    pipe.unet()
+    pipe.vae.decode()
+    assert seen == {"unet": (True, False), "vae_decoder": (False, True)}
+    assert (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == outside

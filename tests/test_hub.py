@@ -47,7 +47,8 @@ except Exception as e:
 if args.get("image"):
     g = torch.Generator().manual_seed(0)
     np.save(args["image"], pipe(args["prompt"], num_inference_steps=2, generator=g, output_type="np").images)
-print(json.dumps({"root": str(pipe._diffbake_artifact.root), "stages": stages}))
+from diffbake.runtime.serving import loaded_artifact
+print(json.dumps({"root": str(loaded_artifact(pipe).root), "stages": stages}))
 """
 
 

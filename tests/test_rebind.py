@@ -13,8 +13,9 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditio
 
 import diffbake
 import diffbake.builder.build
-from diffbake.errors import RebindError
+from diffbake.errors import ArtifactError, RebindError
 from diffbake.format.manifest import read_manifest
+from diffbake.runtime.serving import loaded_artifact
 
 CALL = dict(prompt="a photo of a cat", num_inference_steps=3, output_type="np")
 
@@ -135,10 +136,33 @@ def test_set_weights_switches_a_loaded_pipeline_and_back(
     want = _image(DiffusionPipeline.from_pretrained(second_checkpoint))
     assert np.abs(_image(pipe) - want).max() <= 5e-4
     assert np.abs(_image(twin) - want).max() <= 5e-4  # replicas share the weights, so they switch too
-    twin.set_weights(artifacts("sd"))  # the same, as a method of any loaded pipeline or replica
+    assert loaded_artifact(twin).root == rebound  # what a pipeline runs lives on the components it shares
+    diffbake.set_weights(twin, artifacts("sd"))  # through a replica: the original pipeline switches too
     assert np.abs(_image(pipe) - before).max() == 0
+    assert loaded_artifact(pipe).root == artifacts("sd")
     with pytest.raises(RebindError, match=r"not built on the compiled code of .*: other compiled code"):
         diffbake.set_weights(pipe, artifacts("sdxl"))
+
+
+def test_set_weights_is_all_or_nothing(artifacts, rebound: Path, monkeypatch):
+    """A failure while reading the new weights leaves every module as it was: the compiled ones included."""
+    import transformers
+
+    pipe = diffbake.load(artifacts("sd"))
+    before = _image(pipe)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk read error")
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", broken)
+    with pytest.raises(ArtifactError) as e:
+        diffbake.set_weights(pipe, rebound)
+    assert str(e.value) == (
+        f"{rebound / 'pipeline' / 'text_encoder'}: could not load text_encoder (OSError: disk read error); nothing "
+        "was changed; rebuild the artifact with `diffbake rebind`"
+    )
+    assert np.abs(_image(pipe) - before).max() == 0
+    assert loaded_artifact(pipe).root == artifacts("sd")
 
 
 def _rss() -> int:

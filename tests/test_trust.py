@@ -518,6 +518,27 @@ def test_verify_exits_0_on_a_good_artifact_and_1_with_the_reason_otherwise(copy,
     bad(segfault, "the check crashed with SIGSEGV after the 'packages' stage; loading this artifact")
 
 
+def test_verify_is_not_stalled_by_a_child_that_writes_much_to_stderr(copy, tmp_path: Path):
+    # 256 KB on stderr before anything on stdout: a parent that reads stdout first would leave the child blocked
+    # on a full pipe until the timeout, and report a crash.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nsys.stderr.write('w' * (1 << 18) + '\\n')\nsys.stderr.flush()\n"
+    )
+    good = copy()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffbake.cli", "verify", str(good), "--timeout", "120"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"ok: {good} passed every check"
+
+
 def test_errors_are_typed():
     assert issubclass(IntegrityError, ArtifactError) and issubclass(SelfTestError, ArtifactError)
     assert issubclass(ArtifactError, DiffbakeError) and issubclass(ArtifactNotFoundError, FileNotFoundError)

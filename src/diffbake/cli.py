@@ -235,13 +235,14 @@ def generate(
     import torch
 
     from diffbake.runtime.load import compiled_call, load
+    from diffbake.runtime.serving import loaded_artifact
 
     _quiet_loading_bars()
     start = time.perf_counter()
     source = str(artifact) if not artifact.exists() else artifact  # a repo id is not a path
     pipe = load(source, revision=revision, trust_remote_code=trust_remote_code)
     click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)
-    kwargs = compiled_call(pipe._diffbake_artifact.manifest)
+    kwargs = compiled_call(loaded_artifact(pipe).manifest)
     kwargs["num_inference_steps"] = steps
     if height:
         kwargs["height"] = height
@@ -331,6 +332,7 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
     manifest schema, host compatibility, sha256 of every file, package contents, weights binding, and
     the self-test recorded at build (compared against the build host's output).
     """
+    import collections
     import json
     import signal
     import subprocess
@@ -340,9 +342,13 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
+    # stderr is drained alongside stdout: a child blocked on a full stderr pipe would stall until the timeout.
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=2)
+    assert proc.stdout is not None and proc.stderr is not None
+    drain = threading.Thread(target=stderr_tail.extend, args=(iter(lambda: proc.stderr.read(1 << 16), ""),))
+    drain.start()
     stage, result = "start", None
     try:
-        assert proc.stdout is not None
         for line in proc.stdout:
             try:
                 msg = json.loads(line)
@@ -354,10 +360,11 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
                     click.echo(f"  ok  {stage}: {msg['detail']}", err=True)
             elif "ok" in msg:
                 result = msg
-        stderr = proc.stderr.read() if proc.stderr else ""
         code = proc.wait()
     finally:
         timer.cancel()
+        drain.join()
+    stderr = "".join(stderr_tail)
     if result is not None and result["ok"] and code == 0:
         click.echo(f"ok: {artifact} passed every check")
         return

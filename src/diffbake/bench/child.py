@@ -27,7 +27,7 @@ T_IMPORT = time.time()
 
 import torch  # noqa: E402
 
-from diffbake.format.components import FAMILIES, VAE_DECODER  # noqa: E402
+from diffbake.format.components import COMPONENTS, FAMILIES  # noqa: E402
 
 
 def main(spec_path: str) -> None:
@@ -68,34 +68,51 @@ def run_compile(spec: dict) -> dict:
     """The JIT path users take today: the same pipeline and transforms, then ``torch.compile`` of the denoiser and
     ``vae.decode`` (full graph, static shapes as compiled; regional components compile their repeated blocks),
     with the recipe's inductor options."""
-    import contextlib
-
-    from diffbake.builder.build import compile_settings, inductor_options
-
     recipe, info = _recipe(spec)
     pipe = _source_pipeline(recipe, info)
-    with contextlib.ExitStack() as stack:
-        for comp in recipe.components.values():
-            options = inductor_options(comp)
-            stack.enter_context(compile_settings(comp))
-            dynamic = any(v.shapes.dynamic for v in comp.variants) or len(comp.variants) > 1
-            kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if dynamic else False}
-            if options:
-                kwargs["options"] = options
-            if comp.name == VAE_DECODER:
-                pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
-            elif comp.mode == "regional":
-                getattr(pipe, comp.name).compile_repeated_blocks(**kwargs)
-            else:
-                setattr(pipe, comp.name, torch.compile(getattr(pipe, comp.name), **kwargs))
-        return _measure(pipe, spec, info.family.denoiser)
+    compile_components(pipe, recipe)
+    return _measure(pipe, spec, info.family.denoiser)
+
+
+def compile_components(pipe: Any, recipe: Any, compile_fn: Callable[..., Any] | None = None) -> None:
+    """``torch.compile`` each of the recipe's components in place, as the build compiles it: with its inductor
+    options, and with its own torch settings (SDPA kernel, TF32) around every call. torch.compile traces at the
+    first call, so settings entered here and left before the pipeline runs would apply to none of them, and
+    settings left on for the whole run would compile every component under the last one's."""
+    from diffbake.builder.build import inductor_options
+
+    compile_fn = compile_fn or torch.compile
+    for comp in recipe.components.values():
+        dynamic = any(v.shapes.dynamic for v in comp.variants) or len(comp.variants) > 1
+        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if dynamic else False}
+        if inductor_options(comp):
+            kwargs["options"] = inductor_options(comp)
+        where = COMPONENTS[comp.name]
+        module = where.module(pipe)
+        if comp.mode == "regional":
+            module.compile_repeated_blocks(**kwargs)
+            call = where.call(pipe)
+        else:
+            call = compile_fn(where.call(pipe), **kwargs)
+        setattr(module, where.method, _under_settings(comp, call))
+
+
+def _under_settings(comp: Any, call: Callable[..., Any]) -> Callable[..., Any]:
+    from diffbake.builder.build import compile_settings
+
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        with compile_settings(comp):
+            return call(*args, **kwargs)
+
+    return scoped
 
 
 def run_artifact(spec: dict) -> dict:
     from diffbake.runtime.load import load
+    from diffbake.runtime.serving import loaded_artifact
 
     pipe = load(spec["artifact"], device=spec.get("device"))
-    family = FAMILIES[pipe._diffbake_artifact.manifest.source["family"]]
+    family = FAMILIES[loaded_artifact(pipe).manifest.source["family"]]
     return _measure(pipe, spec, family.denoiser)
 
 
@@ -131,7 +148,7 @@ def _source_pipeline(recipe: Any, info: Any) -> Any:
     pipe = load_pipeline(info, recipe.dtype)
     pipe.to(recipe.device)
     for comp in recipe.components.values():
-        module = pipe.vae if comp.name == VAE_DECODER else getattr(pipe, comp.name)
+        module = COMPONENTS[comp.name].module(pipe)
         apply_transforms(comp, module.eval(), LogReporter())
     return pipe
 

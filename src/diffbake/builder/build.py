@@ -38,7 +38,7 @@ from diffbake.builder.regional import BlockCall, capture_blocks
 from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
 from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from diffbake.errors import BuildError, RebindError, VerificationError
-from diffbake.format.components import VAE_DECODER
+from diffbake.format.components import COMPONENTS
 from diffbake.format.host import host_facts
 from diffbake.format.manifest import (
     CONFIG_FILE,
@@ -170,7 +170,7 @@ def write_artifact(
             for name, comp in recipe.components.items()
         }
         with rep.stage("save the eager components"):
-            skip = {"vae" if name == VAE_DECODER else name for name in entries}
+            skip = {COMPONENTS[name].attribute for name in entries}
             _save_pipeline(pipe, staging.path / PIPELINE_DIR, skip)
             (staging.path / RECIPE_FILE).write_text(recipe.text, encoding="utf-8")
         with rep.stage("write manifest"):
@@ -230,8 +230,7 @@ def _build_component_in(
 ) -> ComponentEntry:
     name, family = comp.name, info.family
     start = time.perf_counter()
-    attr = "vae" if name == VAE_DECODER else name
-    method = "decode" if name == VAE_DECODER else "forward"
+    attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
     module.to(recipe.device).eval()
     plans = [_plan(family, comp, v, pipe, recipe) for v in comp.variants]

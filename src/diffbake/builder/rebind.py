@@ -18,7 +18,7 @@ from diffbake.builder.build import LogReporter, Reporter, Reuse, check_destinati
 from diffbake.builder.recipe import check_against_source, parse_recipe
 from diffbake.builder.sources import inspect_source, load_pipeline
 from diffbake.errors import RebindError, SourceError
-from diffbake.format.components import VAE_DECODER
+from diffbake.format.components import COMPONENTS
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import RECIPE_FILE, read_manifest, sha256_file
 
@@ -88,7 +88,7 @@ def rebind(
 def _check_configs(src: Path, manifest: Any, pipe: Any, weights: Any) -> None:
     """The new modules must have the compiled ones' configs: list the first differences otherwise."""
     for name, entry in manifest.components.items():
-        module = getattr(pipe, "vae" if name == VAE_DECODER else name)
+        module = COMPONENTS[name].module(pipe)
         compiled = json.loads((src / entry.config).read_text(encoding="utf-8"))
         new = dict(module.config)
         keys = sorted(k for k in set(compiled) | set(new) if not k.startswith("_"))

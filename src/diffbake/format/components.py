@@ -1,9 +1,10 @@
-"""What diffbake knows about each pipeline family, in one table.
+"""What diffbake compiles, in two tables: the components (what a recipe can name, and where the pipeline holds
+each one) and the pipeline families.
 
 A family ties a diffusers pipeline class to its denoiser attribute, whether its denoiser batch is doubled for
 classifier-free guidance, and the pixel multiple its height and width need. Build and runtime both read this
 table; it imports nothing heavy. Adding a pipeline family is a row here, an input builder in ``inputs.py`` and,
-if its denoiser returns another output type, a row in ``runtime.py``.
+if its denoiser returns another output type, a stand-in in ``runtime/standins.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VAE_DECODER = "vae_decoder"
+
+
+@dataclass(frozen=True)
+class Component:
+    """Where the pipeline holds a compilable component, and which of its methods the compiled code replaces."""
+
+    attribute: str  # the pipeline attribute ("unet", "vae")
+    method: str = "forward"  # the method the pipeline calls ("decode" for the VAE decoder)
+
+    def module(self, pipe: object) -> object:
+        return getattr(pipe, self.attribute)
+
+    def call(self, pipe: object) -> object:
+        """The bound method of ``pipe``'s module that the pipeline calls."""
+        return getattr(self.module(pipe), self.method)
+
+
+# Component name (as a recipe and the manifest name it) -> where it lives; a new component is a row here.
+COMPONENTS: dict[str, Component] = {
+    "unet": Component("unet"),
+    "transformer": Component("transformer"),
+    VAE_DECODER: Component("vae", "decode"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ BUILTIN_MODELS: dict[str, str] = {
 BUILTIN_PREFIXES = ("tiny:", "random:")
 
 KNOWN_COMPONENTS: tuple[str, ...] = tuple(sorted({c for f in FAMILIES.values() for c in f.components}))
+assert set(KNOWN_COMPONENTS) <= set(COMPONENTS), "every family's component needs a row in COMPONENTS"
 
 
 def family_for_pipeline_class(class_name: str) -> Family | None:

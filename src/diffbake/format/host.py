@@ -56,12 +56,13 @@ def cpu_features() -> frozenset[str] | None:
 
 
 def host_facts(device: str) -> dict[str, Any]:
-    """The facts about this host that compiled code depends on, named as :class:`~diffbake.format.manifest.Host` names
-    them."""
+    """The facts about this host that compiled code depends on, named as :class:`~diffbake.format.manifest.Host`
+    names them. ``device`` may carry an index ("cuda:1"): the GPU facts are that GPU's."""
     import torch
 
+    d = torch.device(device)
     facts: dict[str, Any] = {
-        "device": device,
+        "device": d.type,
         "platform": platform.system().lower(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -69,9 +70,9 @@ def host_facts(device: str) -> dict[str, Any]:
         "gpu": None,
         "compute_capability": None,
     }
-    if device == "cuda" and torch.cuda.is_available():
-        facts["gpu"] = torch.cuda.get_device_name()
-        facts["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    if d.type == "cuda" and torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(d)
+        facts["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(d))
     return facts
 
 
@@ -84,6 +85,7 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
     import torch
 
     built = manifest.host
+    asked, device = device, torch.device(device).type  # "cuda:1" is checked as that GPU, below
     if device != built.device:
         raise CompatibilityError(
             f"device: this artifact was compiled for {built.device!r}, but {device!r} was asked for; "
@@ -93,7 +95,7 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
         raise CompatibilityError(
             "device: this artifact was compiled for 'cuda', but this host has no CUDA GPU; load it on a GPU host"
         )
-    here = host_facts(device)
+    here = host_facts(asked)
 
     def refuse(fld: str, was: Any, now: Any, remedy: str) -> None:
         raise CompatibilityError(f"{fld}: this artifact was built with {was!r}, this host has {now!r}; {remedy}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from diffbake.format.manifest import (
     VariantEntry,
 )
 from diffbake.runtime.graphs import GraphReplay
-from diffbake.runtime.guards import describe, fmt_range, torch_dtype
+from diffbake.runtime.guards import check_tensor, describe, fmt_range, resolve_device, torch_dtype
 from diffbake.runtime.packages import Package
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
@@ -59,17 +60,31 @@ class CompiledComponent:
         self.cuda_graphs = cuda_graphs
         self.entry = entry
         self.name = entry.name
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.unpack = unpack or resolve_unpack_dir()
         self.dtype = torch_dtype(entry.variants[0].output.dtype)
+        # The artifact whose weights are bound now (set by diffbake.load; set_weights moves it with the weights).
+        self.loaded_from: LoadedArtifact | None = None
         weights = load_file(artifact / entry.weights, device=str(self.device))
         check_weights(entry, weights)
-        # user_managed: every variant's runner uses these tensors in place (one copy in memory), so they must
-        # outlive the runners; we keep them here.
-        self._weights = weights
-        self.variants = [CompiledVariant(self, artifact, v, weights) for v in entry.variants]
+        self.variants = [CompiledVariant(self, artifact, v) for v in entry.variants]
         # Exact static variants first, then dynamic ones, each in recipe order.
         self._order = sorted(self.variants, key=lambda v: v.entry.dynamic)
+        self.bind(weights)
+
+    def bind(self, weights: dict[str, torch.Tensor], loaded_from: LoadedArtifact | None = None) -> None:
+        """Bind ``weights`` to every variant: a pointer swap, no copy; every pipeline sharing this component sees it.
+
+        ``weights`` must have passed :func:`check_weights` against this component's entry (names, shapes, dtypes,
+        strides restored): the packages check none of it.
+        """
+        for variant in self.variants:
+            variant.bind(weights)
+        # user_managed: every variant's runner uses these tensors in place (one copy in memory), so they must
+        # outlive the runners; we keep them here.
+        self.weights = weights
+        if loaded_from is not None:
+            self.loaded_from = loaded_from
 
     @property
     def input_names(self) -> list[str]:
@@ -93,22 +108,19 @@ class CompiledComponent:
 class CompiledVariant:
     """One AOTInductor package of a component, bound to the component's weights."""
 
-    def __init__(self, component: CompiledComponent, artifact: Path, entry: VariantEntry, weights: dict):
+    def __init__(self, component: CompiledComponent, artifact: Path, entry: VariantEntry):
         self.component = component
         self.name = component.name
         self.device = component.device
         self.entry = entry
-        # Constants are bound before the first call: a code-only package called without them crashes the process.
+        # The component binds its weights before the first call: a code-only package called without them crashes
+        # the process, so the package must expect exactly the constants the manifest lists.
         self._runner = open_package(artifact / entry.package, self.device, component.unpack, component.concurrency)
-        expected = set(self._runner.constant_names())
-        if expected != set(weights):
-            missing = sorted(expected - set(weights))[:5]
-            extra = sorted(set(weights) - expected)[:5]
-            raise ArtifactError(
-                f"{self.name}: {entry.package} expects constants that its weights file does not match "
-                f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
-            )
-        self._runner.bind(weights)
+        require_same_names(
+            f"{self.name}: {entry.package} expects constants that the manifest does not list",
+            expected=self._runner.constant_names(),
+            found=component.entry.constants,
+        )
         # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
         self._graphs = GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
         if component.cuda_graphs and entry.dynamic:
@@ -123,7 +135,7 @@ class CompiledVariant:
         return self._runner(*tensors)[0]
 
     def bind(self, weights: dict[str, torch.Tensor]) -> None:
-        """Bind other weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
+        """Bind weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
         self._runner.bind(weights)
         if self._graphs is not None:
             self._graphs = GraphReplay(self)
@@ -141,36 +153,24 @@ class CompiledVariant:
     def _check(self, spec: TensorSpec, value: Any, sizes: dict[str, int]) -> torch.Tensor:
         where = f"{self.name}: input {spec.name!r}"
         dtype = torch_dtype(spec.dtype)
-        if value is None:
-            raise InputMismatchError(f"{where} is required by the compiled code, but the call passed none")
-        if spec.coerce:
+        if spec.coerce and value is not None:
             # The eager module broadcasts and casts these itself (a scalar int64 timestep, say), so do the same.
             if not torch.is_tensor(value):
                 value = torch.tensor(value)
             if value.numel() == 1:
                 value = value.reshape(()).expand([sizes.get(d, 0) if isinstance(d, str) else d for d in spec.shape])
             value = value.to(device=self.device, dtype=dtype)
-        if not torch.is_tensor(value):
-            raise InputMismatchError(f"{where} must be a tensor, found {type(value).__name__}")
-        if not self._shape_fits(spec, value, sizes):
-            expected = tuple(self._render(d) for d in spec.shape)
-            shown = "(" + ", ".join(expected) + ("," if len(expected) == 1 else "") + ")"
-            raise InputMismatchError(
-                f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {shown} "
-                f"({describe(self.entry)}); {self._shape_hint(spec, value)}"
-            )
-        if value.dtype != dtype:
-            raise InputMismatchError(
-                f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, but this artifact was compiled for "
-                f"{spec.dtype}; load the pipeline with its own dtype (diffbake.load does) and do not cast it"
-            )
-        if value.device != self.device and not (self.device.type == value.device.type and self.device.index is None):
-            raise InputMismatchError(
-                f"{where} is on {value.device}, but this artifact runs on {self.device}; "
-                f"keep the pipeline on {self.device}"
-            )
-        # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
-        return value.contiguous()
+        return check_tensor(where, spec, value, self.device, lambda t: self._shape_problem(where, spec, t, sizes))
+
+    def _shape_problem(self, where: str, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> str | None:
+        if self._shape_fits(spec, value, sizes):
+            return None
+        expected = tuple(self._render(d) for d in spec.shape)
+        shown = "(" + ", ".join(expected) + ("," if len(expected) == 1 else "") + ")"
+        return (
+            f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {shown} "
+            f"({describe(self.entry)}); {self._shape_hint(spec, value)}"
+        )
 
     def _shape_fits(self, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> bool:
         if value.dim() != len(spec.shape):
@@ -238,13 +238,9 @@ def check_weights(entry: ComponentEntry, weights: dict[str, torch.Tensor]) -> No
     load_constants checks no shape, dtype or stride: a mismatch would compute garbage, so check them here.
     """
     specs = entry.constants
-    if set(weights) != set(specs):
-        missing = sorted(set(specs) - set(weights))[:5]
-        extra = sorted(set(weights) - set(specs))[:5]
-        raise ArtifactError(
-            f"{entry.name}: {entry.weights} does not hold the constants the manifest lists "
-            f"(missing: {missing}, unexpected: {extra}); rebuild the artifact"
-        )
+    require_same_names(
+        f"{entry.name}: {entry.weights} does not hold the constants the manifest lists", expected=specs, found=weights
+    )
     for key, spec in specs.items():
         t = weights[key]
         if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
@@ -257,6 +253,18 @@ def check_weights(entry: ComponentEntry, weights: dict[str, torch.Tensor]) -> No
             weights[key] = _restride(t, spec.stride)
 
 
+def require_same_names(what: str, *, expected: Iterable[str], found: Iterable[str]) -> None:
+    """The one check that two sets of tensor names agree (weights, manifest constants, a package's constants).
+
+    Raises:
+        ArtifactError: ``what``, then up to five missing and five unexpected names, and the fix.
+    """
+    expected, found = set(expected), set(found)
+    if expected != found:
+        missing, extra = sorted(expected - found)[:5], sorted(found - expected)[:5]
+        raise ArtifactError(f"{what} (missing: {missing}, unexpected: {extra}); rebuild the artifact")
+
+
 def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
@@ -265,6 +273,8 @@ def _restride(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LoadedArtifact:
+    """The artifact a compiled component's weights came from, and where it runs."""
+
     root: Path
     manifest: Manifest
     device: str

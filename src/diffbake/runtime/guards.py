@@ -7,12 +7,14 @@ numbers. The full-graph variants and the regional blocks both check their inputs
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from diffbake.errors import ArtifactError, InputMismatchError
 from diffbake.format.manifest import (
+    TensorSpec,
     VariantEntry,
 )
 
@@ -59,3 +61,47 @@ def bind_call(
                 f"{', '.join(names)}); call without it"
             )
     return arguments
+
+
+def resolve_device(device: str) -> str:
+    """``device`` with its index: a bare "cuda" is the current CUDA device, so that guards and host facts name
+    the one GPU that runs the code."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(d)
+
+
+def check_tensor(
+    where: str,
+    spec: TensorSpec,
+    value: Any,
+    device: torch.device,
+    shape_problem: Callable[[torch.Tensor], str | None],
+) -> torch.Tensor:
+    """The input check every compiled path runs (full-graph variants and regional blocks alike): a tensor, of a
+    shape that ``shape_problem`` accepts (it returns the message otherwise), of the compiled dtype, on the device
+    the code runs on; returned in the memory layout the code was compiled for.
+
+    Raises:
+        InputMismatchError: saying what differs, what was compiled, and what to call instead.
+    """
+    if value is None:
+        raise InputMismatchError(f"{where} is required by the compiled code, but the call passed none")
+    if not torch.is_tensor(value):
+        raise InputMismatchError(f"{where} must be a tensor, found {type(value).__name__}")
+    problem = shape_problem(value)
+    if problem is not None:
+        raise InputMismatchError(problem)
+    if value.dtype != torch_dtype(spec.dtype):
+        raise InputMismatchError(
+            f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, but this artifact was compiled for "
+            f"{spec.dtype}; load the pipeline with its own dtype (diffbake.load does) and do not cast it"
+        )
+    if value.device != device:
+        # Never moved silently: a copy per call would hide a pipeline split across devices.
+        raise InputMismatchError(
+            f"{where} is on {value.device}, but this artifact runs on {device}; keep the pipeline on {device}"
+        )
+    # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
+    return value.contiguous()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
-from diffbake.format.components import FAMILIES, VAE_DECODER
+from diffbake.format.components import COMPONENTS, FAMILIES, VAE_DECODER
 from diffbake.format.host import check_compatibility
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import (
@@ -28,7 +28,7 @@ from diffbake.format.manifest import (
 from diffbake.format.packages import inspect_package
 from diffbake.hub.fetch import check_remote, fetch, is_repo_id
 from diffbake.runtime.compiled import CompiledComponent, LoadedArtifact
-from diffbake.runtime.guards import torch_dtype
+from diffbake.runtime.guards import resolve_device, torch_dtype
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 from diffbake.runtime.regional import load_regional
 from diffbake.runtime.selftest import run_self_test
@@ -128,11 +128,25 @@ def load(
         CompatibilityError: the artifact (for a Hub repo: every build, each listed with its reason) was built
             for another device, torch, platform or CPU, or the unpack folder cannot hold executable code.
     """
-    import diffusers
-
     start = time.perf_counter()
-    root = Path(artifact)
     report = progress or (lambda stage, detail: logger.info("%s: %s", stage, detail))
+    _check_options(verify, concurrency, cuda_graphs)
+    root, verify = _resolve(artifact, revision, trust_remote_code, build, device, verify, report)
+    manifest, device, unpack = _check_before_native_code(root, device, verify, unpack_dir, cuda_graphs, report)
+    modules = {
+        name: load_component(root, manifest, name, device, unpack, concurrency, cuda_graphs)
+        for name in manifest.components
+    }
+    report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
+    if self_test:
+        for line in run_self_test(root, manifest, modules):
+            report("self-test", line)
+    pipe = _assemble(root, manifest, modules, device)
+    report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
+    return pipe
+
+
+def _check_options(verify: str | None, concurrency: int, cuda_graphs: bool) -> None:
     if verify not in (None, "full", "stamp"):
         raise ValueError(f"verify must be 'full' or 'stamp', not {verify!r}")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -142,21 +156,46 @@ def load(
             f"cuda_graphs=True needs concurrency=1 (found {concurrency}): a captured graph replays into one set of "
             "buffers, so concurrent calls would overwrite each other's results"
         )
+
+
+def _resolve(
+    artifact: str | Path,
+    revision: str | None,
+    trust_remote_code: bool,
+    build: str | None,
+    device: str | None,
+    verify: str | None,
+    report: Callable[[str, str], None],
+) -> tuple[Path, str]:
+    """The local artifact folder (a Hub build is fetched into one first), and how its files are verified."""
     if is_repo_id(artifact):
         check_remote(str(artifact), revision, trust_remote_code=trust_remote_code)
         root, _ = fetch(str(artifact), revision, device=device, build=build, progress=report)
-        verify = verify or "stamp"
-    elif revision is not None or build is not None:
+        # A fetched build was hashed once, as it was fetched; its stamp stands for that.
+        return root, verify or "stamp"
+    if revision is not None or build is not None:
         raise ValueError(
             f"{artifact}: revision= and build= apply to Hub repo ids; this is a local path, loaded as it is"
         )
-    verify = verify or "full"
+    root = Path(artifact)
     if not root.exists():
         raise ArtifactNotFoundError(f"{root}: no such artifact folder; build one with `diffbake build RECIPE`")
+    return root, verify or "full"
+
+
+def _check_before_native_code(
+    root: Path,
+    device: str | None,
+    verify: str,
+    unpack_dir: str | Path | None,
+    cuda_graphs: bool,
+    report: Callable[[str, str], None],
+) -> tuple[Manifest, str, Path]:
+    """Every check that can run before a compiled library is loaded: manifest, host, files, packages."""
     manifest = read_manifest(root)
     report("manifest", f"format {manifest.format_version}, {manifest.pipeline_class}, {len(manifest.files)} files")
-    device = device or manifest.device
-    check_compatibility(manifest, torch.device(device).type)
+    device = resolve_device(device or manifest.device)
+    check_compatibility(manifest, device)
     if cuda_graphs and manifest.device != "cuda":
         raise ValueError(
             f"{root}: cuda_graphs=True applies to CUDA artifacts; this one was built for {manifest.device!r}"
@@ -165,26 +204,23 @@ def load(
     report("host", f"{device}, torch {torch.__version__}, cpu_isa {manifest.host.cpu_isa}, unpack into {unpack}")
     how = verify_files(root, manifest, use_stamp=verify == "stamp")
     total = sum(f.size for f in manifest.files.values())
-    report(
-        "files",
-        f"{len(manifest.files)} files, {total / 1e6:.1f} MB, "
-        + ("stamp matched" if how == "stamp" else "sha256 checked"),
-    )
+    checked = "stamp matched" if how == "stamp" else "sha256 checked"
+    report("files", f"{len(manifest.files)} files, {total / 1e6:.1f} MB, {checked}")
     packages = package_paths(manifest)
     for package in packages:
         inspect_package(root / package, manifest.device, platform.machine())
     report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
+    return manifest, device, unpack
 
-    family = FAMILIES[manifest.source["family"]]
-    modules = {
-        name: load_component(root, manifest, name, device, unpack, concurrency, cuda_graphs)
-        for name in manifest.components
-    }
-    report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
-    if self_test:
-        for line in run_self_test(root, manifest, modules):
-            report("self-test", line)
-    overrides = {("vae" if name == VAE_DECODER else name): module for name, module in modules.items()}
+
+def _assemble(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module], device: str) -> Any:
+    """The diffusers pipeline: the eager components from the artifact, the compiled ones in their places."""
+    import diffusers
+
+    record = LoadedArtifact(root, manifest, device)
+    for module in modules.values():
+        module.diffbake_component.loaded_from = record
+    overrides = {COMPONENTS[name].attribute: module for name, module in modules.items()}
     pipeline_cls = getattr(diffusers, manifest.pipeline_class)
     with _stand_ins_accepted():
         # use_safetensors: the eager components load from safetensors only, never from pickled checkpoints.
@@ -192,11 +228,7 @@ def load(
             root / manifest.pipeline, dtype=torch_dtype(manifest.dtype), use_safetensors=True, **overrides
         )
     pipe.to(device)
-    _set_default_size(pipe, family.denoiser, manifest)
-    # What set_weights and replicate need to know about the artifact this pipeline runs.
-    pipe._diffbake_artifact = LoadedArtifact(root, manifest, device)
-    pipe.set_weights = bound_set_weights(pipe)
-    report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
+    _set_default_size(pipe, FAMILIES[manifest.source["family"]].denoiser, manifest)
     return pipe
 
 
@@ -214,17 +246,6 @@ def compiled_call(manifest: Manifest) -> dict[str, Any]:
     if variant.cfg is False:
         kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
     return kwargs
-
-
-def bound_set_weights(pipe: Any) -> Callable[..., None]:
-    """``pipe.set_weights(artifact)``: :func:`diffbake.set_weights` as a method of the loaded pipeline."""
-
-    def set_weights(artifact: str | Path, *, verify: str = "full") -> None:
-        from diffbake.runtime.serving import set_weights as swap
-
-        swap(pipe, artifact, verify=verify)
-
-    return set_weights
 
 
 def package_paths(manifest: Manifest) -> list[str]:

@@ -10,14 +10,15 @@ from typing import Any
 
 import torch
 
-from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.errors import ArtifactError
 from diffbake.format.manifest import (
     BlockEntry,
     ComponentEntry,
+    TensorSpec,
     flatten_call,
 )
-from diffbake.runtime.compiled import check_weights, open_package
-from diffbake.runtime.guards import bind_call, describe
+from diffbake.runtime.compiled import LoadedArtifact, check_weights, open_package, require_same_names
+from diffbake.runtime.guards import bind_call, check_tensor, describe
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
 
@@ -39,24 +40,48 @@ class CompiledBlock:
         arguments = bind_call(self.where, self.signature, self.block, names, args, kwargs)
         tensors = []
         for spec, value in zip(self.entry.inputs, flatten_call(names, arguments), strict=True):
-            if (
-                not torch.is_tensor(value)
-                or list(value.shape) != spec.shape
-                or str(value.dtype) != f"torch.{spec.dtype}"
-            ):
-                found = (
-                    f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
-                    if torch.is_tensor(value)
-                    else repr(value)
-                )
-                raise InputMismatchError(
-                    f"{self.where}: input {spec.name!r} is {found}, but it was compiled for {spec.dtype} "
-                    f"{tuple(spec.shape)} ({self.built}); a regional build runs exactly these shapes: call the "
-                    "pipeline with them, or rebuild with the shapes of this call"
-                )
-            tensors.append(value.to(self.device).contiguous())
+            where = f"{self.where}: input {spec.name!r}"
+            tensors.append(
+                check_tensor(where, spec, value, self.device, lambda t, s=spec, w=where: self._shape(w, s, t))
+            )
         out = self.runner(*tensors)
         return tuple(out) if self.entry.outputs else out[0]
+
+    def _shape(self, where: str, spec: TensorSpec, value: torch.Tensor) -> str | None:
+        if list(value.shape) == spec.shape:
+            return None
+        return (
+            f"{where} is {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}, but it was compiled for "
+            f"{spec.dtype} {tuple(spec.shape)} ({self.built}); a regional build runs exactly these shapes: call the "
+            "pipeline with them, or rebuild with the shapes of this call"
+        )
+
+
+class RegionalComponent:
+    """A regionally compiled component: the eager module whose repeated blocks run compiled code that reads the
+    module's own parameters in place, so binding other weights is copying them into those parameters."""
+
+    def __init__(self, module: torch.nn.Module, entry: ComponentEntry, device: torch.device):
+        self.module = module
+        self.entry = entry
+        self.name = entry.name
+        self.device = device
+        self.loaded_from: LoadedArtifact | None = None
+
+    def check_state(self, weights: dict[str, torch.Tensor]) -> None:
+        """Check that ``weights`` (passed through :func:`check_weights`) is this module's state dict."""
+        require_same_names(
+            f"{self.name}: {self.entry.weights} does not hold the state dict of {self.entry.class_name} with this "
+            "config",
+            expected=self.module.state_dict(),
+            found=weights,
+        )
+
+    def bind(self, weights: dict[str, torch.Tensor], loaded_from: LoadedArtifact | None = None) -> None:
+        """Copy checked ``weights`` into the module's parameters, which the compiled blocks read in place."""
+        self.module.load_state_dict(weights, strict=True)
+        if loaded_from is not None:
+            self.loaded_from = loaded_from
 
 
 # Eager classes a regional artifact may rebuild from its config (never a class named by the artifact alone).
@@ -79,12 +104,8 @@ def load_regional(
         module = getattr(diffusers, entry.class_name).from_config(config)
     weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
     check_weights(entry, weights)
-    expected = set(module.state_dict())
-    if set(weights) != expected:
-        raise ArtifactError(
-            f"{entry.name}: {entry.weights} does not hold the state dict of {entry.class_name} with this config "
-            f"(missing: {sorted(expected - set(weights))[:5]}); rebuild the artifact"
-        )
+    component = RegionalComponent(module, entry, torch.device(device))
+    component.check_state(weights)
     module.load_state_dict(weights, strict=True, assign=True)
     module.eval().requires_grad_(False)
     unpack = unpack or resolve_unpack_dir()
@@ -106,4 +127,5 @@ def load_regional(
             # user_managed: the package reads the block's own parameters in place; nothing is copied.
             runner.bind({n: state[n].detach() for n in names})
             block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, describe(entry.variants[0]))
+    module.diffbake_component = component
     return module

@@ -99,7 +99,7 @@ def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Mo
             inputs = self_test_inputs(variant, variant.self_test, getattr(module, "device", manifest.device))
             with torch.no_grad():
                 if isinstance(module, CompiledModel):
-                    out = module._program.variants[i](inputs)
+                    out = module.component.variants[i](inputs)
                 else:
                     kwargs = unflatten_call([s.name for s in variant.inputs], inputs)
                     out = module(**kwargs, return_dict=False)[0]

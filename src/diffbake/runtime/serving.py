@@ -4,7 +4,9 @@
 weights, the text encoders) and own only their scheduler, so threads can serve requests in parallel; load with
 ``concurrency=N`` so N denoiser calls can run at once. :func:`set_weights` swaps the weights of a loaded pipeline
 for those of another artifact built on the same compiled code (``diffbake rebind``), in place, between requests.
-Runtime side: no build imports.
+
+What a pipeline was loaded from lives on its compiled components (``module.diffbake_component``), which replicas
+share: a swap through any of them is seen by all.
 """
 
 from __future__ import annotations
@@ -17,24 +19,42 @@ from typing import Any
 import torch
 
 from diffbake.errors import ArtifactError, RebindError
-from diffbake.format.components import VAE_DECODER
+from diffbake.format.components import COMPONENTS
 from diffbake.format.host import check_compatibility
 from diffbake.format.integrity import verify_files
-from diffbake.format.manifest import read_manifest
+from diffbake.format.manifest import Manifest, read_manifest
 from diffbake.runtime.compiled import LoadedArtifact, check_weights
-from diffbake.runtime.load import bound_set_weights
-from diffbake.runtime.standins import CompiledModel
 
-__all__ = ["replicate", "set_weights"]
+__all__ = ["loaded_artifact", "replicate", "set_weights"]
 
 
-def _loaded(pipe: Any) -> LoadedArtifact:
-    loaded = getattr(pipe, "_diffbake_artifact", None)
-    if not isinstance(loaded, LoadedArtifact):
+def compiled_components(pipe: Any) -> dict[str, Any]:
+    """The compiled components of a pipeline loaded with :func:`diffbake.load`, by component name.
+
+    Raises:
+        ArtifactError: ``pipe`` holds no compiled component.
+    """
+    found = {}
+    for name, spec in COMPONENTS.items():
+        module = getattr(pipe, spec.attribute, None)
+        component = getattr(module, "diffbake_component", None)
+        if component is not None and component.name == name:
+            found[name] = component
+    if not found:
         raise ArtifactError(
-            f"{type(pipe).__name__}: not a pipeline loaded with diffbake.load; load the artifact with it first"
+            f"{type(pipe).__name__}: not a pipeline loaded with diffbake.load (it holds no compiled component); "
+            "load the artifact with it first"
         )
-    return loaded
+    return found
+
+
+def loaded_artifact(pipe: Any) -> LoadedArtifact:
+    """The artifact whose weights ``pipe`` (or any replica of it) runs now."""
+    records = {id(c.loaded_from): c.loaded_from for c in compiled_components(pipe).values()}
+    record = next(iter(records.values()))
+    if len(records) != 1 or record is None:
+        raise ArtifactError(f"{type(pipe).__name__}: its compiled components come from different loads")
+    return record
 
 
 def replicate(pipe: Any) -> Any:
@@ -43,15 +63,13 @@ def replicate(pipe: Any) -> Any:
     Calls on different replicas may run in different threads at once. The compiled code serves as many calls at
     once as the ``concurrency`` it was loaded with; further calls wait for a free runner.
     """
-    loaded = _loaded(pipe)
+    compiled_components(pipe)  # refuses a pipeline that diffbake did not load
     components = dict(pipe.components)
     components["scheduler"] = copy.deepcopy(pipe.scheduler)  # timesteps and step index are per request
     # Constructor options kept in the pipeline's config (requires_safety_checker, force_zeros_for_empty_prompt).
     params = inspect.signature(type(pipe).__init__).parameters
     options = {k: v for k, v in pipe.config.items() if k in params and k not in components}
     twin = type(pipe)(**components, **options)
-    twin._diffbake_artifact = loaded
-    twin.set_weights = bound_set_weights(twin)
     for attr in ("default_sample_size",):
         if hasattr(pipe, attr):
             setattr(twin, attr, getattr(pipe, attr))
@@ -61,37 +79,71 @@ def replicate(pipe: Any) -> Any:
 def set_weights(pipe: Any, artifact: str | Path, *, verify: str = "full") -> None:
     """Bind the weights of ``artifact`` (a rebind of the one ``pipe`` was loaded from) to ``pipe``, in place.
 
-    Every module of ``pipe`` and of its replicas switches together. Call it between requests: a call running
-    while the weights change would mix the two.
+    Every module of ``pipe`` and of its replicas switches together, or none does: every new weight is read and
+    checked before the first one is bound. Call it between requests: a call running while the weights change
+    would mix the two.
 
     Raises:
         RebindError: ``artifact`` was not built on the same compiled code.
-        ArtifactError, CompatibilityError: as for :func:`diffbake.load`.
+        ArtifactError, CompatibilityError: as for :func:`diffbake.load`; nothing was changed.
     """
-    loaded = _loaded(pipe)
+    loaded = loaded_artifact(pipe)
     root = Path(artifact)
     manifest = read_manifest(root)
     check_compatibility(manifest, torch.device(loaded.device).type)
     verify_files(root, manifest, use_stamp=verify == "stamp")
     _same_code(loaded, root, manifest)
+    components = compiled_components(pipe)
+    compiled = _read_compiled(root, manifest, components, loaded.device)
+    eager = _read_eager(pipe, root, manifest)
+    # Everything is read and checked: from here on nothing can fail halfway.
+    record = LoadedArtifact(root, manifest, loaded.device)
+    for name, weights in compiled.items():
+        components[name].bind(weights, record)
+    for module, state in eager:
+        module.load_state_dict(state, strict=True)
+
+
+def _read_compiled(root: Path, manifest: Manifest, components: dict[str, Any], device: str) -> dict[str, dict]:
     from safetensors.torch import load_file
 
+    out = {}
     for name, entry in manifest.components.items():
-        module = getattr(pipe, "vae" if name == VAE_DECODER else name)
-        weights = load_file(root / entry.weights, device=str(torch.device(loaded.device)))
+        weights = load_file(root / entry.weights, device=str(torch.device(device)))
         check_weights(entry, weights)
-        if isinstance(module, CompiledModel):
-            program = module._program
-            for variant in program.variants:
-                variant.bind(weights)  # pointer swap: the package reads the new tensors from now on
-            program._weights = weights
-        else:  # regional: the blocks read the module's own parameters, so copying into them is enough
-            module.load_state_dict(weights, strict=True)
-    _swap_eager(pipe, root, manifest, loaded)
-    pipe._diffbake_artifact = LoadedArtifact(root, manifest, loaded.device)
+        if hasattr(components[name], "check_state"):  # regional: the weights are the eager module's state
+            components[name].check_state(weights)
+        out[name] = weights
+    return out
 
 
-def _same_code(loaded: LoadedArtifact, root: Path, manifest: Any) -> None:
+def _read_eager(pipe: Any, root: Path, manifest: Manifest) -> list[tuple[torch.nn.Module, dict]]:
+    """The other artifact's eager modules (text encoders), read and checked against this pipeline's."""
+    compiled = {COMPONENTS[n].attribute for n in manifest.components}
+    out = []
+    for name, module in pipe.components.items():
+        if name in compiled or not isinstance(module, torch.nn.Module):
+            continue
+        folder = root / manifest.pipeline / name
+        try:
+            state = type(module).from_pretrained(folder, dtype=module.dtype, use_safetensors=True).state_dict()
+        except Exception as e:  # any loader failure: report it and change nothing
+            raise ArtifactError(
+                f"{folder}: could not load {name} ({type(e).__name__}: {e}); nothing was changed; rebuild the "
+                "artifact with `diffbake rebind`"
+            ) from e
+        mine = module.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in mine.items()}
+        if {k: tuple(v.shape) for k, v in state.items()} != shapes:
+            raise RebindError(
+                f"{folder}: {name} is not the architecture of the loaded pipeline's {name} (other names or shapes); "
+                "nothing was changed; set_weights takes an artifact made with `diffbake rebind` from the loaded one"
+            )
+        out.append((module, state))
+    return out
+
+
+def _same_code(loaded: LoadedArtifact, root: Path, manifest: Manifest) -> None:
     old = loaded.manifest
     problems = []
     if set(manifest.components) != set(old.components):
@@ -108,14 +160,3 @@ def _same_code(loaded: LoadedArtifact, root: Path, manifest: Any) -> None:
             f"{root}: not built on the compiled code of {loaded.root} ({'; '.join(problems)}); set_weights takes "
             "an artifact made from it with `diffbake rebind`; load this one with diffbake.load instead"
         )
-
-
-def _swap_eager(pipe: Any, root: Path, manifest: Any, loaded: LoadedArtifact) -> None:
-    """Copy the other artifact's eager modules (text encoders) into this pipeline's, in place."""
-    compiled = {"vae" if n == VAE_DECODER else n for n in manifest.components}
-    for name, module in pipe.components.items():
-        if name in compiled or not isinstance(module, torch.nn.Module):
-            continue
-        folder = root / manifest.pipeline / name
-        new = type(module).from_pretrained(folder, dtype=module.dtype, use_safetensors=True)
-        module.load_state_dict(new.state_dict(), strict=True)

@@ -47,28 +47,33 @@ class CompiledModel(ModelMixin, ConfigMixin):
     def __init__(self, program: CompiledComponent, config: dict[str, Any]):
         super().__init__()
         self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
-        self._program = program
+        self.component = program
+
+    @property
+    def diffbake_component(self) -> CompiledComponent:
+        """The compiled component behind this module (what ``diffbake.set_weights`` rebinds)."""
+        return self.component
         self._signature = inspect.signature(getattr(self._stands_for, self._method))
 
     @property
     def device(self) -> torch.device:
-        return self._program.device
+        return self.component.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._program.dtype
+        return self.component.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> CompiledModel:
         # Compiled code runs on one device in one dtype; moving it is not possible, so only a no-op move passes.
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and torch.device(device).type != self.device.type:
             raise InputMismatchError(
-                f"{self._program.name}: this compiled component runs on {self.device} only; it cannot move to "
+                f"{self.component.name}: this compiled component runs on {self.device} only; it cannot move to "
                 f"{device}; rebuild the recipe with [target] device = {torch.device(device).type!r}"
             )
         if dtype is not None and dtype != self.dtype:
             raise InputMismatchError(
-                f"{self._program.name}: this compiled component runs in {self.dtype} only; it cannot be cast to "
+                f"{self.component.name}: this compiled component runs in {self.dtype} only; it cannot be cast to "
                 f"{dtype}; rebuild the recipe with [target] dtype = {str(dtype).removeprefix('torch.')!r}"
             )
         return self
@@ -96,18 +101,18 @@ class CompiledModel(ModelMixin, ConfigMixin):
 
     def _not_applicable(self, what: str) -> None:
         raise InputMismatchError(
-            f"{self._program.name}: {what} does not apply to compiled code, whose attention, layout and memory "
+            f"{self.component.name}: {what} does not apply to compiled code, whose attention, layout and memory "
             "use were fixed when the artifact was built; call the pipeline without it (set what the recipe "
             "offers, such as fuse_qkv or compiler options, and rebuild)"
         )
 
     def _invoke(self, args: tuple, kwargs: dict) -> Any:
         """Call the compiled code as the eager method would be called, and return what it would return."""
-        names = self._program.input_names
+        names = self.component.input_names
         for name in self._ignored:
             kwargs.pop(name, None)
-        arguments = bind_call(self._program.name, self._signature, self, names, args, kwargs)
-        sample = self._program(flatten_call(names, arguments))
+        arguments = bind_call(self.component.name, self._signature, self, names, args, kwargs)
+        sample = self.component(flatten_call(names, arguments))
         return self._output(sample=sample) if arguments.get("return_dict", True) else (sample,)
 
 
