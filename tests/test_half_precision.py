@@ -110,3 +110,24 @@ def test_float16_with_only_the_vae_decoder_compiled(tmp_path: Path, saved_pipeli
     call = dict(prompt="a photo of a cat", num_inference_steps=2, output_type="np")
     got, want = (p(**call, generator=torch.Generator().manual_seed(0)).images for p in (pipe, stock))
     assert np.abs(got - want).max() <= 2e-2
+
+
+def test_a_lora_rebind_measures_its_error_against_float32_with_the_lora_fused(bf16, tmp_path):
+    """error_vs_float32 of a bfloat16 rebind with a LoRA is the bfloat16 error, not the LoRA's own effect."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffbake.builder.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("sd")
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.unet.add_adapter(lora)
+    pipe.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    out = diffbake.rebind(
+        bf16, loras=[(tmp_path / "lora" / "pytorch_lora_weights.safetensors", 1.0)], out=tmp_path / "r"
+    )
+    base = read_manifest(bf16).components["unet"].variants[0]
+    rebound = read_manifest(out).components["unet"].variants[0]
+    # Against the base weights the error would be the LoRA's effect on the output (measured: about 10x this bound).
+    assert rebound.error_vs_float32 <= 3 * base.error_vs_float32, (rebound.error_vs_float32, base.error_vs_float32)

@@ -267,8 +267,9 @@ def test_the_build_that_fits_is_chosen_and_misfits_are_listed_with_reasons(hub, 
     assert misfit_sha != sha
 
     card = hub.files("tester/fleet")["README.md"].decode()
-    fit_name = default_build_name(read_manifest(fits))
-    for name in ("cpu-torch299", "cuda-sm90-float32", fit_name):
+    fit_name, gpu_name = default_build_name(read_manifest(fits)), default_build_name(read_manifest(gpu))
+    assert gpu_name.startswith("cuda-sm90-float32-")
+    for name in ("cpu-torch299", gpu_name, fit_name):
         assert f"### `{name}`" in card
 
     hub.reset_requests()
@@ -284,7 +285,7 @@ def test_the_build_that_fits_is_chosen_and_misfits_are_listed_with_reasons(hub, 
     message = got["message"]
     assert "none of its 2 build(s) fits this host" in message
     assert "cpu-torch299" in message and "torch: this artifact was built with '2.99.0'" in message
-    assert "cuda-sm90-float32" in message
+    assert gpu_name in message
     assert "push it to the same repo with `diffbake push ARTIFACT tester/misfit`" in message
     # Only manifests were fetched: no package or weight byte of a build that cannot run here.
     assert all(p.endswith(MANIFEST_FILE) for p in _downloads(hub)), _downloads(hub)
@@ -381,6 +382,42 @@ def test_choice_prefers_gpu_then_the_widest_cpu_build(hub_artifact):
     builds[2] = Build("gpu", gpu, None)
     assert choose_build("o/r", "0" * 40, builds).name == "gpu"
     assert is_repo_id("org/name") and not is_repo_id("/abs/path") and not is_repo_id("a/b/c")
+
+
+def test_default_build_names_differ_for_every_distinct_host_requirement(hub_artifact):
+    from dataclasses import replace
+
+    m = read_manifest(hub_artifact)
+    host = m.host
+    avx512 = ["avx2", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]
+    amx = replace(m, host=replace(host, cpu_capability="AVX512", cpu_features=[*avx512, "amx_tile", "amx_bf16"]))
+    no_amx = replace(m, host=replace(host, cpu_capability="AVX512", cpu_features=avx512))
+    explicit = replace(m, host=replace(host, cpu_isa="avx512", cpu_features=avx512[:-1]))
+    other_torch = replace(amx, versions={**m.versions, "torch": "2.14.0"})
+    names = [default_build_name(x) for x in (amx, no_amx, explicit, other_torch)]
+    assert len(set(names)) == 4, names
+    assert all(n.startswith("cpu-x86_64-avx512-float32-") for n in names), names
+    # The name is a function of what a host needs: the same requirements, the same folder.
+    assert default_build_name(replace(amx, source={**m.source, "model": "another"})) == names[0]
+
+
+def test_push_refuses_to_replace_another_hosts_build_unless_told(hub, artifacts, tmp_path):
+    home = tmp_path / "publisher"
+    fits = artifacts("sd")
+    name = default_build_name(read_manifest(fits))
+    _push(hub, home, fits, "tester/replace")
+    head = hub.head("tester/replace")
+    other = _foreign(Path(shutil.copytree(fits, tmp_path / "other-torch")), "2.99.0")
+    proc = _cli(hub, home, "push", str(other), "tester/replace", "--build", name)
+    assert proc.returncode == 1, proc.stderr
+    assert (
+        f"error: tester/replace@main: build {name!r} holds a build for another host (torch: "
+        f"'{torch.__version__}' there, '2.99.0' here); pushing would replace it, and the hosts it serves would "
+        "lose it: push under another --build, or pass --replace to replace it; nothing was committed"
+    ) in proc.stderr
+    assert hub.head("tester/replace") == head
+    assert _push(hub, home, other, "tester/replace", "--build", name, "--replace") != head
+    assert json.loads(hub.files("tester/replace")[f"{name}/{MANIFEST_FILE}"])["versions"]["torch"] == "2.99.0"
 
 
 def test_push_to_a_branch_of_a_new_private_repo(hub, artifacts, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditio
 
 import diffbake
 import diffbake.builder.build
-from diffbake.errors import ArtifactError, RebindError
+from diffbake.errors import ArtifactError, CompatibilityError, RebindError
 from diffbake.format.manifest import read_manifest
 from diffbake.runtime.serving import loaded_artifact
+from helpers import edit_manifest
 
 CALL = dict(prompt="a photo of a cat", num_inference_steps=3, output_type="np")
 
@@ -124,6 +126,28 @@ def test_another_architecture_is_refused_with_the_differences(artifacts, saved_p
     ):
         diffbake.rebind(artifacts("sd"), weights=saved_pipelines("sdxl"), out=tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_rebind_keeps_the_compiling_hosts_facts_and_refuses_a_host_they_do_not_fit(
+    artifacts, second_checkpoint: Path, no_compiler, tmp_path
+):
+    """The packages are copied, so the manifest must keep the facts of the host that compiled them."""
+    original = Path(shutil.copytree(artifacts("sd"), tmp_path / "built-elsewhere"))
+    # Facts of another build host that still fit this one: another diffusers, fewer CPU extensions required.
+    features = read_manifest(original).host.cpu_features
+
+    def elsewhere(d: dict) -> None:
+        d["versions"]["diffusers"] = "0.42.0.dev-elsewhere"
+        d["host"]["cpu_features"] = features[:-1]
+
+    edit_manifest(original, elsewhere)
+    out = diffbake.rebind(original, weights=second_checkpoint, out=tmp_path / "rebound")
+    old, new = read_manifest(original), read_manifest(out)
+    assert new.versions == old.versions and new.host == old.host
+    edit_manifest(original, lambda d: d["versions"].update(torch="2.99.0"))
+    with pytest.raises(CompatibilityError, match=r"^torch: this artifact was built with '2.99.0', this host has"):
+        diffbake.rebind(original, weights=second_checkpoint, out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_set_weights_switches_a_loaded_pipeline_and_back(

@@ -390,13 +390,20 @@ def verify(artifact: Path, device: str | None, unpack_dir: Path | None, timeout:
     "--build",
     "build_name",
     default=None,
-    help="Folder of the repo for this build [default: device, hardware and dtype, e.g. cpu-x86_64-avx2-float32].",
+    help="Folder of the repo for this build [default: device, hardware, dtype and a digest of what the host needs, e.g. cpu-x86_64-avx2-float32-1a2b3c4d].",
 )
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--branch", default=None, help="Commit to this branch (created from main if new) [default: main].")
 @click.option("--message", "-m", default=None, help="Commit message [default: diffbake: build BUILD].")
+@click.option("--replace", is_flag=True, help="Replace a build of that name even if it was made for another host.")
 def push(
-    artifact: Path, repo_id: str, build_name: str | None, private: bool, branch: str | None, message: str | None
+    artifact: Path,
+    repo_id: str,
+    build_name: str | None,
+    private: bool,
+    branch: str | None,
+    message: str | None,
+    replace: bool,
 ) -> None:
     """Publish an ARTIFACT to the Hub repo REPO_ID as one commit, and print the commit sha to pin.
 
@@ -417,6 +424,7 @@ def push(
         branch=branch,
         message=message,
         progress=lambda stage, detail: click.echo(f"  {stage}: {detail}", err=True),
+        replace=replace,
     )
     click.echo(
         f"pushed {artifact} to {result.repo_id} as build {result.build} ({result.files} files, "

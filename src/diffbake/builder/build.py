@@ -146,10 +146,12 @@ def check_destination(dest: Path, force: bool) -> None:
 
 @dataclass(frozen=True)
 class Reuse:
-    """Compiled packages to reuse instead of compiling (a rebind): the artifact they are in and its manifest."""
+    """Compiled packages to reuse instead of compiling (a rebind): the artifact they are in and its manifest, and
+    the pipeline in float32 with the rebind's LoRAs fused, for errors measured against it (None: the source's)."""
 
     root: Path
     manifest: Manifest
+    float32_pipeline: Any = None
 
 
 def write_artifact(
@@ -174,7 +176,7 @@ def write_artifact(
             _save_pipeline(pipe, staging.path / PIPELINE_DIR, skip)
             (staging.path / RECIPE_FILE).write_text(recipe.text, encoding="utf-8")
         with rep.stage("write manifest"):
-            staging.commit(lambda files: _manifest(recipe, info, entries, files, source_extra or {}))
+            staging.commit(lambda files: _manifest(recipe, info, entries, files, source_extra or {}, reuse))
     return dest
 
 
@@ -239,7 +241,12 @@ def _build_component_in(
     with rep.stage(f"{name}: float32 eager reference"):
         # What every error is finally measured against: the untransformed component in float32.
         own = recipe.dtype == "float32" and not comp.transformed
-        module32 = module if own else load_module(info, attr, "float32").to(recipe.device).eval()
+        if own:
+            module32 = module
+        elif reuse is not None and reuse.float32_pipeline is not None:
+            module32 = getattr(reuse.float32_pipeline, attr).to(recipe.device).eval()
+        else:
+            module32 = load_module(info, attr, "float32").to(recipe.device).eval()
         for plan in plans:
             plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
         del module32
@@ -565,27 +572,40 @@ def _manifest(
     entries: dict[str, ComponentEntry],
     files: dict[str, FileEntry],
     source_extra: dict[str, Any],
+    reuse: Reuse | None,
 ) -> Manifest:
+    # A rebind copies compiled code: what that code depends on is the compiling host's, not the rebinding one's.
+    versions, host = (
+        (reuse.manifest.versions, reuse.manifest.host) if reuse is not None else (_versions(), _host(recipe))
+    )
     return Manifest(
         format=FORMAT_NAME,
         format_version=FORMAT_VERSION,
-        versions={
-            "diffbake": __version__,
-            "torch": torch.__version__,
-            "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"),
-            "torchao": _version("torchao"),
-            "python": platform.python_version(),
-        },
-        host=Host(
-            **host_facts(_device_type(recipe)),
-            dtype=recipe.dtype,
-            cpu_isa=recipe.cpu_isa,
-            cpu_features=required_cpu_features(recipe.cpu_isa),
-        ),
+        versions=versions,
+        host=host,
         source={**info.to_dict(), **source_extra},
         pipeline_class=info.pipeline_class,
         pipeline=PIPELINE_DIR,
         components=entries,
         files=files,
+    )
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "diffbake": __version__,
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "torchao": _version("torchao"),
+        "python": platform.python_version(),
+    }
+
+
+def _host(recipe: Recipe) -> Host:
+    return Host(
+        **host_facts(_device_type(recipe)),
+        dtype=recipe.dtype,
+        cpu_isa=recipe.cpu_isa,
+        cpu_features=required_cpu_features(recipe.cpu_isa),
     )

@@ -19,6 +19,7 @@ from diffbake.builder.recipe import check_against_source, parse_recipe
 from diffbake.builder.sources import inspect_source, load_pipeline
 from diffbake.errors import RebindError, SourceError
 from diffbake.format.components import COMPONENTS
+from diffbake.format.host import check_compatibility
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import RECIPE_FILE, read_manifest, sha256_file
 
@@ -55,6 +56,9 @@ def rebind(
     with rep.stage(f"check {src}"):
         manifest = read_manifest(src)
         verify_files(src, manifest)  # the compiled code to reuse must be exactly what was built
+        # The rebind runs that code to check the new weights, and its manifest keeps the compiling host's facts:
+        # both hold only where the code fits this host.
+        check_compatibility(manifest, manifest.device)
     dest = Path(out) if out is not None else src.with_name(src.name + "-rebound")
     check_destination(dest, force)
     recipe = parse_recipe((src / RECIPE_FILE).read_text(encoding="utf-8"), path=src / RECIPE_FILE)
@@ -73,16 +77,21 @@ def rebind(
     with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
         pipe = load_pipeline(info, recipe.dtype)
     _check_configs(src, manifest, pipe, weights)
-    fused = []
+    fused, float32 = [], None
     if loras:
         with rep.stage(f"fuse {len(loras)} LoRA(s)"):
             fused = _fuse_loras(pipe, loras)
+        if recipe.dtype != "float32" or any(c.transformed for c in recipe.components.values()):
+            # Errors against float32 are measured against these weights: the base ones would count the LoRA.
+            with rep.stage("float32 reference with the LoRA(s) fused"):
+                float32 = load_pipeline(info, "float32")
+                _fuse_loras(float32, loras)
     text = f"# rebound from {src.name}: weights from {weights}" + "".join(
         f", LoRA {f['file']} x {f['scale']}" for f in fused
     )
     recipe = replace(recipe, text=text + "\n" + recipe.text)
     extra = {"rebound_from": dict(manifest.source), "loras": fused}
-    return write_artifact(recipe, info, pipe, dest, rep, reuse=Reuse(src, manifest), source_extra=extra)
+    return write_artifact(recipe, info, pipe, dest, rep, reuse=Reuse(src, manifest, float32), source_extra=extra)
 
 
 def _check_configs(src: Path, manifest: Any, pipe: Any, weights: Any) -> None:

@@ -136,6 +136,21 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
         )
 
 
+def requirements(manifest: Manifest) -> dict[str, Any]:
+    """What a host must match (or, for CPU features, have) to run an artifact's code: what
+    :func:`check_compatibility` compares, in one place for whatever else tells builds apart by host."""
+    host = manifest.host
+    return {
+        "torch": manifest.versions["torch"],
+        "device": host.device,
+        "platform": host.platform,
+        "machine": host.machine,
+        "cuda": host.cuda,
+        "compute_capability": host.compute_capability,
+        "cpu_features": sorted(host.cpu_features),
+    }
+
+
 _ISA_REMEDY = (
     'executing it would crash the process (illegal instruction); rebuild with [target] cpu_isa = "avx2" '
     "for a fleet of older CPUs, or build on this CPU"

@@ -1,6 +1,6 @@
 """Artifacts on the Hugging Face Hub: pick the build that fits this host, fetch it once, load it from then on.
 
-A repo holds one or more builds, each a complete artifact in its own folder (``cpu-x86_64-avx512-float32/``,
+A repo holds one or more builds, each a complete artifact in its own folder (``cpu-x86_64-avx512-float32-1a2b3c4d/``,
 ``cuda-sm90-bfloat16/`` ...), so one repo can serve a fleet of different machines. A build contains native code
 that runs in the loading process, so a remote artifact is fetched for loading only with ``trust_remote_code=True``
 and a pinned commit sha; both are checked before any request is made.

@@ -1,7 +1,7 @@
 """Publishing an artifact to the Hugging Face Hub: one build per folder, everything in one commit.
 
-A push verifies the artifact, then writes it into its build folder of the repo (``cpu-x86_64-avx512-float32/``
-by default: device, hardware and dtype, so that builds for different machines sit side by side) together with a
+A push verifies the artifact, then writes it into its build folder of the repo (``cpu-x86_64-avx512-float32-1a2b3c4d/``
+by default: device, hardware, dtype and a digest of what a host needs, so builds for different hosts sit side by side) together with a
 model card that describes every build in the repo, in a single ``create_commit`` whose parent is the commit the
 push started from. huggingface_hub uploads the large files first and makes the commit last, so a push that fails
 midway commits nothing, and one that races another push is refused instead of mixing the two. The commit sha is
@@ -10,6 +10,8 @@ returned for pinning: loaders accept nothing else (see :mod:`diffbake.hub.fetch`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import ArtifactError, HubError
+from diffbake.format.host import requirements
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import MANIFEST_FILE, RECIPE_FILE, Manifest, parse_manifest, read_manifest
 from diffbake.hub.fetch import BUILD_NAME, REPO_ID
@@ -38,15 +41,23 @@ class PushResult:
 
 
 def default_build_name(manifest: Manifest) -> str:
-    """``cpu-x86_64-avx2-float32``, ``cuda-sm90-bfloat16``: what a build runs on, so builds for different
-    machines get different folders."""
+    """``cpu-x86_64-avx2-float32-1a2b3c4d``, ``cuda-sm90-bfloat16-5e6f7a8b``: what a build runs on, then a digest
+    of everything a host must match (torch, CUDA, GPU architecture, each CPU extension: see
+    :func:`~diffbake.format.host.requirements`) and the dtype. Builds that need different hosts get different
+    folders even where the readable part is the same (AMX and non-AMX hosts, two torch versions, a native and an
+    explicit avx512 build)."""
     host = manifest.host
     if host.device == "cuda":
         where = f"cuda-sm{(host.compute_capability or 'unknown').replace('.', '')}"
     else:
         isa = host.cpu_isa if host.cpu_isa != "native" else host.cpu_capability.lower().replace(" ", "")
         where = f"{host.device}-{host.machine}-{isa or 'native'}"
-    return f"{where}-{manifest.dtype}"
+    return f"{where}-{manifest.dtype}-{_requirements_digest(manifest)}"
+
+
+def _requirements_digest(manifest: Manifest) -> str:
+    facts = {**requirements(manifest), "dtype": manifest.dtype}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def push(
@@ -59,13 +70,18 @@ def push(
     message: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> PushResult:
     """Push ``artifact`` as build ``build`` of ``repo_id``; the build folder's previous content, if any, is replaced.
+
+    A build folder that holds a build for another host (other torch, CUDA, GPU architecture, CPU extensions or
+    dtype) is replaced only with ``replace=True``: a host that loaded it would otherwise silently get another
+    build, or none.
 
     Raises:
         ArtifactError: the artifact is incomplete or differs from its manifest (nothing is pushed).
         ValueError: a malformed repo id or build name.
-        HubError: the Hub refused or failed; nothing was committed.
+        HubError: the Hub refused or failed, or the build folder holds another host's build; nothing was committed.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -93,9 +109,13 @@ def push(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         parent = api.repo_info(repo_id, revision=revision).sha
         existing = api.list_repo_files(repo_id, revision=parent)
-        others, recipes = _other_builds(api, repo_id, parent, existing, name)
+        others, recipes = _builds(api, repo_id, parent, existing)
     except HfHubHTTPError as e:
         raise HubError(f"{repo_id}: the Hub refused to prepare the push: {_first(e)}") from None
+    previous = others.pop(name, None)
+    recipes.pop(name, None)
+    if previous is not None and not replace:
+        _refuse_another_hosts_build(repo_id, revision, name, previous, manifest)
     assert parent is not None
     report("repo", f"{repo_id}@{revision} is at {parent[:12]}; {len(others)} other build(s) in it")
 
@@ -254,16 +274,27 @@ def _commit_description(m: Manifest) -> str:
     )
 
 
-def _other_builds(
-    api: Any, repo_id: str, parent: str, existing: list[str], name: str
+def _refuse_another_hosts_build(repo_id: str, revision: str, name: str, previous: Manifest, new: Manifest) -> None:
+    was, now = {**requirements(previous), "dtype": previous.dtype}, {**requirements(new), "dtype": new.dtype}
+    differences = [f"{k}: {was[k]!r} there, {now[k]!r} here" for k in was if was[k] != now[k]]
+    if differences:
+        raise HubError(
+            f"{repo_id}@{revision}: build {name!r} holds a build for another host ({'; '.join(differences)}); "
+            "pushing would replace it, and the hosts it serves would lose it: push under another --build, or "
+            "pass --replace to replace it; nothing was committed"
+        )
+
+
+def _builds(
+    api: Any, repo_id: str, parent: str, existing: list[str]
 ) -> tuple[dict[str, Manifest], dict[str, str | None]]:
-    """The repo's other builds (manifests and recipes), described in the model card next to the new one."""
+    """The repo's builds (manifests and recipes), by folder."""
     from huggingface_hub import hf_hub_download
 
     manifests, recipes = {}, {}
     for path in existing:
         folder, _, rest = path.partition("/")
-        if rest != MANIFEST_FILE or folder == name:
+        if rest != MANIFEST_FILE:
             continue
         local = hf_hub_download(repo_id, path, revision=parent, token=api.token)
         try:
