@@ -7,7 +7,6 @@ empty and a warm inductor cache, and the artifact, each in a fresh process.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -39,20 +38,22 @@ def test_bench_writes_json_markdown_and_a_chart(run):
     for name, path in report["paths"].items():
         assert path["first_image_s"] > path["load_s"] > 0, name
         assert len(path["step_s"]) == 3 and path["step_median_s"] >= path["step_min_s"] > 0
-        assert math.isclose(path["startup_overhead_s"], path["first_image_s"] - path["image_median_s"])
         assert path["image_median_s"] > 0 and path["peak_rss_mb"] > 0
         assert path["cuda_peak_mb"] is None  # CPU run
-        assert 0 < path["percent_of_peak"] and math.isclose(
-            path["flops_per_s"], report["flops"]["per_step"] / path["step_median_s"]
-        )
+        assert 0 < path["percent_of_peak"] <= 100
         if name != "eager":
             # The same inputs in every process: the compiled paths reproduce eager (float32).
             assert path["step_max_abs_error_vs_eager"] < 1e-4
             assert path["image_max_abs_error_vs_eager"] < 1e-3
     assert [r["step"] for r in report["ladder"]] == ["float32 eager", "+ AOT compile (full)"]
     assert report["ladder"][1]["max_abs_error"] < 1e-4
+    # What a first image costs beyond a steady one: a cold torch.compile pays its compile there, the artifact not.
+    paths = report["paths"]
+    assert paths["compile_cold"]["startup_overhead_s"] > paths["artifact"]["startup_overhead_s"]
     peak = report["flops"]["matmul_peak"]
-    assert report["flops"]["per_step"] > 0 and peak["dtype"] == "float32" and peak["flops_per_s"] > 0
+    assert peak["dtype"] == "float32" and peak["flops_per_s"] > 0
+    # The step's FLOPs are those of the call the pipeline makes: the UNet on a CFG batch of 2 at 32x32 latents.
+    assert report["flops"]["per_step"] == _unet_step_flops(artifact)
     assert set(report["summary"]) >= {
         "first_image_compile_cold_over_artifact",
         "first_image_compile_warm_over_artifact",
@@ -72,6 +73,17 @@ def test_bench_writes_json_markdown_and_a_chart(run):
         assert label in result.output  # the terminal table
     with Image.open(out / "bench.png") as png:
         assert png.format == "PNG" and png.width == 900 and png.height > 300
+
+
+def _unet_step_flops(artifact: Path) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(artifact / "unet")).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(2, 4, 32, 32), 500, encoder_hidden_states=torch.zeros(2, 77, 32))
+    return counter.get_total_flops()
 
 
 def test_bench_errors(run, artifacts, workdir, tmp_path):

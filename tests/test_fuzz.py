@@ -57,7 +57,9 @@ def fuzz_artifact(artifacts, tmp_path_factory: pytest.TempPathFactory) -> _Origi
     return _Original(Path(shutil.copytree(artifacts("sd"), tmp_path_factory.mktemp("fuzz") / "sd")))
 
 
-def _load_until_native_code(art: Path, monkeypatch) -> None:
+def _load_until_native_code(art: Path, monkeypatch, *, intact: bool) -> None:
+    """Load until native code would run. ``intact``: the manifest says what the original says (its bytes differ
+    at most in layout), so every check must pass; otherwise any outcome but an untyped error is allowed."""
     import torch
 
     def reached(*args, **kwargs):
@@ -66,8 +68,32 @@ def _load_until_native_code(art: Path, monkeypatch) -> None:
     monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", reached)
     try:
         diffbake.load(art)
-    except (DiffbakeError, _Reached):
-        pass
+    except _Reached:
+        return
+    except DiffbakeError as e:
+        assert not intact, f"a manifest equal to the original was refused: {e}"
+        return
+    raise AssertionError("the load passed without opening a package")
+
+
+def _same_content(raw: bytes, original: bytes) -> bool:
+    """Whether ``raw`` is a strict JSON text (no duplicate keys, NaN or Infinity) of the original's content."""
+
+    def strict(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def refuse(name):
+        raise ValueError(name)
+
+    try:
+        mutated = json.loads(raw, object_pairs_hook=strict, parse_constant=refuse)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return False
+    # Compared as canonical text, so that 2.0 is not taken for 2, nor true for 1.
+    return json.dumps(mutated, sort_keys=True) == json.dumps(json.loads(original), sort_keys=True)
 
 
 def _paths(node, prefix=()):
@@ -75,6 +101,20 @@ def _paths(node, prefix=()):
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:
         yield from _paths(child, (*prefix, key))
+
+
+def test_the_fuzz_oracle_tells_an_intact_manifest_from_a_damaged_one(fuzz_artifact, monkeypatch):
+    art, original = fuzz_artifact
+    spaced = json.dumps(json.loads(original), indent=3).encode()  # another layout of the same content
+    assert _same_content(spaced, original)
+    (art / MANIFEST_FILE).write_bytes(spaced)
+    _load_until_native_code(art, monkeypatch, intact=True)
+    damaged = original.replace(b'"format_version": 2', b'"format_version": 3', 1)
+    assert damaged != original and not _same_content(damaged, original)
+    (art / MANIFEST_FILE).write_bytes(damaged)
+    with pytest.raises(AssertionError, match="a manifest equal to the original was refused"):
+        _load_until_native_code(art, monkeypatch, intact=True)
+    (art / MANIFEST_FILE).write_bytes(original)
 
 
 @SETTINGS
@@ -96,7 +136,7 @@ def test_fuzzed_manifest_bytes(fuzz_artifact, monkeypatch, data):
         else:
             del raw[at:]
     (art / MANIFEST_FILE).write_bytes(bytes(raw))
-    _load_until_native_code(art, monkeypatch)
+    _load_until_native_code(art, monkeypatch, intact=_same_content(bytes(raw), original))
 
 
 @SETTINGS
@@ -124,7 +164,7 @@ def test_fuzzed_manifest_structure_sealed_again(fuzz_artifact, monkeypatch, data
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed this path
     (art / MANIFEST_FILE).write_text(json.dumps(seal(manifest)))
-    _load_until_native_code(art, monkeypatch)
+    _load_until_native_code(art, monkeypatch, intact=_same_content(json.dumps(seal(manifest)).encode(), original))
 
 
 class _Bytes(bytes):

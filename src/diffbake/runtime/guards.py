@@ -105,3 +105,97 @@ def check_tensor(
         )
     # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
     return value.contiguous()
+
+
+def check_inputs(name: str, entry: VariantEntry, device: torch.device, values: list[Any]) -> list[torch.Tensor]:
+    """Check every input of a call against one compiled variant; returns the inputs as its package needs them.
+
+    Raises:
+        InputMismatchError: naming the input, what it is, what was compiled, and the call that fits.
+    """
+    sizes: dict[str, int] = {}
+    specs = entry.inputs
+    out: list[Any] = [None] * len(specs)
+    # Coerced inputs (timesteps) take their shape from the others, so check those first.
+    for i in sorted(range(len(specs)), key=lambda i: specs[i].coerce):
+        out[i] = _check(name, entry, device, specs[i], values[i], sizes)
+    return out
+
+
+def _check(
+    name: str, entry: VariantEntry, device: torch.device, spec: TensorSpec, value: Any, sizes: dict[str, int]
+) -> torch.Tensor:
+    where = f"{name}: input {spec.name!r}"
+    dtype = torch_dtype(spec.dtype)
+    if spec.coerce and value is not None:
+        # The eager module broadcasts and casts these itself (a scalar int64 timestep, say), so do the same.
+        if not torch.is_tensor(value):
+            value = torch.tensor(value)
+        if value.numel() == 1:
+            value = value.reshape(()).expand([sizes.get(d, 0) if isinstance(d, str) else d for d in spec.shape])
+        value = value.to(device=device, dtype=dtype)
+    return check_tensor(where, spec, value, device, lambda t: _shape_problem(name, entry, where, spec, t, sizes))
+
+
+def _shape_problem(
+    name: str, entry: VariantEntry, where: str, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]
+) -> str | None:
+    if _shape_fits(entry, spec, value, sizes):
+        return None
+    expected = tuple(_render(entry, d) for d in spec.shape)
+    shown = "(" + ", ".join(expected) + ("," if len(expected) == 1 else "") + ")"
+    return (
+        f"{where} has shape {tuple(value.shape)}, but this artifact was compiled for {shown} "
+        f"({describe(entry)}); {_shape_hint(name, entry, spec, value)}"
+    )
+
+
+def _shape_fits(entry: VariantEntry, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> bool:
+    if value.dim() != len(spec.shape):
+        return False
+    for want, have in zip(spec.shape, value.shape, strict=True):
+        if isinstance(want, int):
+            if want != have:
+                return False
+        elif want in sizes:
+            if sizes[want] != have:  # one symbol, one size: the batch of every input must agree
+                return False
+        elif entry.dims[want].admits(have):
+            sizes[want] = have
+        else:
+            return False
+    return True
+
+
+def _render(entry: VariantEntry, size: int | str) -> str:
+    if isinstance(size, int):
+        return str(size)
+    d = entry.dims[size]
+    return f"{d.min}..{d.max}" + (f" (multiple of {d.multiple})" if d.multiple > 1 else "")
+
+
+def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.Tensor) -> str:
+    s = entry.shapes
+    fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+    only_batch_differs = (
+        fixed is not None and value.dim() == len(spec.shape) and list(value.shape[1:]) == spec.shape[1:]
+    )
+    if only_batch_differs and entry.cfg and value.shape[0] * 2 == fixed:
+        return (
+            f"this artifact was built with cfg = true for {fmt_range(s['batch'])} image(s) per call: call with "
+            f"guidance_scale > 1 (guidance_scale <= 1 turns classifier-free guidance off) and "
+            f"{fmt_range(s['batch'])} image(s) in all, or rebuild with [components.{name}] cfg = false"
+        )
+    if only_batch_differs and entry.cfg is False and value.shape[0] == fixed * 2:
+        return (
+            f"this artifact was built with cfg = false for {fmt_range(s['batch'])} image(s) per call: call with "
+            f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {fmt_range(s['batch'])} "
+            f"image(s) in all, or rebuild with [components.{name}] cfg = true"
+        )
+    call = f"height={fmt_range(s['height'])}, width={fmt_range(s['width'])}"
+    if s.get("text_tokens"):
+        call += f", max_sequence_length={fmt_range(s['text_tokens'])}"
+    return (
+        f"call the pipeline with {call} and {fmt_range(s['batch'])} image(s) in all (prompts x "
+        f"num_images_per_prompt), or rebuild with [components.{name}] shapes set for this call"
+    )
