@@ -237,28 +237,17 @@ def _build_component_in(
     module.to(recipe.device).eval()
     plans = [_plan(family, comp, v, pipe, recipe) for v in comp.variants]
     names = [s.name for s in plans[0].specs]
-
     with rep.stage(f"{name}: float32 eager reference"):
-        # What every error is finally measured against: the untransformed component in float32.
-        own = recipe.dtype == "float32" and not comp.transformed
-        if own:
-            module32 = module
-        elif reuse is not None and reuse.float32_pipeline is not None:
-            module32 = getattr(reuse.float32_pipeline, attr).to(recipe.device).eval()
-        else:
-            module32 = load_module(info, attr, "float32").to(recipe.device).eval()
-        for plan in plans:
-            plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
-        del module32
+        _float32_references(comp, module, method, names, plans, info, recipe, reuse)
     transforms = apply_transforms(comp, module, rep)
-    settings = compile_settings(comp)
-    stack.enter_context(settings)  # attention backend and TF32: for the eager reference, export and compile
+    stack.enter_context(
+        compile_settings(comp)
+    )  # attention backend and TF32: for the eager reference, export and compile
     for plan in plans:  # the eager component exactly as compiled: same dtype, transforms and settings
         plan.reference = [_run(module, method, names, p) for p in plan.points]
     folder = root / name
     folder.mkdir()
     module.save_config(folder)
-    reused = reuse.manifest.components[name] if reuse is not None else None
     if comp.mode == "regional":
         return _build_regional(
             comp, module, method, names, plans[0], transforms, recipe, folder, rep, start, family, reuse
@@ -266,6 +255,64 @@ def _build_component_in(
     if comp.quantization is not None:
         unwrap_for_export(module)
     flat = FlatCall(module, method, names).eval()
+    variants, constants = _compile_variants(comp, flat, plans, recipe, root, folder, rep, reuse)
+    entry = ComponentEntry(
+        name=name,
+        class_name=type(module).__name__,
+        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
+        config=(Path(name) / CONFIG_FILE).as_posix(),
+        constants=constants,
+        transforms=transforms,
+        variants=variants,
+        build_seconds=0.0,
+        compiler=dict(comp.compiler),
+    )
+    with rep.stage(f"{name}: verify against eager"):
+        # Run through the same loader and input guards the runtime uses: the build fails if loading would.
+        compiled = CompiledComponent(root, entry, recipe.device)
+        checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
+    with rep.stage(f"{name}: record self-test"):
+        checked = [_self_test(compiled.variants[i], v, family, recipe, comp) for i, v in enumerate(checked)]
+        del compiled
+    return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
+
+
+def _float32_references(
+    comp: ComponentRecipe,
+    module: Any,
+    method: str,
+    names: list[str],
+    plans: list[_Plan],
+    info: SourceInfo,
+    recipe: Recipe,
+    reuse: Reuse | None,
+) -> None:
+    """What every error is finally measured against: the component in float32, without transforms (for a rebind
+    with LoRAs, with those LoRAs fused)."""
+    attr = COMPONENTS[comp.name].attribute
+    if recipe.dtype == "float32" and not comp.transformed:
+        module32 = module
+    elif reuse is not None and reuse.float32_pipeline is not None:
+        module32 = getattr(reuse.float32_pipeline, attr).to(recipe.device).eval()
+    else:
+        module32 = load_module(info, attr, "float32").to(recipe.device).eval()
+    for plan in plans:
+        plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
+
+
+def _compile_variants(
+    comp: ComponentRecipe,
+    flat: FlatCall,
+    plans: list[_Plan],
+    recipe: Recipe,
+    root: Path,
+    folder: Path,
+    rep: Reporter,
+    reuse: Reuse | None,
+) -> tuple[list[VariantEntry], dict[str, ConstantSpec]]:
+    """Export and compile (or, for a rebind, copy) one package per variant; save the weights they share once."""
+    name = comp.name
+    reused = reuse.manifest.components[name] if reuse is not None else None
     constants: dict[str, ConstantSpec] | None = None
     variants = []
     for i, plan in enumerate(plans):
@@ -289,42 +336,57 @@ def _build_component_in(
                 f"{name}: variant {i + 1} names other constants than variant 1, so they cannot share one weights "
                 "file; report it with DIFFBAKE_DEBUG=1 output"
             )
-        output = TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch."))
-        variants.append(
-            VariantEntry(
-                package=package.relative_to(root).as_posix(),
-                shapes=plan.variant.shapes.to_dict(),
-                cfg=plan.variant.cfg,
-                inputs=plan.specs,
-                dims=plan.dims,
-                output=output,
-                max_abs_error=0.0,
-                tolerance=0.0,
-                error_vs_float32=0.0,
-                self_test=_NO_SELF_TEST,
-            )
-        )
+        variants.append(_unmeasured_variant(package.relative_to(root).as_posix(), plan))
         del exported
+    assert constants is not None  # a recipe component has at least one variant
+    return variants, constants
 
-    entry = ComponentEntry(
-        name=name,
-        class_name=type(module).__name__,
-        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
-        config=(Path(name) / CONFIG_FILE).as_posix(),
-        constants=constants or {},
-        transforms=transforms,
-        variants=variants,
-        build_seconds=0.0,
-        compiler=dict(comp.compiler),
+
+def _unmeasured_variant(package: str, plan: _Plan) -> VariantEntry:
+    # What the loader needs to run the package; its errors and self-test are measured by running it (_verify).
+    return VariantEntry(
+        package=package,
+        shapes=plan.variant.shapes.to_dict(),
+        cfg=plan.variant.cfg,
+        inputs=plan.specs,
+        dims=plan.dims,
+        output=TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch.")),
+        max_abs_error=0.0,
+        tolerance=0.0,
+        error_vs_float32=0.0,
+        self_test=_NO_SELF_TEST,
     )
-    with rep.stage(f"{name}: verify against eager"):
-        # Run through the same loader and input guards the runtime uses: the build fails if loading would.
-        compiled = CompiledComponent(root, entry, recipe.device)
-        checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
-    with rep.stage(f"{name}: record self-test"):
-        checked = [_self_test(compiled.variants[i], v, family, recipe, comp) for i, v in enumerate(checked)]
-        del compiled
-    return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
+
+
+def _block_package(
+    comp: ComponentRecipe,
+    module: Any,
+    i: int,
+    group: Any,
+    recipe: Recipe,
+    folder: Path,
+    rep: Reporter,
+    reuse: Reuse | None,
+) -> BlockEntry:
+    """Export and compile (or, for a rebind, copy) the package of one group of like blocks."""
+    name, root = comp.name, folder.parent
+    label = f"{name} block {group.class_name} x{len(group.instances)}"
+    package = folder / f"block-{i}.pt2"
+    if reuse is not None:
+        shutil.copy2(reuse.root / package.relative_to(root), package)
+    else:
+        first = module.get_submodule(group.instances[0])
+        with rep.stage(f"{label}: export"):
+            exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
+        with rep.stage(f"{label}: compile (AOTInductor)"):
+            _compile(comp, recipe, exported, package)
+    return BlockEntry(
+        package=package.relative_to(root).as_posix(),
+        class_name=group.class_name,
+        instances=group.instances,
+        inputs=group.specs,
+        outputs=group.outputs,
+    )
 
 
 def _build_regional(
@@ -344,49 +406,18 @@ def _build_regional(
     """One package per distinct repeated block; the component's whole state dict is its weights file."""
     name, root = comp.name, folder.parent
     groups = capture_blocks(name, module, lambda: FlatCall(module, method, names)(*plan.points[0]))
-    blocks = []
     reused = reuse.manifest.components[name] if reuse is not None else None
     if reused is not None and [(g.class_name, g.instances) for g in groups] != [
         (b.class_name, b.instances) for b in reused.blocks
     ]:
         raise RebindError(f"{name}: the repeated blocks differ from the compiled artifact's; rebuild instead")
-    for i, group in enumerate(groups):
-        label = f"{name} block {group.class_name} x{len(group.instances)}"
-        package = folder / f"block-{i}.pt2"
-        if reuse is not None:
-            shutil.copy2(reuse.root / package.relative_to(root), package)
-        else:
-            first = module.get_submodule(group.instances[0])
-            with rep.stage(f"{label}: export"):
-                exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
-            with rep.stage(f"{label}: compile (AOTInductor)"):
-                _compile(comp, recipe, exported, package)
-        blocks.append(
-            BlockEntry(
-                package=package.relative_to(root).as_posix(),
-                class_name=group.class_name,
-                instances=group.instances,
-                inputs=group.specs,
-                outputs=group.outputs,
-            )
-        )
+    blocks = [_block_package(comp, module, i, group, recipe, folder, rep, reuse) for i, group in enumerate(groups)]
     with rep.stage(f"{name}: save weights"):
         state = module.state_dict()
         constants = _save_weights(name, state, list(state), folder)
     if reused is not None:
         _same_constants(name, reused.constants, constants)
-    variant = VariantEntry(
-        package="",
-        shapes=plan.variant.shapes.to_dict(),
-        cfg=plan.variant.cfg,
-        inputs=plan.specs,
-        dims=plan.dims,
-        output=TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch.")),
-        max_abs_error=0.0,
-        tolerance=0.0,
-        error_vs_float32=0.0,
-        self_test=_NO_SELF_TEST,
-    )
+    variant = _unmeasured_variant("", plan)  # the blocks are the packages; the variant records the call
     entry = ComponentEntry(
         name=name,
         class_name=type(module).__name__,

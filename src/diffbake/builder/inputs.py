@@ -8,7 +8,6 @@ gives as a range becomes a named symbol shared by every input that carries it (t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +59,7 @@ def example_inputs(
 
     Timesteps are drawn from the range the family's denoiser sees.
     """
-    sizes = {name: (d.max if at == "max" else _example_size(d)) for name, d in dims.items()}
+    sizes = {name: (d.max if at == "max" else d.smallest_above_one()) for name, d in dims.items()}
     g = torch.Generator().manual_seed(seed)
     out = []
     for spec in specs:
@@ -71,12 +70,6 @@ def example_inputs(
             t = torch.randn(shape, generator=g)
         out.append(t.to(getattr(torch, spec.dtype)))
     return out
-
-
-def _example_size(d: DimSpec) -> int:
-    # export specializes a dimension traced at size 1, so trace at 2 (times the multiple) where the range allows.
-    inner = max(2, math.ceil(d.min / d.multiple))
-    return min(inner * d.multiple, d.max // d.multiple * d.multiple)
 
 
 def _latent_sizes(variant: Variant, pipe: Any) -> dict[str, Size]:

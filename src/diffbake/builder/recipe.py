@@ -222,29 +222,9 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{where}: not valid TOML: {e}") from e
     v = _Validator(where)
-
     v.keys(data, _TOP_KEYS, "the top level")
-    source = v.table(data, "source", required=True)
-    v.keys(source, _SOURCE_KEYS, "[source]")
-    model = v.string(source, "model", "[source]", required=True)
-    revision = v.string(source, "revision", "[source]")
-    if model.startswith(BUILTIN_PREFIXES):
-        if model not in BUILTIN_MODELS:
-            known = ", ".join(BUILTIN_MODELS)
-            raise RecipeError(f"{where}: [source] model = {model!r} is not a built-in pipeline; known: {known}")
-        if revision is not None:
-            raise RecipeError(f"{where}: [source] revision applies to Hub ids only; remove it for {model!r}")
-
-    target = v.table(data, "target")
-    v.keys(target, _TARGET_KEYS, "[target]")
-    device = v.choice(target, "device", "[target]", DEVICES, default="cpu")
-    dtype = v.choice(target, "dtype", "[target]", DTYPES, default="float32")
-    cpu_isa = v.choice(target, "cpu_isa", "[target]", CPU_ISAS, default="native")
-    if device == "cuda":
-        _require_cuda(where)
-    if cpu_isa != "native":
-        _require_cpu_isa(where, cpu_isa)
-
+    model, revision = _source(v, data)
+    device, dtype, cpu_isa = _target(v, data)
     tables = v.table(data, "components", required=True)
     v.keys(tables, KNOWN_COMPONENTS, "[components]", what="component")
     if not tables:
@@ -252,62 +232,92 @@ def parse_recipe(text: str, *, path: str | Path | None = None) -> Recipe:
             f"{where}: [components] is empty; name at least one component to compile, "
             f"one of: {', '.join(KNOWN_COMPONENTS)}"
         )
-    components = {}
-    for name, table in tables.items():
-        section = f"[components.{name}]"
-        if not isinstance(table, dict):
-            raise RecipeError(f"{where}: {section} must be a table, found {_typename(table)}")
-        v.keys(table, _COMPONENT_KEYS, section)
-        cfg = v.optional_bool(table, "cfg", section)
-        if name == VAE_DECODER and cfg is not None:
-            raise RecipeError(f"{where}: {section} cfg applies to the denoiser only; remove it here")
-        if "shapes" not in table:
-            raise RecipeError(f"{where}: missing {section} shapes")
-        entries = table["shapes"] if isinstance(table["shapes"], list) else [table["shapes"]]
-        if not entries:
-            raise RecipeError(f"{where}: {section} shapes is an empty array; give at least one shapes table")
-        variants = []
-        for i, entry in enumerate(entries):
-            label = f"{section} shapes" + (f"[{i}]" if isinstance(table["shapes"], list) else "")
-            if not isinstance(entry, dict):
-                raise RecipeError(f"{where}: {label} must be a table, found {_typename(entry)}")
-            v.keys(entry, _SHAPE_KEYS + ("cfg",), label)
-            sizes = {k: v.size(entry, k, label, required=k != "text_tokens") for k in _SHAPE_KEYS}
-            entry_cfg = v.optional_bool(entry, "cfg", label)
-            if name == VAE_DECODER and (entry_cfg is not None or sizes["text_tokens"] is not None):
-                extra = "cfg" if entry_cfg is not None else "text_tokens"
-                raise RecipeError(f"{where}: {label} {extra} applies to the denoiser only; remove it here")
-            variant = Variant(Shapes(**sizes), cfg if entry_cfg is None else entry_cfg)
-            if variant in variants:
-                raise RecipeError(f"{where}: {label} repeats an earlier variant; remove one")
-            variants.append(variant)
-        flags = {k: v.boolean(table, k, section) for k in ("fuse_qkv", "channels_last")}
-        quant = _quantization(v, v.table(table, "quantization", section=section), section, device)
-        mode = v.choice(table, "mode", section, MODES, default="full")
-        if mode == "regional":
-            if name == VAE_DECODER:
-                raise RecipeError(
-                    f"{where}: {section} mode = 'regional': the VAE has no repeated blocks; remove the key"
-                )
-            unsupported = [k for k in ("quantization", "fuse_qkv") if table.get(k)]
-            if unsupported:
-                raise RecipeError(
-                    f"{where}: {section} mode = 'regional' does not support {' and '.join(unsupported)} yet; "
-                    "use mode = 'full' for them"
-                )
-            if len(variants) > 1 or variants[0].shapes.dynamic:
-                raise RecipeError(
-                    f"{where}: {section} mode = 'regional' compiles one static shape; give one shapes table "
-                    "without ranges, or use mode = 'full'"
-                )
-        compiler = _compiler(v, v.table(table, "compiler", section=section), section, device)
-        components[name] = ComponentRecipe(
-            name, tuple(variants), quantization=quant, mode=mode, compiler=compiler, **flags
-        )
-
+    components = {name: _component(v, name, table, device) for name, table in tables.items()}
     return Recipe(
         model, revision, device, dtype, components, cpu_isa=cpu_isa, text=text, path=Path(path) if path else None
     )
+
+
+def _source(v: _Validator, data: dict[str, Any]) -> tuple[str, str | None]:
+    source = v.table(data, "source", required=True)
+    v.keys(source, _SOURCE_KEYS, "[source]")
+    model = v.string(source, "model", "[source]", required=True)
+    revision = v.string(source, "revision", "[source]")
+    if model.startswith(BUILTIN_PREFIXES):
+        if model not in BUILTIN_MODELS:
+            known = ", ".join(BUILTIN_MODELS)
+            raise RecipeError(f"{v.where}: [source] model = {model!r} is not a built-in pipeline; known: {known}")
+        if revision is not None:
+            raise RecipeError(f"{v.where}: [source] revision applies to Hub ids only; remove it for {model!r}")
+    return model, revision
+
+
+def _target(v: _Validator, data: dict[str, Any]) -> tuple[str, str, str]:
+    target = v.table(data, "target")
+    v.keys(target, _TARGET_KEYS, "[target]")
+    device = v.choice(target, "device", "[target]", DEVICES, default="cpu")
+    dtype = v.choice(target, "dtype", "[target]", DTYPES, default="float32")
+    cpu_isa = v.choice(target, "cpu_isa", "[target]", CPU_ISAS, default="native")
+    if device == "cuda":
+        _require_cuda(v.where)
+    if cpu_isa != "native":
+        _require_cpu_isa(v.where, cpu_isa)
+    return device, dtype, cpu_isa
+
+
+def _component(v: _Validator, name: str, table: Any, device: str) -> ComponentRecipe:
+    where, section = v.where, f"[components.{name}]"
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: {section} must be a table, found {_typename(table)}")
+    v.keys(table, _COMPONENT_KEYS, section)
+    cfg = v.optional_bool(table, "cfg", section)
+    if name == VAE_DECODER and cfg is not None:
+        raise RecipeError(f"{where}: {section} cfg applies to the denoiser only; remove it here")
+    variants = _variants(v, name, table, section, cfg)
+    flags = {k: v.boolean(table, k, section) for k in ("fuse_qkv", "channels_last")}
+    quant = _quantization(v, v.table(table, "quantization", section=section), section, device)
+    mode = v.choice(table, "mode", section, MODES, default="full")
+    if mode == "regional":
+        if name == VAE_DECODER:
+            raise RecipeError(f"{where}: {section} mode = 'regional': the VAE has no repeated blocks; remove the key")
+        unsupported = [k for k in ("quantization", "fuse_qkv") if table.get(k)]
+        if unsupported:
+            raise RecipeError(
+                f"{where}: {section} mode = 'regional' does not support {' and '.join(unsupported)} yet; "
+                "use mode = 'full' for them"
+            )
+        if len(variants) > 1 or variants[0].shapes.dynamic:
+            raise RecipeError(
+                f"{where}: {section} mode = 'regional' compiles one static shape; give one shapes table "
+                "without ranges, or use mode = 'full'"
+            )
+    compiler = _compiler(v, v.table(table, "compiler", section=section), section, device)
+    return ComponentRecipe(name, tuple(variants), quantization=quant, mode=mode, compiler=compiler, **flags)
+
+
+def _variants(v: _Validator, name: str, table: dict[str, Any], section: str, cfg: bool | None) -> list[Variant]:
+    where = v.where
+    if "shapes" not in table:
+        raise RecipeError(f"{where}: missing {section} shapes")
+    entries = table["shapes"] if isinstance(table["shapes"], list) else [table["shapes"]]
+    if not entries:
+        raise RecipeError(f"{where}: {section} shapes is an empty array; give at least one shapes table")
+    variants: list[Variant] = []
+    for i, entry in enumerate(entries):
+        label = f"{section} shapes" + (f"[{i}]" if isinstance(table["shapes"], list) else "")
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: {label} must be a table, found {_typename(entry)}")
+        v.keys(entry, _SHAPE_KEYS + ("cfg",), label)
+        sizes = {k: v.size(entry, k, label, required=k != "text_tokens") for k in _SHAPE_KEYS}
+        entry_cfg = v.optional_bool(entry, "cfg", label)
+        if name == VAE_DECODER and (entry_cfg is not None or sizes["text_tokens"] is not None):
+            extra = "cfg" if entry_cfg is not None else "text_tokens"
+            raise RecipeError(f"{where}: {label} {extra} applies to the denoiser only; remove it here")
+        variant = Variant(Shapes(**sizes), cfg if entry_cfg is None else entry_cfg)
+        if variant in variants:
+            raise RecipeError(f"{where}: {label} repeats an earlier variant; remove one")
+        variants.append(variant)
+    return variants
 
 
 def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) -> Recipe:

@@ -73,6 +73,15 @@ class DimSpec:
     def admits(self, value: int) -> bool:
         return self.min <= value <= self.max and value % self.multiple == 0
 
+    def smallest_above_one(self) -> int:
+        """The smallest admitted size above 1 (twice the multiple, where the range allows), else the largest.
+
+        Export specializes a dimension it traces at size 1, and compiled code may special-case 1, so examples
+        for export and the recorded self-test use this size.
+        """
+        inner = max(2, -(-self.min // self.multiple))
+        return min(inner * self.multiple, self.max // self.multiple * self.multiple)
+
 
 @dataclass(frozen=True)
 class ConstantSpec:

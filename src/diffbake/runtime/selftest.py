@@ -23,13 +23,8 @@ SEED = 1234
 
 
 def self_test_sizes(variant: VariantEntry) -> dict[str, int]:
-    """Each dynamic dimension at the smallest size above 1 its range admits (the compiled code specializes 1)."""
-    sizes = {}
-    for name, d in variant.dims.items():
-        size = max(d.min, 2 * d.multiple)
-        size = -(-size // d.multiple) * d.multiple
-        sizes[name] = size if d.admits(size) else d.max // d.multiple * d.multiple
-    return sizes
+    """Each dynamic dimension at the size export traced it at (:meth:`DimSpec.smallest_above_one`)."""
+    return {name: d.smallest_above_one() for name, d in variant.dims.items()}
 
 
 def self_test_inputs(variant: VariantEntry, test: SelfTest, device: Any) -> list[torch.Tensor]:
