@@ -270,7 +270,7 @@ def _build_component_in(
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
         compiled = CompiledComponent(root, entry, recipe.device)
-        checked = [_verify(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
+        checked = [_compare_with_eager(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
     with rep.stage(f"{name}: record self-test"):
         checked = [_self_test(compiled.variants[i], v, family, recipe, comp) for i, v in enumerate(checked)]
         del compiled
@@ -343,7 +343,7 @@ def _compile_variants(
 
 
 def _unmeasured_variant(package: str, plan: _Plan) -> VariantEntry:
-    # What the loader needs to run the package; its errors and self-test are measured by running it (_verify).
+    # What the loader needs to run the package; its errors and self-test are measured by running it (_compare_with_eager).
     return VariantEntry(
         package=package,
         shapes=plan.variant.shapes.to_dict(),
@@ -434,7 +434,7 @@ def _build_regional(
     with rep.stage(f"{name}: verify against eager"):
         regional = load_regional(root, entry, recipe.device)
         runner = _RegionalRunner(regional, method, names, variant)
-        checked = _verify(name, runner, plan, recipe, comp)
+        checked = _compare_with_eager(name, runner, plan, recipe, comp)
     with rep.stage(f"{name}: record self-test"):
         checked = _self_test(runner, checked, family, recipe, comp)
         del regional, runner
@@ -498,7 +498,7 @@ def _self_test(run: Any, entry: VariantEntry, family: Any, recipe: Recipe, comp:
     return replace(entry, self_test=summarize(out, seed=SEED, sizes=sizes, fill=fill, tolerance=tolerance))
 
 
-def _verify(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+def _compare_with_eager(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
     atol, rtol = _tolerance(recipe, comp)
     error = error32 = tolerance = 0.0
     for point, reference, reference32 in zip(plan.points, plan.reference, plan.reference32, strict=True):
