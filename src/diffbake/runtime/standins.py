@@ -48,12 +48,12 @@ class CompiledModel(ModelMixin, ConfigMixin):
         super().__init__()
         self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
         self.component = program
+        self._signature = inspect.signature(getattr(self._stands_for, self._method))
 
     @property
     def diffbake_component(self) -> CompiledComponent:
         """The compiled component behind this module (what ``diffbake.set_weights`` rebinds)."""
         return self.component
-        self._signature = inspect.signature(getattr(self._stands_for, self._method))
 
     @property
     def device(self) -> torch.device:
