@@ -3,7 +3,7 @@ each one) and the pipeline families.
 
 A family ties a diffusers pipeline class to its denoiser attribute, whether its denoiser batch is doubled for
 classifier-free guidance, and the pixel multiple its height and width need. Build and runtime both read this
-table; it imports nothing heavy. Adding a pipeline family is a row here, an input builder in ``inputs.py`` and,
+table; it imports nothing heavy. Adding a pipeline family is a row here, an input builder in ``builder/inputs.py`` and,
 if its denoiser returns another output type, a stand-in in ``runtime/standins.py``.
 """
 

@@ -114,14 +114,14 @@ class CompiledVariant:
         self.entry = entry
         # The component binds its weights before the first call: a code-only package called without them crashes
         # the process, so the package must expect exactly the constants the manifest lists.
-        self._runner = open_package(artifact / entry.package, self.device, component.unpack, component.concurrency)
+        self.runner = open_package(artifact / entry.package, self.device, component.unpack, component.concurrency)
         require_same_names(
             f"{self.name}: {entry.package} expects constants that the manifest does not list",
-            expected=self._runner.constant_names(),
+            expected=self.runner.constant_names(),
             found=component.entry.constants,
         )
         # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
-        self._graphs = GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
+        self.replay = GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
         if component.cuda_graphs and entry.dynamic:
             logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, describe(entry))
 
@@ -129,15 +129,15 @@ class CompiledVariant:
         return self.run(self.check(values))
 
     def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if self._graphs is not None:
-            return self._graphs(tensors)
-        return self._runner(*tensors)[0]
+        if self.replay is not None:
+            return self.replay(tensors)
+        return self.runner(*tensors)[0]
 
     def bind(self, weights: dict[str, torch.Tensor]) -> None:
         """Bind weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
-        self._runner.bind(weights)
-        if self._graphs is not None:
-            self._graphs = GraphReplay(self)
+        self.runner.bind(weights)
+        if self.replay is not None:
+            self.replay = GraphReplay(self)
 
     def check(self, values: list[Any]) -> list[torch.Tensor]:
         """Check every input against what was compiled; returns the inputs as the package needs them."""

@@ -39,7 +39,7 @@ class GraphReplay:
             return self._call(tensors)
 
     def _call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        run = self.variant._runner
+        run = self.variant.runner
         if self.off is not None:
             return run(*tensors)[0]
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
@@ -58,7 +58,7 @@ class GraphReplay:
         return output.clone()
 
     def _capture(self, key: tuple, tensors: list[torch.Tensor]) -> tuple | None:
-        run, device = self.variant._runner, self.variant.device
+        run, device = self.variant.runner, self.variant.device
         inputs = [t.clone() for t in tensors]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

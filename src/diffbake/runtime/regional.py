@@ -18,7 +18,7 @@ from diffbake.format.manifest import (
     flatten_call,
 )
 from diffbake.runtime.compiled import LoadedArtifact, check_weights, open_package, require_same_names
-from diffbake.runtime.guards import bind_call, check_tensor, describe
+from diffbake.runtime.guards import bind_call, check_tensor, describe, resolve_device
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
 
@@ -104,7 +104,7 @@ def load_regional(
         module = getattr(diffusers, entry.class_name).from_config(config)
     weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
     check_weights(entry, weights)
-    component = RegionalComponent(module, entry, torch.device(device))
+    component = RegionalComponent(module, entry, torch.device(resolve_device(device)))
     component.check_state(weights)
     module.load_state_dict(weights, strict=True, assign=True)
     module.eval().requires_grad_(False)

@@ -52,8 +52,13 @@ def loaded_artifact(pipe: Any) -> LoadedArtifact:
     """The artifact whose weights ``pipe`` (or any replica of it) runs now."""
     records = {id(c.loaded_from): c.loaded_from for c in compiled_components(pipe).values()}
     record = next(iter(records.values()))
-    if len(records) != 1 or record is None:
-        raise ArtifactError(f"{type(pipe).__name__}: its compiled components come from different loads")
+    if len(records) != 1:
+        raise ArtifactError(
+            f"{type(pipe).__name__}: its compiled components come from different diffbake.load calls; use the "
+            "pipeline one load returned, or replicas of it"
+        )
+    if record is None:
+        raise ArtifactError(f"{type(pipe).__name__}: its compiled components were not loaded with diffbake.load")
     return record
 
 
