@@ -92,3 +92,27 @@ def test_a_tensor_on_another_device_is_refused_never_moved():
         check_tensor(
             "block 'b': input 'hidden_states'", spec, torch.zeros(2, 16, 8), torch.device("meta"), lambda t: None
         )
+
+
+def test_a_bare_cuda_device_is_the_current_gpu_and_host_facts_are_that_gpus(monkeypatch):
+    """Guards compare devices with their index, and the facts checked against the manifest are the GPU's that
+    runs the code, not device 0's (no GPU needed: torch.cuda's answers are stood in)."""
+    from diffbake.format.host import host_facts
+    from diffbake.runtime.guards import resolve_device
+
+    gpus = {0: ("NVIDIA A100", (8, 0)), 1: ("NVIDIA H100", (9, 0))}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: gpus[_index(d)][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: gpus[_index(d)][1])
+    assert resolve_device("cuda") == "cuda:1"
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("cpu") == "cpu"
+    facts = host_facts("cuda:0")
+    assert (facts["device"], facts["gpu"], facts["compute_capability"]) == ("cuda", "NVIDIA A100", "8.0")
+    assert host_facts(resolve_device("cuda"))["gpu"] == "NVIDIA H100"
+
+
+def _index(device) -> int:
+    # torch.cuda's own rule: no device (or one without an index) means the current device.
+    index = torch.device(device).index if device is not None else None
+    return torch.cuda.current_device() if index is None else index

@@ -473,74 +473,81 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise _SchemaError(message)
+
+
 def _check_manifest(m: Manifest) -> None:
     """What the types alone do not say: known values, consistent names, and only files the manifest hashes."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise _SchemaError(message)
-
-    need("torch" in m.versions, "versions: no torch version recorded")
-    need(m.host.device in ("cpu", "cuda"), f"host.device: {m.host.device!r} is not 'cpu' or 'cuda'")
-    need(m.host.dtype in ("float32", "float16", "bfloat16"), f"host.dtype: {m.host.dtype!r} is not a build dtype")
+    _need("torch" in m.versions, "versions: no torch version recorded")
+    _need(m.host.device in ("cpu", "cuda"), f"host.device: {m.host.device!r} is not 'cpu' or 'cuda'")
+    _need(m.host.dtype in ("float32", "float16", "bfloat16"), f"host.dtype: {m.host.dtype!r} is not a build dtype")
     family = FAMILIES.get(m.source.get("family"))  # type: ignore[arg-type]
-    need(family is not None, f"source.family: {m.source.get('family')!r} is not one of {sorted(FAMILIES)}")
+    _need(family is not None, f"source.family: {m.source.get('family')!r} is not one of {sorted(FAMILIES)}")
     assert family is not None
-    need(
+    _need(
         m.pipeline_class in family.pipeline_classes,
         f"pipeline_class: {m.pipeline_class!r} is not a {family.name} pipeline ({', '.join(family.pipeline_classes)})",
     )
     for rel in m.files:
         _check_relpath(rel, f"files: {rel!r}")
-        need(_SHA256.fullmatch(m.files[rel].sha256) is not None, f"files.{rel}.sha256: not a sha256 hex digest")
-        need(m.files[rel].size >= 0, f"files.{rel}.size: negative")
+        _need(_SHA256.fullmatch(m.files[rel].sha256) is not None, f"files.{rel}.sha256: not a sha256 hex digest")
+        _need(m.files[rel].size >= 0, f"files.{rel}.size: negative")
     _check_relpath(m.pipeline, "pipeline")
-    need(any(rel.startswith(m.pipeline + "/") for rel in m.files), f"pipeline: no file of {m.pipeline!r} is listed")
-    need(bool(m.components), "components: none")
-
-    def listed(rel: str, where: str) -> None:
-        # Everything the loader opens must be hashed, or a change to it would go unnoticed.
-        _check_relpath(rel, where)
-        need(rel in m.files, f"{where}: {rel!r} is not among the listed files")
-
+    _need(any(rel.startswith(m.pipeline + "/") for rel in m.files), f"pipeline: no file of {m.pipeline!r} is listed")
+    _need(bool(m.components), "components: none")
     for name, c in m.components.items():
-        where = f"components.{name}"
-        need(name in KNOWN_COMPONENTS and c.name == name, f"{where}: unknown component (known: {KNOWN_COMPONENTS})")
-        need(c.mode in ("full", "regional"), f"{where}.mode: {c.mode!r} is not 'full' or 'regional'")
-        need(bool(c.variants), f"{where}.variants: none")
-        need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
-        listed(c.weights, f"{where}.weights")
-        listed(c.config, f"{where}.config")
-        for key, spec in c.constants.items():
-            need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
-            need(
-                all(n >= 0 for n in spec.shape) and len(spec.stride) == len(spec.shape),
-                f"{where}.constants.{key}: shape and stride do not fit",
-            )
-        for i, v in enumerate(c.variants):
-            vw = f"{where}.variants[{i}]"
-            if c.mode == "full":
-                listed(v.package, f"{vw}.package")
-            for d, dim in v.dims.items():
-                need(_NAME.fullmatch(d) is not None, f"{vw}.dims: bad name {d!r}")
-                need(1 <= dim.min <= dim.max and dim.multiple >= 1, f"{vw}.dims.{d}: not a range")
-            for spec in [*v.inputs, v.output]:
-                need(spec.dtype in DTYPES, f"{vw}: input {spec.name!r} has unknown dtype {spec.dtype!r}")
-                need(_NAME.fullmatch(spec.name) is not None, f"{vw}: bad input name {spec.name!r}")
-                for size in spec.shape:
-                    ok = size in v.dims if isinstance(size, str) else size >= 0
-                    need(ok, f"{vw}: input {spec.name!r} has size {size!r}, which is neither a size nor a dim")
-            need(set(v.self_test.sizes) == set(v.dims), f"{vw}.self_test.sizes: not the variant's dims")
-            need(
-                all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
-                f"{vw}.self_test.sizes: outside the variant's dims",
-            )
-        for j, b in enumerate(c.blocks):
-            listed(b.package, f"{where}.blocks[{j}].package")
-            need(all(_NAME.fullmatch(x) for x in b.instances), f"{where}.blocks[{j}].instances: bad module name")
-            for spec in b.inputs:
-                need(spec.dtype in DTYPES, f"{where}.blocks[{j}]: input {spec.name!r} has unknown dtype")
-                need(all(isinstance(n, int) and n >= 0 for n in spec.shape), f"{where}.blocks[{j}]: bad shape")
+        _check_component(m, name, c)
+
+
+def _listed(m: Manifest, rel: str, where: str) -> None:
+    # Everything the loader opens must be hashed, or a change to it would go unnoticed.
+    _check_relpath(rel, where)
+    _need(rel in m.files, f"{where}: {rel!r} is not among the listed files")
+
+
+def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
+    where = f"components.{name}"
+    _need(name in KNOWN_COMPONENTS and c.name == name, f"{where}: unknown component (known: {KNOWN_COMPONENTS})")
+    _need(c.mode in ("full", "regional"), f"{where}.mode: {c.mode!r} is not 'full' or 'regional'")
+    _need(bool(c.variants), f"{where}.variants: none")
+    _need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
+    _listed(m, c.weights, f"{where}.weights")
+    _listed(m, c.config, f"{where}.config")
+    for key, spec in c.constants.items():
+        _need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
+        _need(
+            all(n >= 0 for n in spec.shape) and len(spec.stride) == len(spec.shape),
+            f"{where}.constants.{key}: shape and stride do not fit",
+        )
+    for i, v in enumerate(c.variants):
+        if c.mode == "full":
+            _listed(m, v.package, f"{where}.variants[{i}].package")
+        _check_variant(v, f"{where}.variants[{i}]")
+    for j, b in enumerate(c.blocks):
+        _listed(m, b.package, f"{where}.blocks[{j}].package")
+        _need(all(_NAME.fullmatch(x) for x in b.instances), f"{where}.blocks[{j}].instances: bad module name")
+        for spec in b.inputs:
+            _need(spec.dtype in DTYPES, f"{where}.blocks[{j}]: input {spec.name!r} has unknown dtype")
+            _need(all(isinstance(n, int) and n >= 0 for n in spec.shape), f"{where}.blocks[{j}]: bad shape")
+
+
+def _check_variant(v: VariantEntry, vw: str) -> None:
+    for d, dim in v.dims.items():
+        _need(_NAME.fullmatch(d) is not None, f"{vw}.dims: bad name {d!r}")
+        _need(1 <= dim.min <= dim.max and dim.multiple >= 1, f"{vw}.dims.{d}: not a range")
+    for spec in [*v.inputs, v.output]:
+        _need(spec.dtype in DTYPES, f"{vw}: input {spec.name!r} has unknown dtype {spec.dtype!r}")
+        _need(_NAME.fullmatch(spec.name) is not None, f"{vw}: bad input name {spec.name!r}")
+        for size in spec.shape:
+            ok = size in v.dims if isinstance(size, str) else size >= 0
+            _need(ok, f"{vw}: input {spec.name!r} has size {size!r}, which is neither a size nor a dim")
+    _need(set(v.self_test.sizes) == set(v.dims), f"{vw}.self_test.sizes: not the variant's dims")
+    _need(
+        all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
+        f"{vw}.self_test.sizes: outside the variant's dims",
+    )
 
 
 def _check_relpath(path: str, where: str) -> None:
