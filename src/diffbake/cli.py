@@ -459,7 +459,7 @@ def pull(
     and the folder appears only once complete. Nothing is loaded or executed; load
     the folder with diffbake.load(OUT) or `diffbake generate OUT`.
     """
-    from diffbake.hub.fetch.fetch import fetch
+    from diffbake.hub.fetch import fetch
 
     start = time.perf_counter()
     dest = out or Path("artifacts") / repo_id.split("/")[-1]
