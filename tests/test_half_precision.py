@@ -129,5 +129,5 @@ def test_a_lora_rebind_measures_its_error_against_float32_with_the_lora_fused(bf
     )
     base = read_manifest(bf16).components["unet"].variants[0]
     rebound = read_manifest(out).components["unet"].variants[0]
-    # Against the base weights the error would be the LoRA's effect on the output (measured: about 10x this bound).
+    # Measured against the base weights instead, it was the LoRA's effect: 0.144 against the base build's 0.018.
     assert rebound.error_vs_float32 <= 3 * base.error_vs_float32, (rebound.error_vs_float32, base.error_vs_float32)
