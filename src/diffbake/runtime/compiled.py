@@ -121,12 +121,15 @@ class CompiledVariant:
             found=component.entry.constants,
         )
         # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
-        self.replay = GraphReplay(self) if component.cuda_graphs and not entry.dynamic else None
+        self.replay = self._new_replay() if component.cuda_graphs and not entry.dynamic else None
         if component.cuda_graphs and entry.dynamic:
             logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, describe(entry))
 
     def __call__(self, values: list[Any]) -> torch.Tensor:
         return self.run(self.check(values))
+
+    def _new_replay(self) -> GraphReplay:
+        return GraphReplay(self.runner, self.device, f"{self.name} ({describe(self.entry)})")
 
     def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.replay is not None:
@@ -137,7 +140,7 @@ class CompiledVariant:
         """Bind weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""
         self.runner.bind(weights)
         if self.replay is not None:
-            self.replay = GraphReplay(self)
+            self.replay = self._new_replay()
 
     def check(self, values: list[Any]) -> list[torch.Tensor]:
         """Check every input against what was compiled; returns the inputs as the package needs them."""

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
-from diffbake.runtime.guards import describe
-
-if TYPE_CHECKING:
-    from diffbake.runtime.compiled import CompiledVariant
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +22,9 @@ class GraphReplay:
     variant, with a warning, rather than serving different numbers.
     """
 
-    def __init__(self, variant: CompiledVariant):
-        self.variant = variant
+    def __init__(self, run: Callable[..., list[torch.Tensor]], device: torch.device, label: str):
+        """``run``: the package's runner; ``label``: the variant, as warnings name it."""
+        self.run, self.device, self.label = run, device, label
         self.seen: set[tuple] = set()
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
         self.off: str | None = None
@@ -39,7 +36,7 @@ class GraphReplay:
             return self._call(tensors)
 
     def _call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        run = self.variant.runner
+        run = self.run
         if self.off is not None:
             return run(*tensors)[0]
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
@@ -58,7 +55,7 @@ class GraphReplay:
         return output.clone()
 
     def _capture(self, key: tuple, tensors: list[torch.Tensor]) -> tuple | None:
-        run, device = self.variant.runner, self.variant.device
+        run, device = self.run, self.device
         inputs = [t.clone() for t in tensors]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -83,5 +80,5 @@ class GraphReplay:
 
     def _turn_off(self, why: str) -> None:
         self.off = why
-        logger.warning("%s: CUDA graphs off for %s: %s", self.variant.name, describe(self.variant.entry), why)
+        logger.warning("CUDA graphs off for %s: %s", self.label, why)
         return None
