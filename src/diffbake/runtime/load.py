@@ -1,7 +1,7 @@
 """``diffbake.load``: an artifact (a folder or a pinned Hub build) back into a working diffusers pipeline, with no
 compile step. Everything that can be checked is checked before the first compiled library is loaded.
 
-This package imports nothing from the build side (export, inductor's compiler, click).
+This module, like the rest of the runtime package, imports nothing from the build side (export, inductor's compiler, click).
 """
 
 from __future__ import annotations
