@@ -256,17 +256,7 @@ def _build_component_in(
         unwrap_for_export(module)
     flat = FlatCall(module, method, names).eval()
     variants, constants = _compile_variants(comp, flat, plans, recipe, root, folder, rep, reuse)
-    entry = ComponentEntry(
-        name=name,
-        class_name=type(module).__name__,
-        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
-        config=(Path(name) / CONFIG_FILE).as_posix(),
-        constants=constants,
-        transforms=transforms,
-        variants=variants,
-        build_seconds=0.0,
-        compiler=dict(comp.compiler),
-    )
+    entry = _component_entry(comp, module, constants, transforms, variants)
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
         compiled = CompiledComponent(root, entry, recipe.device)
@@ -340,6 +330,29 @@ def _compile_variants(
         del exported
     assert constants is not None  # a recipe component has at least one variant
     return variants, constants
+
+
+def _component_entry(
+    comp: ComponentRecipe,
+    module: Any,
+    constants: dict[str, ConstantSpec],
+    transforms: dict[str, Any],
+    variants: list[VariantEntry],
+    **regional: Any,
+) -> ComponentEntry:
+    # build_seconds is what the whole component took, known once it is verified (the caller sets it then).
+    return ComponentEntry(
+        name=comp.name,
+        class_name=type(module).__name__,
+        weights=(Path(comp.name) / WEIGHTS_FILE).as_posix(),
+        config=(Path(comp.name) / CONFIG_FILE).as_posix(),
+        constants=constants,
+        transforms=transforms,
+        variants=variants,
+        build_seconds=0.0,
+        compiler=dict(comp.compiler),
+        **regional,
+    )
 
 
 def _unmeasured_variant(package: str, plan: _Plan) -> VariantEntry:
@@ -418,19 +431,7 @@ def _build_regional(
     if reused is not None:
         _same_constants(name, reused.constants, constants)
     variant = _unmeasured_variant("", plan)  # the blocks are the packages; the variant records the call
-    entry = ComponentEntry(
-        name=name,
-        class_name=type(module).__name__,
-        weights=(Path(name) / WEIGHTS_FILE).as_posix(),
-        config=(Path(name) / CONFIG_FILE).as_posix(),
-        constants=constants,
-        transforms=transforms,
-        variants=[variant],
-        build_seconds=0.0,
-        mode="regional",
-        blocks=blocks,
-        compiler=dict(comp.compiler),
-    )
+    entry = _component_entry(comp, module, constants, transforms, [variant], mode="regional", blocks=blocks)
     with rep.stage(f"{name}: verify against eager"):
         regional = load_regional(root, entry, recipe.device)
         runner = _RegionalRunner(regional, method, names, variant)
