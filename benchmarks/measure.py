@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import diffbake
-from diffbake.builder.inputs import example_inputs
 from diffbake.builder.recipe import check_against_source, load_recipe
 from diffbake.builder.sources import inspect_source, load_pipeline
 from diffbake.format.components import VAE_DECODER
 from diffbake.format.manifest import read_manifest, unflatten_call
+from diffbake.runtime.selftest import self_test_inputs
 
 LOAD_SCRIPT = "import sys, time; t = time.perf_counter(); import diffbake; diffbake.load(sys.argv[1]); print(time.perf_counter() - t)"
 
@@ -74,15 +74,17 @@ def main() -> None:
     report["load_seconds_in_process"] = round(time.perf_counter() - start, 3)
 
     info = inspect_source(recipe)
-    recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
+    recipe = check_against_source(recipe, info)
     eager = load_pipeline(info, recipe.dtype)
-    family = info.family
 
     with torch.inference_mode():
         for name, entry in manifest.components.items():
             variant = entry.variants[0]
-            inputs = example_inputs(family, variant.inputs, variant.dims)
-            kwargs = unflatten_call([spec.name for spec in variant.inputs], inputs)
+            # The call recorded at build: its captured small inputs and Python values, seeded noise for the rest.
+            inputs = self_test_inputs(variant, variant.self_test, recipe.device)
+            names = [*(spec.name for spec in variant.inputs), *variant.constants]
+            kwargs = unflatten_call(names, [*inputs, *variant.constants.values()])
+            kwargs.pop("return_dict", None)
             attr, method = ("vae", "decode") if name == VAE_DECODER else (name, "__call__")
             eager_fn = partial(getattr(getattr(eager, attr), method), **kwargs, return_dict=False)
             compiled_fn = partial(getattr(getattr(compiled, attr), method), **kwargs, return_dict=False)
@@ -94,7 +96,7 @@ def main() -> None:
                 "speedup": round(e / c, 2),
             }
 
-        denoiser = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+        denoiser = manifest.components.get(manifest.denoiser or "") or manifest.components[VAE_DECODER]
         s = {k: (v[0] if isinstance(v, list) else v) for k, v in denoiser.variants[0].shapes.items()}
         call = dict(
             prompt="a photo of a cat",

@@ -21,6 +21,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+from plain import PLAIN  # noqa: E402
+
 # The recipes the shared artifacts are built from; {source} is the saved pipeline's folder.
 RECIPES = {
     "sd": """
@@ -102,6 +104,23 @@ def artifacts(workdir: Path, saved_pipelines):
             recipe.write_text(RECIPES[family].format(source=saved_pipelines(family).as_posix()))
             cache[family] = diffbake.build(recipe, workdir / "artifacts" / family)
         return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def plain_builds(workdir: Path, saved_pipelines):
+    """name -> artifact built with the plain recipe of PLAIN from the saved tiny pipeline."""
+    import diffbake
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            recipe = workdir / f"plain-{name}.toml"
+            recipe.write_text(PLAIN[name][0].format(source=saved_pipelines(name).as_posix()))
+            cache[name] = diffbake.build(recipe, workdir / "artifacts" / f"plain-{name}")
+        return cache[name]
 
     return get
 

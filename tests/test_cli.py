@@ -59,7 +59,7 @@ def test_inspect_shows_components_and_manifest(demo):
     out, _ = demo
     result = CliRunner().invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"{out}: StableDiffusionPipeline (sd) from tiny:sd" in result.output
+    assert f"{out}: StableDiffusionPipeline (denoiser: unet) from tiny:sd" in result.output
     assert "  unet (UNet2DConditionModel): 1 variant(s), built in " in result.output
     assert "    [batch=1, height=64, width=64, cfg=true] package " in result.output
     assert "      input sample: float32[2, 4, 32, 32]" in result.output
@@ -119,7 +119,8 @@ def test_missing_source_folder(tmp_path: Path):
     assert result.output.splitlines()[-2] == (
         f"error: {recipe}: [source] model = '{tmp_path}/no-model': no such folder; expected a folder saved with "
         "diffusers' save_pretrained (holding model_index.json), a Hub id such as 'org/name', or one of tiny:sd, "
-        "tiny:sdxl, tiny:flux, random:sd15, random:flux-small"
+        "tiny:sdxl, tiny:flux, tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, random:sd15, "
+        "random:flux-small"
     )
     assert not (tmp_path / "a").exists()
 

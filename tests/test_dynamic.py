@@ -121,20 +121,3 @@ def test_a_dynamic_only_component_refuses_out_of_range(pipes):
         "width=32..96 and 1..3 image(s) in all (prompts x num_images_per_prompt), or rebuild with "
         "[components.vae_decoder] shapes set for this call"
     )
-
-
-def test_a_unet_range_must_fit_its_downsampling():
-    from diffbake.builder.inputs import component_inputs
-    from diffbake.builder.recipe import ComponentRecipe, Shapes, Variant
-    from diffbake.builder.tiny import make_tiny_pipeline
-    from diffbake.errors import RecipeError
-    from diffbake.format.components import FAMILIES
-
-    variant = Variant(Shapes(1, (34, 96), 64), True)  # latent 17..48: the tiny UNet halves once, so 17 is odd
-    comp = ComponentRecipe("unet", (variant,))
-    with pytest.raises(RecipeError) as e:
-        component_inputs(FAMILIES["sd"], comp, variant, make_tiny_pipeline("sd"), "float32")
-    assert str(e.value) == (
-        "[components.unet] shapes.height = [34, 96]: a dynamic range must start and end at multiples of 4 pixels "
-        "for this UNet (it halves the latent 1 times)"
-    )

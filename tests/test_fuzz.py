@@ -109,7 +109,7 @@ def test_the_fuzz_oracle_tells_an_intact_manifest_from_a_damaged_one(fuzz_artifa
     assert _same_content(spaced, original)
     (art / MANIFEST_FILE).write_bytes(spaced)
     _load_until_native_code(art, monkeypatch, intact=True)
-    damaged = original.replace(b'"format_version": 2', b'"format_version": 3', 1)
+    damaged = original.replace(b'"format_version": 3', b'"format_version": 4', 1)
     assert damaged != original and not _same_content(damaged, original)
     (art / MANIFEST_FILE).write_bytes(damaged)
     with pytest.raises(AssertionError, match="a manifest equal to the original was refused"):

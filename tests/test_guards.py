@@ -7,7 +7,7 @@ import torch
 
 from diffbake.errors import InputMismatchError
 from diffbake.format.manifest import DimSpec, SelfTest, TensorSpec, VariantEntry
-from diffbake.runtime.guards import check_inputs, check_tensor
+from diffbake.runtime.guards import check_call, check_inputs, check_tensor
 
 CPU = torch.device("cpu")
 _NO_SELF_TEST = SelfTest(0, {}, {}, [], 0.0, 0.0, 0.0, [], 0.0)
@@ -26,6 +26,8 @@ def _variant(batch: int | list[int], *, cfg: bool | None = True) -> VariantEntry
             TensorSpec("encoder_hidden_states", [b, 77, 32], "float32"),
         ],
         dims={"batch": DimSpec(batch[0], batch[1])} if dynamic else {},
+        constants={"cross_attention_kwargs": None, "guess_mode": False},
+        ignored=["generator"],
         output=TensorSpec("out", [b, 4, 32, 32], "float32"),
         max_abs_error=0.0,
         tolerance=0.0,
@@ -116,3 +118,41 @@ def _index(device) -> int:
     # torch.cuda's own rule: no device (or one without an index) means the current device.
     index = torch.device(device).index if device is not None else None
     return torch.cuda.current_device() if index is None else index
+
+
+def test_dimensions_that_follow_one_size_share_its_index():
+    # Images per call, the guidance-doubled batch (2 * batch) and SD3's joint text length (77 + T5 tokens).
+    variant = VariantEntry(
+        **{
+            **_variant(1).__dict__,
+            "inputs": [
+                TensorSpec("pooled", ["batch", 8], "float32"),
+                TensorSpec("sample", ["batch_1", 4], "float32"),
+                TensorSpec("text", ["batch_1", "text_tokens", 8], "float32"),
+            ],
+            "dims": {
+                "batch": DimSpec(1, 3),
+                "batch_1": DimSpec(2, 6, 2, 0, base="batch"),
+                "text_tokens": DimSpec(78, 333, 1, 77),
+            },
+        }
+    )
+    ok = check_inputs("unet", variant, CPU, [torch.zeros(2, 8), torch.zeros(4, 4), torch.zeros(4, 100, 8)])
+    assert [tuple(t.shape) for t in ok] == [(2, 8), (4, 4), (4, 100, 8)]
+    with pytest.raises(InputMismatchError, match=r"^unet: input 'sample' has shape \(6, 4\), but this artifact was "):
+        check_inputs("unet", variant, CPU, [torch.zeros(2, 8), torch.zeros(6, 4), torch.zeros(6, 100, 8)])
+    with pytest.raises(InputMismatchError, match=r"compiled for \(2\.\.6 \(multiple of 2\), 78\.\.333, 8\)"):
+        check_inputs("unet", variant, CPU, [torch.zeros(2, 8), torch.zeros(4, 4), torch.zeros(4, 400, 8)])
+
+
+def test_python_values_must_be_the_ones_compiled():
+    variant = _variant(1)
+    check_call("unet", variant, {"cross_attention_kwargs": {}, "guess_mode": False, "generator": torch.Generator()})
+    with pytest.raises(InputMismatchError) as e:
+        check_call("unet", variant, {"cross_attention_kwargs": None, "guess_mode": 0})
+    assert str(e.value) == (
+        "unet: argument 'guess_mode' is 0, but this artifact was compiled for False (what the pipeline passed when it "
+        "was built); call with that value, or rebuild with a recipe whose call passes this one"
+    )
+    with pytest.raises(InputMismatchError, match=r"^unet: argument 'extra' is not part of the compiled call"):
+        check_call("unet", variant, {"cross_attention_kwargs": None, "guess_mode": False, "extra": 3})

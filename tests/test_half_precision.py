@@ -54,12 +54,12 @@ def test_bfloat16_images_match_stock_diffusers(bf16, saved_pipelines):
 def test_manifest_records_dtype_and_no_cfg(bf16):
     m = read_manifest(bf16)
     unet = m.components["unet"]
-    assert m.dtype == "bfloat16" and m.source == {"model": "tiny:sd", "kind": "tiny", "revision": None, "family": "sd"}
+    assert m.dtype == "bfloat16" and m.source == {"model": "tiny:sd", "kind": "tiny", "revision": None}
     variant = unet.variants[0]
     assert variant.cfg is False
     assert [(i.name, i.shape, i.dtype) for i in variant.inputs] == [
         ("sample", [2, 4, 32, 48], "bfloat16"),
-        ("timestep", [2], "float32"),
+        ("timestep", [], "float32"),  # one timestep for the batch, as the pipeline passes it
         ("encoder_hidden_states", [2, 77, 32], "bfloat16"),
     ]
     assert {c.dtype for c in unet.constants.values()} == {"bfloat16"}

@@ -452,3 +452,21 @@ def test_an_artifact_uploaded_as_the_whole_repo_loads_as_one_build(hub, hub_arti
     got = _load(hub, tmp_path, repo="tester/whole", revision=sha, trust=True)
     assert "error" not in got, got
     assert Path(got["root"]) == tmp_path / "diffbake-hub" / "models--tester--whole" / sha / "_root"
+
+
+def test_a_class_label_pipeline_round_trips_through_the_hub(hub, plain_builds, tmp_path):
+    # A DiT artifact (class labels, no text): pushed, pulled on another host, same images as the local one.
+    artifact = plain_builds("dit")
+    sha = _push(hub, tmp_path / "pusher", artifact, "tester/tiny-dit")
+    out = tmp_path / "pulled"
+    proc = _cli(hub, tmp_path / "server", "pull", "tester/tiny-dit", "--revision", sha, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(out) == read_manifest(artifact)
+
+    def images(folder: Path) -> np.ndarray:
+        pipe = diffbake.load(folder)
+        return pipe(
+            class_labels=[3], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+
+    np.testing.assert_array_equal(images(out), images(artifact))

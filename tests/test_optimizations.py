@@ -13,6 +13,7 @@ from safetensors import safe_open
 import diffbake
 from diffbake.builder.tiny import make_tiny_pipeline
 from diffbake.format.manifest import read_manifest
+from diffbake.runtime.load import compiled_call
 
 RECIPE = """
 [source]
@@ -129,6 +130,7 @@ model = "tiny:flux"
 fuse_qkv = true
 quantization = { method = "int8_dynamic" }
 shapes = { batch = [1, 2], height = [32, 64], width = [32, 64], text_tokens = [16, 32] }
+cfg = false
 [components.vae_decoder]
 shapes = { batch = [1, 2], height = [32, 64], width = [32, 64] }
 """
@@ -137,10 +139,14 @@ shapes = { batch = [1, 2], height = [32, 64], width = [32, 64] }
 def test_flux_quantized_fused_and_dynamic(tmp_path: Path):
     (tmp_path / "flux.toml").write_text(FLUX_DYNAMIC)
     artifact = diffbake.build(tmp_path / "flux.toml", tmp_path / "flux")
-    v = read_manifest(artifact).components["transformer"].variants[0]
-    # Flux packs 2x2 latent patches into tokens: the image token count is one dynamic dimension.
-    assert v.inputs[0].shape == ["batch", "image_tokens", 64]
-    assert (v.dims["image_tokens"].min, v.dims["image_tokens"].max) == (64, 256)
+    manifest = read_manifest(artifact)
+    v = manifest.components["transformer"].variants[0]
+    # cfg = false on a pipeline without a CFG batch: nothing to switch off, and the guidance value is the
+    # caller's (Flux-dev feeds it to its guidance embedding), never forced to 1.
+    assert v.cfg is None and "guidance_scale" not in compiled_call(manifest)
+    # Flux's image tokens follow height and width at once ((h / 16) * (w / 16)): a dimension of their own.
+    assert v.inputs[0].shape == ["batch", "height_x_width", 64]
+    assert (v.dims["height_x_width"].min, v.dims["height_x_width"].max) == (64, 256)
     assert (v.dims["text_tokens"].min, v.dims["text_tokens"].max) == (16, 32)
     assert v.max_abs_error <= v.tolerance  # checked at the traced size and at the top of every range
     pipe = diffbake.load(artifact)

@@ -13,11 +13,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchE
 
 import diffbake
 from diffbake.format.manifest import read_manifest
-from diffbake.runtime.standins import (
-    CompiledAutoencoderKL,
-    CompiledFluxTransformer2DModel,
-    CompiledUNet2DConditionModel,
-)
+from diffbake.runtime.standins import CompiledModel
 
 ATOL = 5e-4  # max abs over the whole float32 image
 
@@ -43,9 +39,9 @@ CALLS = {
     ],
 }
 STAND_IN_TYPES = {
-    "sd": ("unet", CompiledUNet2DConditionModel),
-    "sdxl": ("unet", CompiledUNet2DConditionModel),
-    "flux": ("transformer", CompiledFluxTransformer2DModel),
+    "sd": ("unet", "CompiledUNet2DConditionModel"),
+    "sdxl": ("unet", "CompiledUNet2DConditionModel"),
+    "flux": ("transformer", "CompiledFluxTransformer2DModel"),
 }
 
 
@@ -78,8 +74,9 @@ def test_loaded_pipeline_holds_no_eager_denoiser_or_decoder(pair):
         type(loaded).__name__
         == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}[family]
     )
-    assert type(getattr(loaded, attr)) is cls
-    assert type(loaded.vae) is CompiledAutoencoderKL
+    # One stand-in class per eager class, made from what the build captured.
+    assert isinstance(getattr(loaded, attr), CompiledModel) and type(getattr(loaded, attr)).__name__ == cls
+    assert isinstance(loaded.vae, CompiledModel) and type(loaded.vae).__name__ == "CompiledAutoencoderKL"
     for module in (getattr(loaded, attr), loaded.vae):
         assert sum(p.numel() for p in module.parameters()) == 0
         assert sum(b.numel() for b in module.buffers()) == 0
@@ -109,15 +106,15 @@ def test_bare_call_uses_the_compiled_size(artifacts):
 
 def test_manifest_records_what_was_built(artifacts):
     m = read_manifest(artifacts("sdxl"))
-    assert m.format == "diffbake-artifact" and m.format_version == 2
-    assert m.pipeline_class == "StableDiffusionXLPipeline" and m.source["family"] == "sdxl"
+    assert m.format == "diffbake-artifact" and m.format_version == 3
+    assert m.pipeline_class == "StableDiffusionXLPipeline" and m.denoiser == "unet"
     assert m.host.device == "cpu" and m.host.dtype == "float32" and m.host.cpu_isa == "native"
     assert m.versions["torch"] == torch.__version__
     unet = m.components["unet"]
     variant = unet.variants[0]
     assert [(i.name, i.shape) for i in variant.inputs] == [
         ("sample", [4, 4, 32, 32]),  # batch 2 doubled by CFG; 64 px / VAE scale factor 2
-        ("timestep", [4]),
+        ("timestep", []),  # as the pipeline passes it: one timestep for the batch
         ("encoder_hidden_states", [4, 77, 64]),
         ("added_cond_kwargs.text_embeds", [4, 32]),
         ("added_cond_kwargs.time_ids", [4, 6]),

@@ -9,8 +9,19 @@ import pytest
 import torch
 
 from diffbake.builder.recipe import Shapes, Variant, check_against_source, load_recipe, parse_recipe
+from diffbake.builder.sources import SourceInfo, _info
 from diffbake.errors import DiffbakeError, RecipeError
-from diffbake.format.components import FAMILIES
+
+
+def facts(pipeline: str, vae_scale_factor: int = 8) -> SourceInfo:
+    """What the build reads from a source's model index and configs, for a pipeline of this class."""
+    denoiser = "transformer" if pipeline == "FluxPipeline" else "unet"
+    index = {"_class_name": pipeline, denoiser: ["diffusers", "x"], "vae": ["diffusers", "AutoencoderKL"]}
+    blocks = [0] * vae_scale_factor.bit_length()
+    return _info("hub", "x/y", None, index, {"vae": {"block_out_channels": blocks}}, "r.toml")
+
+
+SD, FLUX = "StableDiffusionPipeline", "FluxPipeline"
 
 GOOD = """
 [source]
@@ -33,8 +44,9 @@ def test_good_recipe_parses_with_defaults():
     r = parse(GOOD)
     assert (r.model, r.revision, r.device, r.dtype) == ("tiny:sd", None, "cpu", "bfloat16")
     assert r.components["unet"].variants == (Variant(Shapes(2, 64, 96), None),)
-    filled = check_against_source(r, FAMILIES["sd"], vae_scale_factor=8)
-    assert filled.components["unet"].variants[0].cfg is True  # the SD default
+    filled = check_against_source(r, facts(SD))
+    # Whether the pipeline doubles its batch for guidance is learnt from its captured call, not assumed here.
+    assert filled.components["unet"].variants[0].cfg is None
     assert filled.components["vae_decoder"].variants[0].cfg is None
 
 
@@ -47,7 +59,8 @@ def test_flux_text_tokens_default_to_512():
     r = parse(
         '[source]\nmodel = "tiny:flux"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n'
     )
-    assert check_against_source(r, FAMILIES["flux"], 8).components["transformer"].variants[0].shapes.text_tokens == 512
+    # FluxPipeline's own max_sequence_length default
+    assert check_against_source(r, facts(FLUX)).components["transformer"].variants[0].shapes.text_tokens == 512
 
 
 @pytest.mark.parametrize(
@@ -99,9 +112,9 @@ def test_flux_text_tokens_default_to_512():
         ),
         (GOOD.replace('model = "tiny:sd"', ""), "r.toml: missing 'model' in [source]"),
         (
-            GOOD.replace("tiny:sd", "tiny:sd3"),
-            "r.toml: [source] model = 'tiny:sd3' is not a built-in pipeline; known: tiny:sd, tiny:sdxl, tiny:flux, "
-            "random:sd15, random:flux-small",
+            GOOD.replace("tiny:sd", "tiny:sd9"),
+            "r.toml: [source] model = 'tiny:sd9' is not a built-in pipeline; known: tiny:sd, tiny:sdxl, tiny:flux, "
+            "tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, random:sd15, random:flux-small",
         ),
         (
             GOOD.replace('model = "tiny:sd"', 'model = "tiny:sd"\nrevision = "main"'),
@@ -143,47 +156,48 @@ def test_cuda_target_without_gpu_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("family", "scale", "text", "message"),
+    ("pipeline", "scale", "text", "message"),
     [
         (
-            "sd",
+            SD,
             8,
             GOOD.replace("width = 96 }\n[components.vae", "width = 60 }\n[components.vae"),
-            "r.toml: [components.unet] shapes.width = 60 is not a multiple of 8 (the VAE scale factor of this sd "
-            "pipeline); use 56 or 64",
+            "r.toml: [components.unet] shapes.width = 60 is not a multiple of 8 (the VAE scale factor 8 of this "
+            "StableDiffusionPipeline); use 56 or 64",
         ),
         (
-            "flux",
+            FLUX,
             8,
             '[source]\nmodel = "x/y"\n[components.transformer]\nshapes = { batch = 1, height = 1000, width = 1024 }\n',
-            "r.toml: [components.transformer] shapes.height = 1000 is not a multiple of 16 (twice the VAE scale factor "
-            "8, as flux packs 2x2 latent patches); use 992 or 1008",
+            "r.toml: [components.transformer] shapes.height = 1000 is not a multiple of 16 (the VAE scale factor 8 "
+            "times the 2x2 latent patches of one token of this FluxPipeline); use 992 or 1008",
         ),
         (
-            "flux",
+            FLUX,
             8,
             GOOD,
-            "r.toml: [components.unet]: a flux pipeline has no component 'unet'; its compilable components are: "
+            "r.toml: [components.unet]: a FluxPipeline has no component 'unet'; its compilable components are: "
             "transformer, vae_decoder",
         ),
         (
-            "flux",
-            8,
-            '[source]\nmodel = "x/y"\n[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\ncfg = true\n',
-            "r.toml: [components.transformer] cfg = true: flux pipelines have no classifier-free guidance batch; "
-            "remove the key",
+            "DDPMPipeline",
+            1,
+            '[source]\nmodel = "x/y"\n[components.unet]\nshapes = { batch = 1, height = 64, width = 64 }\ncfg = true\n',
+            "r.toml: [components.unet] cfg: DDPMPipeline takes no guidance_scale, so it has no classifier-free "
+            "guidance batch; remove the key",
         ),
         (
-            "sd",
+            SD,
             8,
             GOOD.replace("width = 96 }\n[components.vae", "width = 96, text_tokens = 77 }\n[components.vae"),
-            "r.toml: [components.unet] shapes.text_tokens: sd pipelines use the tokenizer's fixed length; remove the key",
+            "r.toml: [components.unet] shapes.text_tokens: StableDiffusionPipeline takes no max_sequence_length (its "
+            "text length is the tokenizer's fixed length); remove the key",
         ),
     ],
 )
-def test_shapes_are_checked_against_the_family(family, scale, text, message):
+def test_shapes_are_checked_against_the_pipeline(pipeline, scale, text, message):
     with pytest.raises(RecipeError) as e:
-        check_against_source(parse(text), FAMILIES[family], scale)
+        check_against_source(parse(text), facts(pipeline, scale))
     assert str(e.value) == message
 
 
@@ -339,10 +353,10 @@ def test_range_ends_must_fit_the_family():
         GOOD.replace("height = 64, width = 96 }\n[components.vae", "height = [60, 128], width = 96 }\n[components.vae")
     )
     with pytest.raises(RecipeError) as e:
-        check_against_source(r, FAMILIES["sd"], 8)
+        check_against_source(r, facts(SD))
     assert str(e.value) == (
-        "r.toml: [components.unet] shapes.height = 60 is not a multiple of 8 (the VAE scale factor of this sd "
-        "pipeline); use 56 or 64"
+        "r.toml: [components.unet] shapes.height = 60 is not a multiple of 8 (the VAE scale factor 8 of this "
+        "StableDiffusionPipeline); use 56 or 64"
     )
 
 

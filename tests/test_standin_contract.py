@@ -14,12 +14,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 
 import diffbake
-from diffbake.runtime.standins import (
-    CompiledAutoencoderKL,
-    CompiledFluxTransformer2DModel,
-    CompiledModel,
-    CompiledUNet2DConditionModel,
-)
+from diffbake.format.components import COMPONENTS
+from diffbake.runtime.standins import CompiledModel
 
 # diffusers' own machinery (hooks, offload checks, DiffusionPipeline.to) reads these of every component.
 MACHINERY = [
@@ -71,27 +67,27 @@ def _from_diffusers() -> bool:
 @pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
 def test_pipelines_read_only_what_the_stand_ins_are_known_to_answer(family, artifacts, monkeypatch):
     artifact = artifacts(family)  # built before recording starts
-    roles = {
-        CompiledUNet2DConditionModel: "unet",
-        CompiledFluxTransformer2DModel: "transformer",
-        CompiledAutoencoderKL: "vae",
-    }
     reads: dict[str, set[str]] = {}
+
+    def role(self) -> str | None:  # the pipeline attribute this stand-in replaces (None while it is made)
+        component = object.__getattribute__(self, "__dict__").get("component")
+        return COMPONENTS[component.name].attribute if component is not None else None
+
     get_attribute = CompiledModel.__getattribute__
     get_config = ConfigMixin.config.fget
 
     def record(self, attr):
-        if not attr.startswith("__") and _from_diffusers():
-            reads.setdefault(roles[type(self)], set()).add(attr)
+        if not attr.startswith("__") and _from_diffusers() and role(self) is not None:
+            reads.setdefault(role(self), set()).add(attr)
         return get_attribute(self, attr)
 
     def config(self):
-        role = roles[type(self)]
+        name = role(self)
 
         class RecordingConfig(FrozenDict):
             def __getattribute__(self, attr):
                 if not attr.startswith("_") and _from_diffusers():
-                    reads.setdefault(f"{role}.config", set()).add(attr)
+                    reads.setdefault(f"{name}.config", set()).add(attr)
                 return super().__getattribute__(attr)
 
         return RecordingConfig(get_config(self))

@@ -277,7 +277,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
         click.echo(m.to_json(), nl=False)
         return
     total = sum(f.size for f in m.files.values())
-    click.echo(f"{artifact}: {m.pipeline_class} ({m.source['family']}) from {m.source['model']}")
+    click.echo(f"{artifact}: {m.pipeline_class} (denoiser: {m.denoiser}) from {m.source['model']}")
     h = m.host
     click.echo(
         f"  target: {h.device} {m.dtype}, cpu_isa {h.cpu_isa} ({len(h.cpu_features)} required CPU extensions), "

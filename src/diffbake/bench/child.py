@@ -27,7 +27,7 @@ T_IMPORT = time.time()
 
 import torch  # noqa: E402
 
-from diffbake.format.components import COMPONENTS, FAMILIES  # noqa: E402
+from diffbake.format.components import COMPONENTS  # noqa: E402
 
 
 def main(spec_path: str) -> None:
@@ -61,7 +61,7 @@ def _peak_rss_mb() -> float:
 def run_eager(spec: dict) -> dict:
     recipe, info = _recipe(spec)
     pipe = _source_pipeline(recipe, info)
-    return _measure(pipe, spec, info.family.denoiser)
+    return _measure(pipe, spec, info.denoiser)
 
 
 def run_compile(spec: dict) -> dict:
@@ -71,7 +71,7 @@ def run_compile(spec: dict) -> dict:
     recipe, info = _recipe(spec)
     pipe = _source_pipeline(recipe, info)
     compile_components(pipe, recipe)
-    return _measure(pipe, spec, info.family.denoiser)
+    return _measure(pipe, spec, info.denoiser)
 
 
 def compile_components(pipe: Any, recipe: Any, compile_fn: Callable[..., Any] | None = None) -> None:
@@ -112,8 +112,7 @@ def run_artifact(spec: dict) -> dict:
     from diffbake.runtime.serving import loaded_artifact
 
     pipe = load(spec["artifact"], device=spec.get("device"))
-    family = FAMILIES[loaded_artifact(pipe).manifest.source["family"]]
-    return _measure(pipe, spec, family.denoiser)
+    return _measure(pipe, spec, loaded_artifact(pipe).manifest.denoiser)
 
 
 def _recipe(spec: dict) -> tuple[Any, Any]:
@@ -128,7 +127,7 @@ def _recipe(spec: dict) -> tuple[Any, Any]:
         # A built-in source, saved once by the parent: loaded from disk as a deployed model would be, not made
         # from random initialization (which takes longer than loading).
         info = replace(info, kind="local", location=spec["source_folder"])
-    return check_against_source(recipe, info.family, info.vae_scale_factor), info
+    return check_against_source(recipe, info), info
 
 
 def run_save(spec: dict) -> dict:
@@ -269,7 +268,7 @@ def run_ladder(spec: dict) -> dict:
 
     # The source itself, not the copy saved in the recipe's dtype: float32 means the original weights.
     recipe, info = _recipe({**spec, "source_folder": None})
-    name = info.family.denoiser
+    name = info.denoiser
     comp = recipe.components.get(name)
     pipe = load_pipeline(info, "float32")
     pipe.to(recipe.device)

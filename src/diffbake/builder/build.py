@@ -24,8 +24,9 @@ import torch
 
 from diffbake import __version__
 from diffbake.builder.aoti import compile_package, required_cpu_features
-from diffbake.builder.export import FlatCall, dynamic_shapes, export_component
-from diffbake.builder.inputs import component_inputs, example_inputs
+from diffbake.builder.capture import capture, output_class, pipeline_kwargs, stand_in_needs
+from diffbake.builder.contract import Point, Range, derive, points_for
+from diffbake.builder.export import FlatCall, NeedsMultiple, dynamic_shapes, export_component
 from diffbake.builder.recipe import (
     ATTENTION_BACKENDS,
     ComponentRecipe,
@@ -37,7 +38,7 @@ from diffbake.builder.recipe import (
 from diffbake.builder.regional import BlockCall, capture_blocks
 from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
 from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
-from diffbake.errors import BuildError, RebindError, VerificationError
+from diffbake.errors import BuildError, RebindError, RecipeError, VerificationError
 from diffbake.format.components import COMPONENTS
 from diffbake.format.host import host_facts
 from diffbake.format.manifest import (
@@ -55,6 +56,7 @@ from diffbake.format.manifest import (
     FileEntry,
     Host,
     Manifest,
+    OutputSpec,
     SelfTest,
     TensorSpec,
     VariantEntry,
@@ -63,7 +65,7 @@ from diffbake.format.staging import Staging
 from diffbake.runtime.compiled import CompiledComponent
 from diffbake.runtime.packages import Package, unpack_dir
 from diffbake.runtime.regional import load_regional
-from diffbake.runtime.selftest import SEED, self_test_inputs, self_test_sizes, summarize
+from diffbake.runtime.selftest import SEED, self_test_inputs, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +126,15 @@ def build(
     check_destination(dest, force)
     with rep.stage("read source"):
         info = inspect_source(recipe)
-        recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
+        recipe = check_against_source(recipe, info)
+        if not info.tested:
+            logger.warning(
+                "%s is not among the pipelines diffbake is tested with; its build is checked as any",
+                info.pipeline_class,
+            )
     with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
-        pipe = load_pipeline(info, recipe.dtype)
+        # The whole pipeline runs at build, where its calls are captured, so it goes to the target device.
+        pipe = load_pipeline(info, recipe.dtype).to(recipe.device)
     return write_artifact(recipe, info, pipe, dest, rep)
 
 
@@ -230,39 +238,38 @@ def _build_component_in(
     reuse: Reuse | None,
     stack: contextlib.ExitStack,
 ) -> ComponentEntry:
-    name, family = comp.name, info.family
+    name = comp.name
     start = time.perf_counter()
     attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
     module.to(recipe.device).eval()
-    plans = [_plan(family, comp, v, pipe, recipe) for v in comp.variants]
-    names = [s.name for s in plans[0].specs]
+    with rep.stage(f"{name}: capture the pipeline's calls"):
+        plans = _plans(comp, pipe, info, recipe)
     with rep.stage(f"{name}: float32 eager reference"):
-        _float32_references(comp, module, method, names, plans, info, recipe, reuse)
+        _float32_references(comp, module, method, plans, info, recipe, reuse)
     transforms = apply_transforms(comp, module, rep)
     stack.enter_context(
         compile_settings(comp)
     )  # attention backend and TF32: for the eager reference, export and compile
     for plan in plans:  # the eager component exactly as compiled: same dtype, transforms and settings
-        plan.reference = [_run(module, method, names, p) for p in plan.points]
+        plan.reference = [_run(plan.flat(module, method), p) for p in plan.points]
+        if comp.transformed or comp.compiler:
+            plan.exported = None  # traced before the transforms and compile settings: export again
     folder = root / name
     folder.mkdir()
     module.save_config(folder)
     if comp.mode == "regional":
-        return _build_regional(
-            comp, module, method, names, plans[0], transforms, recipe, folder, rep, start, family, reuse
-        )
+        return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse)
     if comp.quantization is not None:
         unwrap_for_export(module)
-    flat = FlatCall(module, method, names).eval()
-    variants, constants = _compile_variants(comp, flat, plans, recipe, root, folder, rep, reuse)
-    entry = _component_entry(comp, module, constants, transforms, variants)
+    variants, constants = _compile_variants(comp, module, method, plans, recipe, root, folder, rep, reuse)
+    entry = _component_entry(comp, module, plans[0], constants, transforms, variants)
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
         compiled = CompiledComponent(root, entry, recipe.device)
         checked = [_compare_with_eager(name, compiled.variants[i], plan, recipe, comp) for i, plan in enumerate(plans)]
     with rep.stage(f"{name}: record self-test"):
-        checked = [_self_test(compiled.variants[i], v, family, recipe, comp) for i, v in enumerate(checked)]
+        checked = [_self_test(compiled.variants[i], v, plans[i], recipe, comp) for i, v in enumerate(checked)]
         del compiled
     return replace(entry, variants=checked, build_seconds=round(time.perf_counter() - start, 2))
 
@@ -271,7 +278,6 @@ def _float32_references(
     comp: ComponentRecipe,
     module: Any,
     method: str,
-    names: list[str],
     plans: list[_Plan],
     info: SourceInfo,
     recipe: Recipe,
@@ -287,12 +293,13 @@ def _float32_references(
     else:
         module32 = load_module(info, attr, "float32").to(recipe.device).eval()
     for plan in plans:
-        plan.reference32 = [_run(module32, method, names, p, float32=True) for p in plan.points]
+        plan.reference32 = [_run(plan.flat(module32, method), p, float32=True) for p in plan.points]
 
 
 def _compile_variants(
     comp: ComponentRecipe,
-    flat: FlatCall,
+    module: Any,
+    method: str,
     plans: list[_Plan],
     recipe: Recipe,
     root: Path,
@@ -307,8 +314,14 @@ def _compile_variants(
     variants = []
     for i, plan in enumerate(plans):
         label = name if len(plans) == 1 else f"{name} [{i + 1}/{len(plans)}: {_describe_shapes(plan.variant)}]"
-        with rep.stage(f"{label}: export"):
-            exported = export_component(name, flat, plan.points[0], dynamic_shapes(plan.specs, plan.dims))
+        if reused is not None:
+            _same_contract(name, reused.variants[i], plan)
+        exported = plan.exported
+        if exported is None:
+            with rep.stage(f"{label}: export"):
+                flat = plan.flat(module, method).eval()
+                exported = export_component(name, flat, plan.points[0], dynamic_shapes(plan.specs, plan.dims))
+        plan.exported = None
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
         if reuse is None:
             with rep.stage(f"{label}: compile (AOTInductor)"):
@@ -335,6 +348,7 @@ def _compile_variants(
 def _component_entry(
     comp: ComponentRecipe,
     module: Any,
+    plan: _Plan,
     constants: dict[str, ConstantSpec],
     transforms: dict[str, Any],
     variants: list[VariantEntry],
@@ -351,6 +365,10 @@ def _component_entry(
         variants=variants,
         build_seconds=0.0,
         compiler=dict(comp.compiler),
+        method=COMPONENTS[comp.name].method,
+        output_class=plan.output_class,
+        attributes=plan.attributes,
+        mixins=plan.mixins,
         **regional,
     )
 
@@ -360,9 +378,11 @@ def _unmeasured_variant(package: str, plan: _Plan) -> VariantEntry:
     return VariantEntry(
         package=package,
         shapes=plan.variant.shapes.to_dict(),
-        cfg=plan.variant.cfg,
+        cfg=plan.cfg,
         inputs=plan.specs,
         dims=plan.dims,
+        constants=plan.constants,
+        ignored=plan.ignored,
         output=TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch.")),
         max_abs_error=0.0,
         tolerance=0.0,
@@ -406,19 +426,17 @@ def _build_regional(
     comp: ComponentRecipe,
     module: Any,
     method: str,
-    names: list[str],
     plan: _Plan,
     transforms: dict[str, Any],
     recipe: Recipe,
     folder: Path,
     rep: Reporter,
     start: float,
-    family: Any,
     reuse: Reuse | None,
 ) -> ComponentEntry:
     """One package per distinct repeated block; the component's whole state dict is its weights file."""
     name, root = comp.name, folder.parent
-    groups = capture_blocks(name, module, lambda: FlatCall(module, method, names)(*plan.points[0]))
+    groups = capture_blocks(name, module, lambda: plan.flat(module, method)(*plan.points[0]))
     reused = reuse.manifest.components[name] if reuse is not None else None
     if reused is not None and [(g.class_name, g.instances) for g in groups] != [
         (b.class_name, b.instances) for b in reused.blocks
@@ -431,13 +449,13 @@ def _build_regional(
     if reused is not None:
         _same_constants(name, reused.constants, constants)
     variant = _unmeasured_variant("", plan)  # the blocks are the packages; the variant records the call
-    entry = _component_entry(comp, module, constants, transforms, [variant], mode="regional", blocks=blocks)
+    entry = _component_entry(comp, module, plan, constants, transforms, [variant], mode="regional", blocks=blocks)
     with rep.stage(f"{name}: verify against eager"):
         regional = load_regional(root, entry, recipe.device)
-        runner = _RegionalRunner(regional, method, names, variant)
+        runner = _RegionalRunner(plan.flat(regional, method), variant)
         checked = _compare_with_eager(name, runner, plan, recipe, comp)
     with rep.stage(f"{name}: record self-test"):
-        checked = _self_test(runner, checked, family, recipe, comp)
+        checked = _self_test(runner, checked, plan, recipe, comp)
         del regional, runner
     return replace(entry, variants=[checked], build_seconds=round(time.perf_counter() - start, 2))
 
@@ -445,36 +463,183 @@ def _build_regional(
 class _RegionalRunner:
     """Calls a regionally compiled module on a flat input list, as the verify step calls a variant."""
 
-    def __init__(self, module: Any, method: str, names: list[str], entry: VariantEntry):
-        self.module, self.method, self.names, self.entry = module, method, names, entry
+    def __init__(self, flat: FlatCall, entry: VariantEntry):
+        self.flat, self.entry = flat, entry
 
     def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return FlatCall(self.module, self.method, self.names)(*values)
+            return self.flat(*values)
 
 
 class _Plan:
-    """One variant's inputs and reference outputs at its check points (the traced size, and max if dynamic)."""
+    """One variant's call contract, its inputs at its check points (the example export traces, and every range
+    at its maximum), and the reference outputs there."""
 
-    def __init__(self, variant: Variant, specs: list[TensorSpec], dims: dict, points: list[list[torch.Tensor]]):
-        self.variant, self.specs, self.dims, self.points = variant, specs, dims, points
+    def __init__(self, variant: Variant, contract: Any, cfg: bool | None, exported: Any = None):
+        self.variant, self.cfg, self.exported = variant, cfg, exported
+        self.specs, self.dims = contract.specs, contract.dims
+        self.constants, self.ignored = contract.constants, contract.ignored
+        self.example_sizes, self.fill = contract.example_sizes, contract.fill
+        self.points = [contract.example] + ([contract.largest] if contract.largest is not None else [])
         self.reference: list[torch.Tensor] = []
         self.reference32: list[torch.Tensor] = []
+        self.output_class: OutputSpec | None = None
+        self.attributes: dict[str, Any] = {}
+        self.mixins: list[str] = []
+
+    def flat(self, module: Any, method: str) -> FlatCall:
+        return FlatCall(module, method, [s.name for s in self.specs], self.constants)
 
 
-def _plan(family: Any, comp: ComponentRecipe, variant: Variant, pipe: Any, recipe: Recipe) -> _Plan:
-    specs, dims = component_inputs(family, comp, variant, pipe, recipe.dtype)
-    points = [example_inputs(family, specs, dims)]
-    if dims:
-        points.append(example_inputs(family, specs, dims, seed=1, at="max"))
-    return _Plan(variant, specs, dims, [[t.to(recipe.device) for t in p] for p in points])
+def _plans(comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe) -> list[_Plan]:
+    """Capture each variant's calls and derive its contract; the first variant's call also says what the
+    stand-in must carry and return."""
+    plans = []
+    for variant in comp.variants:
+        plan = _plan(comp, variant, pipe, info, recipe)
+        key = (plan.variant.shapes, plan.cfg)
+        if any((p.variant.shapes, p.cfg) == key for p in plans):
+            raise RecipeError(
+                f"{recipe.path or 'recipe'}: [components.{comp.name}] shapes: two variants are the same once the "
+                f"pipeline's defaults are filled in ({_describe_shapes(replace(variant, cfg=plan.cfg))}); remove one"
+            )
+        plans.append(plan)
+    return plans
 
 
-def _run(module: Any, method: str, names: list[str], inputs: list[torch.Tensor], float32: bool = False):
+_STEPS_TRIED = 4  # how many times export may ask for coarser steps of a dynamic size
+
+
+def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, recipe: Recipe) -> _Plan:
+    name = comp.name
+    attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
+    module = getattr(pipe, attr)
+    shapes = variant.shapes.to_dict()
+    steps = {d: (info.pixel_multiple if d in ("height", "width") else 1) for d in shapes}
+    ranges = {d: Range(v[0], v[1], steps[d]) for d, v in shapes.items() if isinstance(v, list)}
+    static = {d: v for d, v in shapes.items() if not isinstance(v, list)}
+    captures: dict[tuple, Any] = {}
+
+    def at(sizes: dict[str, int], guidance_off: bool) -> Point:
+        key = (tuple(sorted(sizes.items())), guidance_off)
+        if key not in captures:
+            captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance_off))[name]
+        return Point(sizes, captures[key])
+
+    cfg, guidance_off = None, False
+    if name == info.denoiser and "guidance_scale" in info.call_parameters:
+        example = points_for(static, ranges)[0]
+        doubled = derive(name, [at(example, False)], {}).doubled_batch
+        if variant.cfg and not doubled:
+            raise RecipeError(
+                f"{recipe.path or 'recipe'}: [components.{name}] cfg = true: called at its defaults, "
+                f"{info.pipeline_class} does not double the {attr} batch for classifier-free guidance (a "
+                "guidance-distilled or LCM model, say); remove the key"
+            )
+        guidance_off = variant.cfg is False and doubled
+        cfg = None if not doubled else not guidance_off
+    for _ in range(_STEPS_TRIED):
+        points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
+        contract = derive(name, points, ranges)
+        promote = _promotable(name, module, method, contract)
+        if promote:
+            contract = derive(name, points, ranges, promote)
+        if not ranges:
+            plan = _Plan(variant, contract, cfg)
+            break
+        try:
+            flat = FlatCall(module, method, [s.name for s in contract.specs], contract.constants).eval()
+            exported = export_component(name, flat, contract.example, dynamic_shapes(contract.specs, contract.dims))
+        except NeedsMultiple as e:
+            ranges = _coarser(comp, ranges, e, recipe)
+            continue
+        plan = _Plan(variant, contract, cfg, exported)
+        break
+    else:
+        raise BuildError(f"{name}: torch.export kept asking for coarser dynamic sizes; give static shapes")
+    plan.variant = replace(variant, cfg=cfg)
+    first = points[0].call
+    _one_output(name, first.output)
+    out = output_class(module, method, first)
+    plan.output_class = (
+        OutputSpec(f"{out.__module__}.{out.__qualname__}", next(iter(out.__dataclass_fields__))) if out else None
+    )
+    plan.attributes, plan.mixins = stand_in_needs(name, module, first.reads)
+    plan.points = [[t.to(recipe.device) for t in p] for p in plan.points]
+    return plan
+
+
+def _one_output(name: str, output: Any) -> None:
+    """Compiled components return one tensor (the stand-in rebuilds the tuple or output class around it)."""
+    values = (
+        list(output.values())
+        if hasattr(output, "to_tuple")
+        else list(output)
+        if isinstance(output, (tuple, list))
+        else [output]
+    )
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if len(tensors) != 1 or len(values) != 1:
+        raise BuildError(
+            f"{name}: the pipeline's call returns {len(values)} values ({len(tensors)} tensors); diffbake compiles "
+            "modules that return one tensor, so keep this component eager"
+        )
+
+
+def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, recipe: Recipe) -> dict[str, Range]:
+    """The ranges in the coarser steps export asked for, or a RecipeError if a range does not fit them."""
+    out = dict(ranges)
+    for base, factor in e.factors.items():
+        if base not in out:
+            raise BuildError(f"{comp.name}: torch.export: {e.reason}; give static shapes for this component")
+        r = out[base]
+        step = r.step * factor
+        if r.min % step or r.max % step:
+            raise RecipeError(
+                f"{recipe.path or 'recipe'}: [components.{comp.name}] shapes.{base} = {[r.min, r.max]}: a dynamic "
+                f"range must start and end at multiples of {step}{' pixels' if base in ('height', 'width') else ''} "
+                f"for this model (torch.export: {e.reason})"
+            )
+        out[base] = Range(r.min, r.max, step)
+    return out
+
+
+def _promotable(name: str, module: Any, method: str, contract: Any) -> set[str]:
+    """Integer per-sample inputs (timesteps) that give exactly the same output as float32, so that they are
+    compiled as float32 and any scheduler's timesteps fit; and a check that ignored arguments (a generator)
+    really change nothing."""
+    names = [s.name for s in contract.specs]
+    flat = FlatCall(module, method, names, contract.constants)
+    with torch.no_grad():
+        base = flat(*contract.example)
+        candidates = [i for i, t in enumerate(contract.example) if t.dim() <= 1 and not t.is_floating_point()]
+        promote = set()
+        for i in candidates:
+            values = list(contract.example)
+            values[i] = values[i].float()
+            try:
+                same = torch.equal(flat(*values), base)
+            except Exception:  # an embedding lookup of a float label, say: not a float input
+                same = False
+            if same:
+                promote.add(names[i])
+    return promote
+
+
+def _same_contract(name: str, reused: VariantEntry, plan: _Plan) -> None:
+    """A rebind reuses compiled code: the new pipeline must call the component exactly as the code was built for."""
+    if (reused.inputs, reused.dims, reused.constants) != (plan.specs, plan.dims, plan.constants):
+        raise RebindError(
+            f"{name}: the new pipeline calls this component otherwise than the compiled code was built for "
+            "(other inputs, sizes or Python values); rebuild instead"
+        )
+
+
+def _run(flat: FlatCall, inputs: list[torch.Tensor], float32: bool = False):
     if float32:
         inputs = [t.float() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():
-        out = FlatCall(module, method, names)(*inputs)
+        out = flat(*inputs)
     return out.float() if float32 else out
 
 
@@ -486,11 +651,10 @@ def _tolerance(recipe: Recipe, comp: ComponentRecipe) -> tuple[float, float]:
     return atol, rtol
 
 
-def _self_test(run: Any, entry: VariantEntry, family: Any, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
-    """Run the compiled variant on seeded inputs and record the output's summary for the serving host to replay."""
-    # One value for the inputs the pipeline broadcasts: a mid-range timestep, a typical guidance scale.
-    fill = {s.name: (family.max_timestep / 2 if s.name == "timestep" else 3.5) for s in entry.inputs if s.coerce}
-    sizes = self_test_sizes(entry)
+def _self_test(run: Any, entry: VariantEntry, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
+    """Run the compiled variant on the recorded call (seeded noise, and the small inputs as captured) and record
+    the output's summary for the serving host to replay."""
+    sizes, fill = plan.example_sizes, plan.fill
     recorded = replace(_NO_SELF_TEST, seed=SEED, sizes=sizes, fill=fill)
     with torch.no_grad():
         out = run(self_test_inputs(entry, recorded, recipe.device))
@@ -617,6 +781,7 @@ def _manifest(
         host=host,
         source={**info.to_dict(), **source_extra},
         pipeline_class=info.pipeline_class,
+        denoiser=info.denoiser,
         pipeline=PIPELINE_DIR,
         components=entries,
         files=files,

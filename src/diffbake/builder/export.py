@@ -1,11 +1,13 @@
 """torch.export of one component, called exactly as the pipeline calls it.
 
 The package takes a flat list of tensors; :class:`FlatCall` maps that list back onto the module's keyword
-arguments (nested ones included, e.g. SDXL's ``added_cond_kwargs``) and returns the first output tensor.
+arguments (nested ones included, e.g. SDXL's ``added_cond_kwargs``), adds the Python values the pipeline
+passed (its captured constants), and returns the first output tensor.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -15,32 +17,35 @@ from diffbake.format.manifest import DimSpec, TensorSpec, unflatten_call
 
 
 class FlatCall(torch.nn.Module):
-    """``module.method(**kwargs, return_dict=False)[0]`` with the kwargs given as a flat positional list."""
+    """``module.method(**kwargs, return_dict=False)[0]`` with the tensors given as a flat positional list and the
+    call's Python values (``constants``, by keyword path) fixed."""
 
-    def __init__(self, module: torch.nn.Module, method: str, names: list[str]):
+    def __init__(self, module: torch.nn.Module, method: str, names: list[str], constants: dict[str, Any] | None = None):
         super().__init__()
         self.model = module
         self.method = method
         self.names = names
+        self.constants = dict(constants or {})
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kwargs = unflatten_call(self.names, list(args))
+        kwargs = unflatten_call([*self.names, *self.constants], [*args, *self.constants.values()])
+        kwargs.pop("return_dict", None)
         return getattr(self.model, self.method)(**kwargs, return_dict=False)[0]
 
 
 def dynamic_shapes(specs: list[TensorSpec], dims: dict[str, DimSpec]) -> dict[str, Any] | None:
-    """torch.export's dynamic_shapes for a flat call: one Dim per named dimension, shared across inputs."""
+    """torch.export's dynamic_shapes for a flat call: one Dim per index (a recipe size, see DimSpec), and every
+    dimension that follows it as ``multiple * Dim + offset``, so export proves the relations instead of
+    specializing the sizes."""
     if not dims:
         return None
+    bases: dict[str, Any] = {}
     objects = {}
     for name, d in dims.items():
-        if d.multiple > 1:
-            # A multiple of k is k * Dim: export then proves divisibility instead of specializing the size.
-            objects[name] = d.multiple * torch.export.Dim(
-                f"{name}_div{d.multiple}", min=d.min // d.multiple, max=d.max // d.multiple
-            )
-        else:
-            objects[name] = torch.export.Dim(name, min=d.min, max=d.max)
+        base = d.base or name
+        if base not in bases:
+            bases[base] = torch.export.Dim(base, min=d.index(d.min), max=d.index(d.max))
+        objects[name] = bases[base] if (d.multiple, d.offset) == (1, 0) else d.multiple * bases[base] + d.offset
     per_input = tuple(
         {i: objects[size] for i, size in enumerate(spec.shape) if isinstance(size, str)} or None for spec in specs
     )
@@ -59,7 +64,30 @@ def export_component(
         with torch.no_grad():
             return torch.export.export(flat, tuple(example), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many unrelated types; all mean the same to the user
+        factors = dict((n, int(k)) for n, k in _SUGGESTED.findall(str(e)))
+        if factors:
+            raise NeedsMultiple(factors, _violation(str(e))) from e
         raise BuildError(
             f"{name}: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "set DIFFBAKE_DEBUG=1 for the traceback"
         ) from e
+
+
+# torch.export's fix for a dimension the model needs in steps: "  height = 2*_height", or "height = 8*_height - 4"
+# when the example took a branch for sizes off the step (a UNet that pads odd sizes): the step is what counts,
+# and with the range on it the example traces the branch for sizes on it.
+_SUGGESTED = re.compile(r"^\s*(\w+) = (\d+)\*_\w+(?: [+-] \d+)?\s*$", re.MULTILINE)
+
+
+class NeedsMultiple(Exception):
+    """The model needs these dimension indices (``Dim`` names) to be multiples of these factors."""
+
+    def __init__(self, factors: dict[str, int], reason: str):
+        super().__init__(reason)
+        self.factors = factors
+        self.reason = reason
+
+
+def _violation(message: str) -> str:
+    line = next((ln.strip(" -") for ln in message.splitlines() if "satisfy the generated guard" in ln), "")
+    return line or message.splitlines()[0]

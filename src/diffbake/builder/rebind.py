@@ -73,7 +73,7 @@ def rebind(
                 f"{weights}: a {info.pipeline_class}, but {src} was compiled for a {manifest.pipeline_class}; "
                 "rebind only checkpoints of the same architecture, or build a new artifact"
             )
-        recipe = check_against_source(recipe, info.family, info.vae_scale_factor)
+        recipe = check_against_source(recipe, info)
     with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
         pipe = load_pipeline(info, recipe.dtype)
     _check_configs(src, manifest, pipe, weights)

@@ -1,8 +1,8 @@
 """Recipes: the TOML file that says what to build.
 
 The whole recipe is validated here, before anything is downloaded or compiled: every key is known and typed, and
-the target is possible on this host. Checks that need the model's own configuration (is this component part of
-the family, is the height a multiple of the VAE scale factor) live in :func:`check_against_source`, which
+the target is possible on this host. Checks that need the model's own configuration (does the pipeline have this
+component, is the height a multiple of the VAE scale factor) live in :func:`check_against_source`, which
 ``build`` calls after reading the source's configs and before loading any weights.
 
 Example::
@@ -18,7 +18,7 @@ Example::
 
     [components.unet]           # the pipeline attribute, or "vae_decoder" for vae.decode
     shapes = { batch = 1, height = 64, width = 64 }
-    cfg = true                  # SD / SDXL: classifier-free guidance doubles the UNet batch (default true)
+    cfg = true                  # compile the doubled guidance batch (default: whatever the pipeline does)
 
     fuse_qkv = true             # optional transforms, applied in this order after the dtype
     channels_last = true
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import RecipeError
-from diffbake.format.components import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER, Family
+from diffbake.format.components import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,7 +151,9 @@ class Variant:
     """One compiled package of a component: its shapes, and whether the CFG batch doubling is compiled in."""
 
     shapes: Shapes
-    cfg: bool | None = None  # None: the family's default (SD/SDXL: true; Flux has none)
+    # True: the pipeline's doubled classifier-free guidance batch is compiled in; False: it is not (the pipeline
+    # is called with guidance_scale = 1); None: as the pipeline does by default (learnt from the captured call).
+    cfg: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -320,60 +322,75 @@ def _variants(v: _Validator, name: str, table: dict[str, Any], section: str, cfg
     return variants
 
 
-def check_against_source(recipe: Recipe, family: Family, vae_scale_factor: int) -> Recipe:
-    """Check the recipe against the source's family and VAE; fill in family defaults.
+def check_against_source(recipe: Recipe, info: Any) -> Recipe:
+    """Check the recipe against what the source's configs and pipeline class say (``info``, a
+    :class:`~diffbake.builder.sources.SourceInfo`); fill in what the pipeline itself defaults to.
 
     Returns:
-        The recipe with defaults filled in (``cfg``, Flux's ``text_tokens``).
+        The recipe with the text length filled in from the pipeline's ``max_sequence_length`` default where it
+        takes one. Whether a variant runs classifier-free guidance is learnt from the captured call.
 
     Raises:
-        RecipeError: a component the family lacks, or a shape the family cannot take.
+        RecipeError: a component the pipeline lacks, or a shape it cannot take.
     """
+    from diffbake.format.components import COMPONENTS
+
     where = str(recipe.path) if recipe.path is not None else "recipe"
-    multiple = vae_scale_factor * family.pixel_multiple_of_latent
+    compilable = [
+        n for n, c in COMPONENTS.items() if c.attribute in info.components and c.attribute in (info.denoiser, "vae")
+    ]
+    params = info.call_parameters
     filled = {}
     for name, comp in recipe.components.items():
         section = f"[components.{name}]"
-        if name not in family.components:
+        if name not in compilable:
             raise RecipeError(
-                f"{where}: {section}: a {family.name} pipeline has no component {name!r}; "
-                f"its compilable components are: {', '.join(family.components)}"
+                f"{where}: {section}: a {info.pipeline_class} has no component {name!r}; "
+                f"its compilable components are: {', '.join(compilable)}"
             )
         variants = []
         for variant in comp.variants:
-            for dim in ("height", "width"):
-                size = getattr(variant.shapes, dim)
-                for value in size if isinstance(size, tuple) else (size,):
-                    if value % multiple:
-                        lower = value // multiple * multiple
-                        hint = f"use {lower} or {lower + multiple}" if lower else f"use {multiple}"
-                        why = (
-                            f"twice the VAE scale factor {vae_scale_factor}, as {family.name} packs 2x2 latent patches"
-                            if family.pixel_multiple_of_latent == 2
-                            else f"the VAE scale factor of this {family.name} pipeline"
-                        )
-                        raise RecipeError(
-                            f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why}); {hint}"
-                        )
+            _check_pixels(where, section, variant, info)
             cfg, tokens = variant.cfg, variant.shapes.text_tokens
-            if name == family.denoiser:
-                if not family.has_cfg_batch and cfg:
-                    raise RecipeError(
-                        f"{where}: {section} cfg = true: {family.name} pipelines have no classifier-free guidance "
-                        "batch; remove the key"
-                    )
-                if cfg is None and family.has_cfg_batch:
-                    cfg = True
-                if family.has_text_tokens and tokens is None:
-                    tokens = family.default_text_tokens
-                elif tokens is not None and not family.has_text_tokens:
-                    raise RecipeError(
-                        f"{where}: {section} shapes.text_tokens: {family.name} pipelines use the tokenizer's fixed "
-                        "length; remove the key"
-                    )
+            if cfg is not None and "guidance_scale" not in params:
+                raise RecipeError(
+                    f"{where}: {section} cfg: {info.pipeline_class} takes no guidance_scale, so it has no "
+                    "classifier-free guidance batch; remove the key"
+                )
+            if tokens is not None and "max_sequence_length" not in params:
+                raise RecipeError(
+                    f"{where}: {section} shapes.text_tokens: {info.pipeline_class} takes no max_sequence_length "
+                    "(its text length is the tokenizer's fixed length); remove the key"
+                )
+            if tokens is None and name == info.denoiser:
+                tokens = info.default_text_tokens
             variants.append(Variant(replace(variant.shapes, text_tokens=tokens), cfg))
         filled[name] = replace(comp, variants=tuple(variants))
     return replace(recipe, components=filled)
+
+
+def _check_pixels(where: str, section: str, variant: Variant, info: Any) -> None:
+    """Height and width: multiples of what the pipeline packs into one latent token, or its one native size."""
+    multiple = info.pixel_multiple
+    for dim in ("height", "width"):
+        size = getattr(variant.shapes, dim)
+        if info.native_size is not None and size != info.native_size:
+            raise RecipeError(
+                f"{where}: {section} shapes.{dim} = {list(size) if isinstance(size, tuple) else size}: "
+                f"{info.pipeline_class} takes no {dim}; it makes {info.native_size}x{info.native_size} images "
+                f"(its denoiser's sample_size); set height = width = {info.native_size}"
+            )
+        for value in size if isinstance(size, tuple) else (size,):
+            if value % multiple:
+                lower = value // multiple * multiple
+                hint = f"use {lower} or {lower + multiple}" if lower else f"use {multiple}"
+                why = f"the VAE scale factor {info.vae_scale_factor}" + (
+                    f" times the {info.patch}x{info.patch} latent patches of one token" if info.patch > 1 else ""
+                )
+                raise RecipeError(
+                    f"{where}: {section} shapes.{dim} = {value} is not a multiple of {multiple} ({why} of this "
+                    f"{info.pipeline_class}); {hint}"
+                )
 
 
 def _quantization(v: _Validator, table: dict, section: str, device: str) -> Quantization | None:

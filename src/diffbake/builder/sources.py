@@ -14,13 +14,7 @@ from typing import Any
 
 from diffbake.builder.recipe import Recipe
 from diffbake.errors import SourceError, SourceNotFoundError
-from diffbake.format.components import (
-    BUILTIN_MODELS,
-    FAMILIES,
-    Family,
-    family_for_pipeline_class,
-    supported_pipeline_classes,
-)
+from diffbake.format.components import BUILTIN_MODELS, PIPELINES, PipelineFacts, denoiser_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +24,34 @@ BUILTIN_KINDS = ("tiny", "random")
 
 @dataclass(frozen=True)
 class SourceInfo:
+    """Where the pipeline comes from, and what its configs and its class say about how it can be called."""
+
     kind: str  # "tiny" | "random" (built in) | "local" | "hub"
     location: str  # built-in model name ("tiny:sd"), absolute folder, or repo id
     revision: str | None
-    family: Family
     pipeline_class: str
-    vae_scale_factor: int
+    components: tuple[str, ...]  # the pipeline's modules present in its model index ("unet", "vae", ...)
+    vae_scale_factor: int  # 1 without a VAE
+    patch: int  # latents per token side: the pipeline's own packing times the denoiser's patch_size
+    # The pipeline's __call__ parameters, and their defaults where a recipe size is filled from them.
+    call_parameters: tuple[str, ...] = ()
+    default_text_tokens: int | None = None  # max_sequence_length's default
+    native_size: int | None = None  # the image size (pixels) of a pipeline whose __call__ takes no height
+
+    @property
+    def denoiser(self) -> str | None:
+        return denoiser_of(dict.fromkeys(self.components, True))
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch
+
+    @property
+    def tested(self) -> bool:
+        return self.pipeline_class in PIPELINES
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.location, "kind": self.kind, "revision": self.revision, "family": self.family.name}
+        return {"model": self.location, "kind": self.kind, "revision": self.revision}
 
 
 def inspect_source(recipe: Recipe) -> SourceInfo:
@@ -53,9 +66,8 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
     if model in BUILTIN_MODELS:
         from diffbake.builder.tiny import builtin_configs
 
-        family = FAMILIES[BUILTIN_MODELS[model]]
-        class_name, vae_scale_factor = builtin_configs(model)
-        return SourceInfo(model.split(":")[0], model, None, family, class_name, vae_scale_factor)
+        index, configs = builtin_configs(model)
+        return _info(model.split(":")[0], model, None, index, configs, where)
 
     folder = Path(model).expanduser()
     if folder.exists():
@@ -65,10 +77,12 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
                 "pipeline saved with save_pretrained"
             )
         index = _read_json(folder / MODEL_INDEX, where)
-        vae_config = (
-            _read_json(folder / "vae" / "config.json", where) if (folder / "vae" / "config.json").is_file() else {}
-        )
-        return _info("local", str(folder.resolve()), None, index, vae_config, where)
+        configs = {
+            name: _read_json(folder / name / "config.json", where)
+            for name in ("vae", denoiser_of(index))
+            if name and (folder / name / "config.json").is_file()
+        }
+        return _info("local", str(folder.resolve()), None, index, configs, where)
     if _looks_like_path(model):
         raise SourceNotFoundError(
             f"{where}: [source] model = {model!r}: no such folder; expected a folder saved with diffusers' "
@@ -76,8 +90,12 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
             + ", ".join(BUILTIN_MODELS)
         )
     index = _hub_json(model, MODEL_INDEX, recipe.revision, where)
-    vae_config = _hub_json(model, "vae/config.json", recipe.revision, where, required=False)
-    return _info("hub", model, recipe.revision, index, vae_config, where)
+    configs = {
+        name: _hub_json(model, f"{name}/config.json", recipe.revision, where, required=False)
+        for name in ("vae", denoiser_of(index))
+        if name and index.get(name)
+    }
+    return _info("hub", model, recipe.revision, index, configs, where)
 
 
 def load_pipeline(info: SourceInfo, dtype: str):
@@ -121,18 +139,55 @@ def load_module(info: SourceInfo, attr: str, dtype: str):
         raise SourceError(f"cannot load {attr!r} from {info.location!r}: {e}") from e
 
 
-def _info(kind: str, location: str, revision: str | None, index: dict, vae_config: dict, where: str) -> SourceInfo:
+def _info(
+    kind: str, location: str, revision: str | None, index: dict, configs: dict[str, dict], where: str
+) -> SourceInfo:
+    """What the model index, the VAE's and denoiser's configs and the pipeline class say, without any weight."""
+    import inspect
+
+    import diffusers
+
     class_name = index.get("_class_name", "")
-    family = family_for_pipeline_class(class_name)
-    if family is None:
+    cls = getattr(diffusers, class_name, None) if class_name else None
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
         raise SourceError(
-            f"{where}: [source] model {location!r} is a {class_name or 'unknown'} pipeline; diffbake builds "
-            f"{', '.join(supported_pipeline_classes())}"
+            f"{where}: [source] model {location!r} is a {class_name or 'unknown'} pipeline, which is not a "
+            "diffusers pipeline class of this diffusers"
         )
-    blocks = vae_config.get("block_out_channels")
-    # The pipelines derive their VAE scale factor the same way (8 when there is no VAE config).
-    vae_scale_factor = 2 ** (len(blocks) - 1) if blocks else 8
-    return SourceInfo(kind, location, revision, family, class_name, vae_scale_factor)
+    components = tuple(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+    denoiser = denoiser_of(index)
+    if denoiser is None:
+        raise SourceError(f"{where}: [source] model {location!r}: {class_name} has no unet or transformer to compile")
+    vae = configs.get("vae", {}) if "vae" in components else None
+    params = inspect.signature(cls.__call__).parameters
+    facts = PIPELINES.get(class_name, PipelineFacts())
+    denoiser_config = configs.get(denoiser, {})
+    patch = facts.latent_patch * int(denoiser_config.get("patch_size") or 1)
+    scale = _vae_scale_factor(vae)
+    sample = denoiser_config.get("sample_size")
+    native = sample * scale if isinstance(sample, int) else None
+    text = params["max_sequence_length"].default if "max_sequence_length" in params else None
+    return SourceInfo(
+        kind,
+        location,
+        revision,
+        class_name,
+        components,
+        scale,
+        patch,
+        call_parameters=tuple(params),
+        default_text_tokens=text if isinstance(text, int) else None,
+        native_size=native if "height" not in params else None,
+    )
+
+
+def _vae_scale_factor(vae: dict | None) -> int:
+    """The pipelines' own rule: 2 ** (number of blocks - 1) of the (encoder) blocks; 8 for a VAE without a config,
+    1 without a VAE."""
+    if vae is None:
+        return 1
+    blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def _looks_like_path(model: str) -> bool:

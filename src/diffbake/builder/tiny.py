@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-TINY_FAMILIES = ("sd", "sdxl", "flux")
+TINY_FAMILIES = ("sd", "sdxl", "flux", "dit", "ddpm", "ddim", "pixart", "sd3", "sana")
 
 # A few common prompt words: each becomes a single CLIP BPE token and a single
 # T5 piece, while any other text still tokenizes (characters / bytes / <unk>).
@@ -452,20 +452,302 @@ def _flux_small():
     )
 
 
-# model -> (builder, pipeline class, vae_scale_factor, one-component builder or None: build the whole pipeline)
+def _dit():
+    # diffusers' tests/pipelines/dit/test_dit.py: class labels, no text, a one-block VAE (scale factor 1).
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = _seeded(
+        DiTTransformer2DModel,
+        sample_size=16,
+        num_layers=2,
+        patch_size=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    )
+    return DiTPipeline(transformer=transformer, vae=_seeded(AutoencoderKL), scheduler=DDIMScheduler())
+
+
+def _t5(tokenizer, **sizes):
+    """A T5 encoder as small as diffusers' tests' hf-internal-testing/tiny-random-t5, with ``tokenizer``'s ids."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+    return _seeded(
+        T5EncoderModel,
+        T5Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **{**config, **sizes},
+        ),
+    )
+
+
+def _pixart():
+    # diffusers' tests/pipelines/pixart_sigma/test_pixart.py (a T5 the same size, the local tokenizer), but with
+    # sample_size 32 and a 4-block VAE (scale factor 8): the pipeline's default resolution binning knows the
+    # 256-pixel table only, and a plain recipe calls the pipeline as it is by default.
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    transformer = _seeded(
+        PixArtTransformer2DModel,
+        sample_size=32,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    tokenizer = _t5_tokenizer()
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_t5(tokenizer),
+        vae=_vae(
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4,
+        ),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+
+
+def _sd3():
+    # diffusers' tests/pipelines/stable_diffusion_3: two CLIP encoders with projection and a T5, joint attention.
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = _seeded(
+        SD3Transformer2DModel,
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    tokenizer = _clip_tokenizer()
+    clip = _clip_text_config(
+        tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32
+    )
+    tokenizer_3 = _t5_tokenizer()
+    vae = _seeded(
+        AutoencoderKL,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_seeded(CLIPTextModelWithProjection, clip),
+        text_encoder_2=_seeded(CLIPTextModelWithProjection, clip),
+        text_encoder_3=_t5(tokenizer_3),
+        tokenizer=tokenizer,
+        tokenizer_2=_clip_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        vae=vae,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _gemma_tokenizer():
+    """A Gemma-like tokenizer over an in-code Unigram model, as _t5_tokenizer: <pad>=0, <eos>=1, <bos>=2,
+    <unk>=3, and <bos> in front of every text, as Gemma's own. A plain PreTrainedTokenizerFast: GemmaTokenizerFast
+    rebuilds its model from a vocabulary when reloaded, and would not read back the one saved."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {"<pad>": 0.0, "<eos>": 0.0, "<bos>": 0.0, "<unk>": 0.0, "▁": -2.0}
+    for word in _WORDS:
+        pieces.setdefault("▁" + word, -5.0)
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + char, -8.0)
+        pieces.setdefault(char, -9.0)
+    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        model_max_length=8192,
+    )
+
+
+def _sana():
+    # diffusers' tests/pipelines/sana/test_sana.py, but with a 6-block AutoencoderDC (scale factor 32, as the
+    # real one) and sample_size 16: the pipeline's default resolution binning then asks for 512-pixel images.
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _gemma_tokenizer()
+    text_encoder = _seeded(
+        Gemma2Model,
+        Gemma2Config(
+            head_dim=16,
+            hidden_size=8,
+            initializer_range=0.02,
+            intermediate_size=64,
+            max_position_embeddings=8192,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            attn_implementation="eager",
+        ),
+    )
+    blocks = 6
+    multiscales = ((),) * 3 + ((5,),) * 3
+    vae = _seeded(
+        AutoencoderDC,
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        encoder_block_out_channels=(8,) * blocks,
+        decoder_block_out_channels=(8,) * blocks,
+        encoder_qkv_multiscales=multiscales,
+        decoder_qkv_multiscales=multiscales,
+        encoder_layers_per_block=(1,) * blocks,
+        decoder_layers_per_block=[1] * blocks,
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    transformer = _seeded(
+        SanaTransformer2DModel,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=16,
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def _unconditional_unet():
+    # diffusers' tests/pipelines/ddpm/test_ddpm.py: an unconditional UNet2DModel on 8x8 pixels, no VAE, no text.
+    from diffusers import UNet2DModel
+
+    return _seeded(
+        UNet2DModel,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def _ddpm():
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    return DDPMPipeline(unet=_unconditional_unet(), scheduler=DDPMScheduler())
+
+
+def _ddim():
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    return DDIMPipeline(unet=_unconditional_unet(), scheduler=DDIMScheduler())
+
+
+# model -> (builder, pipeline class, vae_scale_factor, one-component builder or None: build the whole pipeline,
+# denoiser attribute)
 _BUILDERS = {
-    "tiny:sd": (_sd, "StableDiffusionPipeline", 2, None),
-    "tiny:sdxl": (_sdxl, "StableDiffusionXLPipeline", 2, None),
-    "tiny:flux": (_flux, "FluxPipeline", 2, None),
-    "random:sd15": (_sd15, "StableDiffusionPipeline", 8, _sd15_components),
-    "random:flux-small": (_flux_small, "FluxPipeline", 8, _flux_small_components),
+    "tiny:sd": (_sd, "StableDiffusionPipeline", 2, None, "unet"),
+    "tiny:sdxl": (_sdxl, "StableDiffusionXLPipeline", 2, None, "unet"),
+    "tiny:flux": (_flux, "FluxPipeline", 2, None, "transformer"),
+    "random:sd15": (_sd15, "StableDiffusionPipeline", 8, _sd15_components, "unet"),
+    "random:flux-small": (_flux_small, "FluxPipeline", 8, _flux_small_components, "transformer"),
+    "tiny:dit": (_dit, "DiTPipeline", 1, None, "transformer"),
+    "tiny:ddpm": (_ddpm, "DDPMPipeline", 1, None, "unet"),
+    "tiny:ddim": (_ddim, "DDIMPipeline", 1, None, "unet"),
+    "tiny:pixart": (_pixart, "PixArtSigmaPipeline", 1, None, "transformer"),
+    "tiny:sd3": (_sd3, "StableDiffusion3Pipeline", 1, None, "transformer"),
+    "tiny:sana": (_sana, "SanaPipeline", 32, None, "transformer"),
 }
 
 
-def builtin_configs(model: str) -> tuple[str, int]:
-    """The pipeline class and VAE scale factor of a built-in model, without building it."""
-    _, class_name, vae_scale_factor, _ = _builder(model)
-    return class_name, vae_scale_factor
+def builtin_configs(model: str) -> tuple[dict, dict[str, dict]]:
+    """What a built-in model's model index and its VAE's and denoiser's configs say. A tiny pipeline is made to
+    read them (it takes a fraction of a second); a random:* one, the real architectures, is described without
+    building it (its denoisers have no patch_size)."""
+    _, class_name, vae_scale_factor, _, denoiser = _builder(model)
+    if model.startswith("tiny:"):
+        pipe = make_builtin_pipeline(model)
+        modules = {k: v for k, v in pipe.components.items()}
+        index = {"_class_name": class_name}
+        index |= {k: ["diffusers", type(v).__name__] if v is not None else [None, None] for k, v in modules.items()}
+        return index, {k: dict(modules[k].config) for k in ("vae", denoiser) if modules.get(k) is not None}
+    index = {"_class_name": class_name, denoiser: ["diffusers", "model"], "vae": ["diffusers", "AutoencoderKL"]}
+    blocks = [0] * (vae_scale_factor.bit_length())  # 2 ** (len - 1) == vae_scale_factor
+    return index, {"vae": {"block_out_channels": blocks}, denoiser: {}}
 
 
 def make_builtin_pipeline(model: str) -> diffusers.DiffusionPipeline:

@@ -1,10 +1,9 @@
-"""What diffbake compiles, in two tables: the components (what a recipe can name, and where the pipeline holds
-each one) and the pipeline families.
+"""What diffbake compiles, in two small tables: the components (what a recipe can name, and where the pipeline
+holds each one) and the facts about pipelines that cannot be read from a pipeline's own configs.
 
-A family ties a diffusers pipeline class to its denoiser attribute, whether its denoiser batch is doubled for
-classifier-free guidance, and the pixel multiple its height and width need. Build and runtime both read this
-table; it imports nothing heavy. Adding a pipeline family is a row here, an input builder in ``builder/inputs.py`` and,
-if its denoiser returns another output type, a stand-in in ``runtime/standins.py``.
+Everything else about how a pipeline calls its modules (argument names, shapes, dtypes, Python values, the
+output type, which dimensions follow the image size) is captured at build from real calls of the pipeline
+(``builder/capture.py``). Build and runtime both read these tables; this module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -35,65 +34,51 @@ COMPONENTS: dict[str, Component] = {
     "transformer": Component("transformer"),
     VAE_DECODER: Component("vae", "decode"),
 }
+KNOWN_COMPONENTS: tuple[str, ...] = tuple(sorted(COMPONENTS))
+DENOISERS = ("transformer", "unet")  # pipeline attributes that hold a denoiser, in the order they are looked for
 
 
 @dataclass(frozen=True)
-class Family:
-    name: str
-    pipeline_classes: tuple[str, ...]
-    denoiser: str  # the pipeline attribute that holds the denoiser ("unet" or "transformer")
-    has_cfg_batch: bool  # classifier-free guidance doubles the denoiser batch
-    # Height and width must be multiples of vae_scale_factor * pixel_multiple_of_latent. Flux packs 2x2 latent
-    # patches into one token, so it needs twice the VAE scale factor (16 for the real model).
-    pixel_multiple_of_latent: int = 1
-    has_text_tokens: bool = False  # the denoiser's text length is a recipe choice (Flux's max_sequence_length)
-    default_text_tokens: int | None = None
-    max_timestep: float = 1000.0  # the range of timesteps the denoiser is called with (Flux: sigmas in [0, 1])
+class PipelineFacts:
+    """What a pipeline class does in its own code, not in a config: read by the build's shape checks."""
 
-    @property
-    def components(self) -> tuple[str, ...]:
-        return (self.denoiser, VAE_DECODER)
+    # The pipeline packs latent_patch x latent_patch latents into one token itself (Flux), on top of any
+    # patch_size of the denoiser's config: height and width must be multiples of vae_scale_factor * patch.
+    latent_patch: int = 1
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("sd", ("StableDiffusionPipeline",), "unet", has_cfg_batch=True),
-        Family("sdxl", ("StableDiffusionXLPipeline",), "unet", has_cfg_batch=True),
-        Family(
-            "flux",
-            ("FluxPipeline",),
-            "transformer",
-            has_cfg_batch=False,
-            pixel_multiple_of_latent=2,
-            has_text_tokens=True,
-            default_text_tokens=512,
-            max_timestep=1.0,
-        ),
-    )
+# Pipelines tested with diffbake, by class name. A pipeline not listed is built the same way (its calls are
+# captured like any other) and the build says that it is untested; a row is needed only for a fact above.
+PIPELINES: dict[str, PipelineFacts] = {
+    "StableDiffusionPipeline": PipelineFacts(),
+    "StableDiffusionXLPipeline": PipelineFacts(),
+    "StableDiffusion3Pipeline": PipelineFacts(),
+    "FluxPipeline": PipelineFacts(latent_patch=2),
+    "PixArtSigmaPipeline": PipelineFacts(),
+    "SanaPipeline": PipelineFacts(),
+    "DiTPipeline": PipelineFacts(),
+    "DDPMPipeline": PipelineFacts(),
+    "DDIMPipeline": PipelineFacts(),
 }
 
-# Pipelines diffbake makes locally, with no download (model -> family): "tiny:*" have hidden sizes around 32
-# (tests and the demo); "random:*" have the real architectures with random weights (benchmarks).
-BUILTIN_MODELS: dict[str, str] = {
-    "tiny:sd": "sd",
-    "tiny:sdxl": "sdxl",
-    "tiny:flux": "flux",
-    "random:sd15": "sd",
-    "random:flux-small": "flux",
-}
+# Pipelines diffbake makes locally, with no download: "tiny:*" have hidden sizes around 32 (tests and the demo);
+# "random:*" have the real architectures with random weights (benchmarks).
+BUILTIN_MODELS: tuple[str, ...] = (
+    "tiny:sd",
+    "tiny:sdxl",
+    "tiny:flux",
+    "tiny:dit",
+    "tiny:ddpm",
+    "tiny:ddim",
+    "tiny:pixart",
+    "tiny:sd3",
+    "tiny:sana",
+    "random:sd15",
+    "random:flux-small",
+)
 BUILTIN_PREFIXES = ("tiny:", "random:")
 
-KNOWN_COMPONENTS: tuple[str, ...] = tuple(sorted({c for f in FAMILIES.values() for c in f.components}))
-assert set(KNOWN_COMPONENTS) <= set(COMPONENTS), "every family's component needs a row in COMPONENTS"
 
-
-def family_for_pipeline_class(class_name: str) -> Family | None:
-    for family in FAMILIES.values():
-        if class_name in family.pipeline_classes:
-            return family
-    return None
-
-
-def supported_pipeline_classes() -> list[str]:
-    return sorted(c for f in FAMILIES.values() for c in f.pipeline_classes)
+def denoiser_of(components: dict[str, object]) -> str | None:
+    """The attribute of a pipeline's denoiser, from the names of its components (a pipeline's model index)."""
+    return next((name for name in DENOISERS if components.get(name) is not None), None)

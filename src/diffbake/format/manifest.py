@@ -29,10 +29,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError, IntegrityError
-from diffbake.format.components import FAMILIES, KNOWN_COMPONENTS
+from diffbake.format.components import KNOWN_COMPONENTS
 
 FORMAT_NAME = "diffbake-artifact"
-FORMAT_VERSION = 2
+# 3: call contracts captured from the pipeline (constants, affine dimensions, output class, attributes read).
+FORMAT_VERSION = 3
 
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.toml"
@@ -64,23 +65,29 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class DimSpec:
-    """A dynamic dimension: every value in [min, max] that is a multiple of ``multiple``."""
+    """A dynamic dimension of the compiled inputs: ``multiple * k + offset`` for an integer index ``k``, between
+    ``min`` and ``max``.
+
+    Dimensions that follow one recipe size share its index, named by ``base`` (the recipe's "batch", "height",
+    "width" or "text_tokens"): the UNet's batch is 2 * batch with guidance, a latent height is height / 8 in
+    steps of what the model downsamples by, SD3's text length is 77 + the T5 tokens. A dimension that follows
+    several sizes at once (Flux's image tokens, (h / 16) * (w / 16)) is its own base.
+    """
 
     min: int
     max: int
     multiple: int = 1
+    offset: int = 0
+    base: str = ""  # the shared index; "" means this dimension's own name
 
     def admits(self, value: int) -> bool:
-        return self.min <= value <= self.max and value % self.multiple == 0
+        return self.min <= value <= self.max and (value - self.offset) % self.multiple == 0
 
-    def smallest_above_one(self) -> int:
-        """The smallest admitted size above 1 (twice the multiple, where the range allows), else the largest.
+    def index(self, value: int) -> int:
+        return (value - self.offset) // self.multiple
 
-        Export specializes a dimension it traces at size 1, and compiled code may special-case 1, so examples
-        for export and the recorded self-test use this size.
-        """
-        inner = max(2, -(-self.min // self.multiple))
-        return min(inner * self.multiple, self.max // self.multiple * self.multiple)
+    def value(self, index: int) -> int:
+        return self.multiple * index + self.offset
 
 
 @dataclass(frozen=True)
@@ -95,12 +102,13 @@ class SelfTest:
     """A seeded call recorded at build, and a summary of what the compiled code returned for it.
 
     The inputs are seeded standard-normal noise of each input's shape (dynamic dimensions at ``sizes``), except
-    the inputs named in ``fill``, which hold one value (a timestep, a guidance scale).
+    the inputs named in ``fill``: those hold the values the pipeline really passed when the build captured its
+    call (timesteps, guidance, time ids, class labels), flattened.
     """
 
     seed: int
     sizes: dict[str, int]
-    fill: dict[str, float]
+    fill: dict[str, list[float]]
     shape: list[int]
     mean: float
     std: float
@@ -118,6 +126,11 @@ class VariantEntry:
     cfg: bool | None
     inputs: list[TensorSpec]
     dims: dict[str, DimSpec]
+    # The call's other arguments, as the pipeline passed them (keyword path -> JSON value, None included): a
+    # call with another value is refused, naming the argument. ``ignored``: arguments the build checked do not
+    # change the result (a generator passed to a deterministic decoder).
+    constants: dict[str, Any]
+    ignored: list[str]
     output: TensorSpec
     max_abs_error: float  # compiled vs the eager component it was compiled from (same dtype and transforms)
     tolerance: float
@@ -141,6 +154,15 @@ class BlockEntry:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """What the eager method returns with ``return_dict=True``: a diffusers output class (by name, looked up in
+    diffusers only) and the field that holds the tensor."""
+
+    class_name: str
+    field: str
+
+
+@dataclass(frozen=True)
 class ComponentEntry:
     name: str
     class_name: str  # the eager diffusers class this stands in for
@@ -156,6 +178,13 @@ class ComponentEntry:
     mode: str = "full"
     blocks: list[BlockEntry] = field(default_factory=list)
     compiler: dict[str, Any] = field(default_factory=dict)  # the inductor options the recipe chose, as applied
+    method: str = "forward"  # the method of the eager module that the pipeline calls
+    output_class: OutputSpec | None = None
+    # What the pipeline read from the eager module besides its config, dtype and device, recorded at capture:
+    # attribute path -> value ("add_embedding.linear_1.in_features": 2816), and the diffusers mixins whose
+    # methods it called (CacheMixin for Flux's cache_context).
+    attributes: dict[str, Any] = field(default_factory=dict)
+    mixins: list[str] = field(default_factory=list)
 
     @property
     def packages(self) -> list[str]:
@@ -192,8 +221,9 @@ class Manifest:
     format_version: int
     versions: dict[str, str]  # diffbake, torch, diffusers, transformers, torchao, python
     host: Host
-    source: dict[str, Any]  # model, revision, family
+    source: dict[str, Any]  # model, kind, revision
     pipeline_class: str
+    denoiser: str | None  # the pipeline attribute holding the denoiser ("unet", "transformer")
     pipeline: str  # folder of the eager components
     components: dict[str, ComponentEntry]
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -483,13 +513,8 @@ def _check_manifest(m: Manifest) -> None:
     _need("torch" in m.versions, "versions: no torch version recorded")
     _need(m.host.device in ("cpu", "cuda"), f"host.device: {m.host.device!r} is not 'cpu' or 'cuda'")
     _need(m.host.dtype in ("float32", "float16", "bfloat16"), f"host.dtype: {m.host.dtype!r} is not a build dtype")
-    family = FAMILIES.get(m.source.get("family"))  # type: ignore[arg-type]
-    _need(family is not None, f"source.family: {m.source.get('family')!r} is not one of {sorted(FAMILIES)}")
-    assert family is not None
-    _need(
-        m.pipeline_class in family.pipeline_classes,
-        f"pipeline_class: {m.pipeline_class!r} is not a {family.name} pipeline ({', '.join(family.pipeline_classes)})",
-    )
+    _need(_NAME.fullmatch(m.pipeline_class) is not None, f"pipeline_class: {m.pipeline_class!r} is not a class name")
+    _need(m.denoiser is None or _NAME.fullmatch(m.denoiser) is not None, f"denoiser: {m.denoiser!r} is not a name")
     for rel in m.files:
         _check_relpath(rel, f"files: {rel!r}")
         _need(_SHA256.fullmatch(m.files[rel].sha256) is not None, f"files.{rel}.sha256: not a sha256 hex digest")
@@ -515,6 +540,10 @@ def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
     _need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
     _listed(m, c.weights, f"{where}.weights")
     _listed(m, c.config, f"{where}.config")
+    names = [c.method, *c.attributes, *c.mixins] + (
+        [c.output_class.class_name, c.output_class.field] if c.output_class else []
+    )
+    _need(all(_NAME.fullmatch(n) for n in names), f"{where}: bad method, attribute, mixin or output name")
     for key, spec in c.constants.items():
         _need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
         _need(
@@ -535,8 +564,15 @@ def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
 
 def _check_variant(v: VariantEntry, vw: str) -> None:
     for d, dim in v.dims.items():
-        _need(_NAME.fullmatch(d) is not None, f"{vw}.dims: bad name {d!r}")
-        _need(1 <= dim.min <= dim.max and dim.multiple >= 1, f"{vw}.dims.{d}: not a range")
+        _need(
+            _NAME.fullmatch(d) is not None and _NAME.fullmatch(dim.base or d) is not None, f"{vw}.dims: bad name {d!r}"
+        )
+        _need(
+            0 <= dim.min <= dim.max and dim.multiple >= 1 and dim.admits(dim.min) and dim.admits(dim.max),
+            f"{vw}.dims.{d}: not a range",
+        )
+    for path in [*v.constants, *v.ignored]:
+        _need(_NAME.fullmatch(path) is not None, f"{vw}: bad argument name {path!r}")
     for spec in [*v.inputs, v.output]:
         _need(spec.dtype in DTYPES, f"{vw}: input {spec.name!r} has unknown dtype {spec.dtype!r}")
         _need(_NAME.fullmatch(spec.name) is not None, f"{vw}: bad input name {spec.name!r}")

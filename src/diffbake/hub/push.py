@@ -171,7 +171,7 @@ def model_card(
     source = any_manifest.source
     base_model = source.get("model") if source.get("kind") == "hub" else None
     tags = ["diffbake", "aot-compiled", "aotinductor", "diffusers", "text-to-image"]
-    tags += sorted({m.host.device for m in builds.values()} | {str(m.source.get("family")) for m in builds.values()})
+    tags += sorted({m.host.device for m in builds.values()} | {m.pipeline_class for m in builds.values()})
     data = ModelCardData(
         library_name="diffbake",
         pipeline_tag="text-to-image",

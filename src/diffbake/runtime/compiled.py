@@ -24,7 +24,7 @@ from diffbake.format.manifest import (
     VariantEntry,
 )
 from diffbake.runtime.graphs import GraphReplay
-from diffbake.runtime.guards import check_inputs, describe, resolve_device, torch_dtype
+from diffbake.runtime.guards import check_call, check_inputs, describe, resolve_device, torch_dtype
 from diffbake.runtime.packages import Package
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
@@ -89,14 +89,15 @@ class CompiledComponent:
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.entry.variants[0].inputs]
 
-    def __call__(self, values: list[Any]) -> torch.Tensor:
-        """Run the first variant (static ones first) whose shapes fit the inputs."""
+    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> torch.Tensor:
+        """Run the first variant (static ones first) whose shapes fit the inputs (and whose captured Python
+        values fit ``arguments``, the call's arguments by name, where given)."""
         if len(self.variants) == 1:
-            return self.variants[0](values)
+            return self.variants[0](values, arguments)
         reasons = []
         for variant in self._order:
             try:
-                tensors = variant.check(values)
+                tensors = variant.check(values, arguments)
             except InputMismatchError as e:
                 reasons.append(f"[{describe(variant.entry)}] {e}")
                 continue
@@ -125,8 +126,8 @@ class CompiledVariant:
         if component.cuda_graphs and entry.dynamic:
             logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, describe(entry))
 
-    def __call__(self, values: list[Any]) -> torch.Tensor:
-        return self.run(self.check(values))
+    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> torch.Tensor:
+        return self.run(self.check(values, arguments))
 
     def _new_replay(self) -> GraphReplay:
         return GraphReplay(self.runner, self.device, f"{self.name} ({describe(self.entry)})")
@@ -142,8 +143,11 @@ class CompiledVariant:
         if self.replay is not None:
             self.replay = self._new_replay()
 
-    def check(self, values: list[Any]) -> list[torch.Tensor]:
-        """Check every input against what was compiled; returns the inputs as the package needs them."""
+    def check(self, values: list[Any], arguments: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Check every input against what was compiled (and the call's other arguments against the captured
+        contract); returns the inputs as the package needs them."""
+        if arguments is not None:
+            check_call(self.name, self.entry, arguments)
         return check_inputs(self.name, self.entry, self.device, values)
 
 

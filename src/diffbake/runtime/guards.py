@@ -42,6 +42,78 @@ def describe(variant: VariantEntry) -> str:
     return text
 
 
+def call_leaves(arguments: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A call's arguments as (keyword path, value) leaves: nested dicts by key ("added_cond_kwargs.time_ids"),
+    sequences holding tensors by index ("image_rotary_emb.0"); anything else is one leaf. The build records a
+    call's contract from these leaves and the stand-ins check calls against it, with this one function."""
+    out: list[tuple[str, Any]] = []
+    for key, value in arguments.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            out += call_leaves(value, path + ".")
+        elif isinstance(value, (tuple, list)) and any(torch.is_tensor(v) for v in value):
+            out += call_leaves({str(i): v for i, v in enumerate(value)}, path + ".")
+        else:
+            out.append((path, value))
+    return out
+
+
+def _nothing(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and not value)
+
+
+def check_call(name: str, entry: VariantEntry, arguments: dict[str, Any]) -> None:
+    """Check a call's non-tensor arguments against the contract captured at build.
+
+    Raises:
+        InputMismatchError: a Python value other than the one compiled in, or an argument the contract lacks
+            (IP-Adapter's ``added_cond_kwargs.image_embeds``, a LoRA scale in ``joint_attention_kwargs``).
+    """
+    inputs = {spec.name for spec in entry.inputs}
+    leaves = dict(call_leaves({k: v for k, v in arguments.items() if k != "return_dict"}))
+    for path, value in leaves.items():
+        if path in inputs or path in entry.ignored:
+            continue
+        if path in entry.constants:
+            recorded = entry.constants[path]
+            if not _same_value(value, recorded):
+                raise InputMismatchError(
+                    f"{name}: argument {path!r} is {_short(value)}, but this artifact was compiled for "
+                    f"{recorded!r} (what the pipeline passed when it was built); call with that value, or rebuild "
+                    "with a recipe whose call passes this one"
+                )
+        elif not _nothing(value) and not any(p.startswith(path + ".") for p in [*inputs, *entry.constants]):
+            raise InputMismatchError(
+                f"{name}: argument {path!r} is not part of the compiled call (the build captured "
+                f"{', '.join(sorted([*inputs, *entry.constants]))}); call without it, or run this module eager"
+            )
+    for path, recorded in entry.constants.items():
+        if path not in leaves and not _nothing(recorded):
+            raise InputMismatchError(
+                f"{name}: argument {path!r} is missing; this artifact was compiled for {recorded!r}"
+            )
+
+
+def _same_value(value: Any, recorded: Any) -> bool:
+    if _nothing(value) and _nothing(recorded):
+        return True
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, bool) or isinstance(recorded, bool):
+        return value is recorded  # True == 1 in Python, but not as an argument
+    if torch.is_tensor(value):
+        return False
+    try:
+        return bool(value == recorded)
+    except Exception:  # an object that does not compare: not the recorded value
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def bind_call(
     where: str, signature: inspect.Signature, owner: Any, names: list[str], args: tuple, kwargs: dict
 ) -> dict[str, Any]:
@@ -131,8 +203,10 @@ def _check(
         # The eager module broadcasts and casts these itself (a scalar int64 timestep, say), so do the same.
         if not torch.is_tensor(value):
             value = torch.tensor(value)
+        if not spec.shape and value.numel() > 1 and bool((value == value.flatten()[0]).all()):
+            value = value.flatten()[0]  # one timestep per sample, all the same: the one timestep compiled
         if value.numel() == 1:
-            value = value.reshape(()).expand([sizes.get(d, 0) if isinstance(d, str) else d for d in spec.shape])
+            value = value.reshape(()).expand([_size(entry, d, sizes) for d in spec.shape])
         value = value.to(device=device, dtype=dtype)
     return check_tensor(where, spec, value, device, lambda t: _shape_problem(name, entry, where, spec, t, sizes))
 
@@ -150,20 +224,31 @@ def _shape_problem(
     )
 
 
+def _size(entry: VariantEntry, size: int | str, sizes: dict[str, int]) -> int:
+    """A dimension's size from the indices seen so far (0 if its index is not known yet)."""
+    if isinstance(size, int):
+        return size
+    d = entry.dims[size]
+    base = d.base or size
+    return d.value(sizes[base]) if base in sizes else 0
+
+
 def _shape_fits(entry: VariantEntry, spec: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> bool:
+    """Whether ``value`` fits ``spec``; ``sizes`` holds each index (DimSpec.base) seen so far, and grows."""
     if value.dim() != len(spec.shape):
         return False
     for want, have in zip(spec.shape, value.shape, strict=True):
         if isinstance(want, int):
             if want != have:
                 return False
-        elif want in sizes:
-            if sizes[want] != have:  # one symbol, one size: the batch of every input must agree
-                return False
-        elif entry.dims[want].admits(have):
-            sizes[want] = have
-        else:
+            continue
+        d = entry.dims[want]
+        base = d.base or want
+        if not d.admits(have):
             return False
+        if base in sizes and sizes[base] != d.index(have):  # one index, one size: every input's batch agrees
+            return False
+        sizes[base] = d.index(have)
     return True
 
 
@@ -171,7 +256,11 @@ def _render(entry: VariantEntry, size: int | str) -> str:
     if isinstance(size, int):
         return str(size)
     d = entry.dims[size]
-    return f"{d.min}..{d.max}" + (f" (multiple of {d.multiple})" if d.multiple > 1 else "")
+    if d.multiple == 1:
+        return f"{d.min}..{d.max}"
+    if d.offset % d.multiple == 0:
+        return f"{d.min}..{d.max} (multiple of {d.multiple})"
+    return f"{d.min}..{d.max} (in steps of {d.multiple})"
 
 
 def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.Tensor) -> str:

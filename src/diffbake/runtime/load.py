@@ -7,6 +7,7 @@ This module, like the rest of the runtime package, imports nothing from the buil
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import platform
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
-from diffbake.format.components import COMPONENTS, FAMILIES, VAE_DECODER
+from diffbake.format.components import COMPONENTS, VAE_DECODER
 from diffbake.format.host import check_compatibility
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import (
@@ -32,7 +33,7 @@ from diffbake.runtime.guards import resolve_device, torch_dtype
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 from diffbake.runtime.regional import load_regional
 from diffbake.runtime.selftest import run_self_test
-from diffbake.runtime.standins import STAND_INS, CompiledModel
+from diffbake.runtime.standins import CompiledModel, make_stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,9 @@ def load_component(
         if cuda_graphs:
             logger.info("%s: regional blocks run without CUDA graphs", name)
         return load_regional(artifact, entry, device or manifest.device, unpack, concurrency)
-    cls = STAND_INS.get(entry.class_name)
-    if cls is None:
-        raise ArtifactError(
-            f"{name}: compiled class {entry.class_name!r} has no stand-in in this diffbake; "
-            f"known: {', '.join(STAND_INS)}; upgrade diffbake"
-        )
+    config = _read_config(artifact / entry.config)
     program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency, cuda_graphs)
-    return cls(program, _read_config(artifact / entry.config))
+    return make_stand_in(program, config, entry)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -228,19 +224,26 @@ def _assemble(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module
             root / manifest.pipeline, dtype=torch_dtype(manifest.dtype), use_safetensors=True, **overrides
         )
     pipe.to(device)
-    _set_default_size(pipe, FAMILIES[manifest.source["family"]].denoiser, manifest)
+    _set_default_size(pipe, manifest.denoiser, manifest)
     return pipe
 
 
 def compiled_call(manifest: Manifest) -> dict[str, Any]:
     """Pipeline-call keyword arguments that fit what was compiled: the size and images per call of the
     denoiser's first variant (the VAE's if only it is compiled), at the low end of a dynamic range, and no
-    guidance where no CFG batch was compiled."""
-    family = FAMILIES[manifest.source["family"]]
-    entry = manifest.components.get(family.denoiser) or manifest.components[VAE_DECODER]
+    guidance where the pipeline would run a CFG batch that was not compiled (never a guidance value otherwise:
+    Flux-dev's guidance embedding takes it as an input)."""
+    entry = manifest.components.get(manifest.denoiser or "") or manifest.components[VAE_DECODER]
     variant = entry.variants[0]
     low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
-    kwargs: dict[str, Any] = {"height": low["height"], "width": low["width"], "num_images_per_prompt": low["batch"]}
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, manifest.pipeline_class).__call__).parameters
+    kwargs: dict[str, Any] = {k: low[k] for k in ("height", "width") if k in params}
+    if "num_images_per_prompt" in params:
+        kwargs["num_images_per_prompt"] = low["batch"]
+    elif "batch_size" in params:
+        kwargs["batch_size"] = low["batch"]
     if low.get("text_tokens"):
         kwargs["max_sequence_length"] = low["text_tokens"]
     if variant.cfg is False:
@@ -271,13 +274,13 @@ def _stand_ins_accepted() -> Iterator[None]:
         log.removeFilter(quiet)
 
 
-def _set_default_size(pipe: Any, denoiser: str, manifest: Manifest) -> None:
+def _set_default_size(pipe: Any, denoiser: str | None, manifest: Manifest) -> None:
     # A bare pipe(prompt) should ask for the compiled size, not the model's native one.
-    entry = manifest.components.get(denoiser)
+    entry = manifest.components.get(denoiser or "")
     shapes = entry.variants[0].shapes if entry is not None else {}
     if not isinstance(shapes.get("height"), int) or shapes["height"] != shapes["width"]:
         return
-    latent = shapes["height"] // pipe.vae_scale_factor
+    latent = shapes["height"] // getattr(pipe, "vae_scale_factor", 1)
     if hasattr(pipe, "default_sample_size"):
         pipe.default_sample_size = latent
     module = getattr(pipe, denoiser)

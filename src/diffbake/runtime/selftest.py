@@ -22,18 +22,16 @@ PROBES = 16
 SEED = 1234
 
 
-def self_test_sizes(variant: VariantEntry) -> dict[str, int]:
-    """Each dynamic dimension at the size export traced it at (:meth:`DimSpec.smallest_above_one`)."""
-    return {name: d.smallest_above_one() for name, d in variant.dims.items()}
-
-
 def self_test_inputs(variant: VariantEntry, test: SelfTest, device: Any) -> list[torch.Tensor]:
-    """The recorded call's inputs: seeded noise, except the ``fill`` inputs, which hold one value."""
+    """The recorded call's inputs: seeded noise, except the ``fill`` inputs, which hold the captured values."""
     g = torch.Generator().manual_seed(test.seed)
     out = []
     for spec in variant.inputs:
         shape = [test.sizes[d] if isinstance(d, str) else d for d in spec.shape]
-        t = torch.full(shape, test.fill[spec.name]) if spec.name in test.fill else torch.randn(shape, generator=g)
+        if spec.name in test.fill:
+            t = torch.tensor(test.fill[spec.name], dtype=torch.float64).reshape(shape)
+        else:
+            t = torch.randn(shape, generator=g)
         out.append(t.to(device=device, dtype=getattr(torch, spec.dtype)))
     return out
 
@@ -96,8 +94,10 @@ def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Mo
                 if isinstance(module, CompiledModel):
                     out = module.component.variants[i](inputs)
                 else:
-                    kwargs = unflatten_call([s.name for s in variant.inputs], inputs)
-                    out = module(**kwargs, return_dict=False)[0]
+                    names = [*(s.name for s in variant.inputs), *variant.constants]
+                    kwargs = unflatten_call(names, [*inputs, *variant.constants.values()])
+                    kwargs.pop("return_dict", None)
+                    out = getattr(module, entry.method)(**kwargs, return_dict=False)[0]
             problem = compare(variant.self_test, out)
             if problem is not None:
                 raise SelfTestError(

@@ -1,54 +1,61 @@
-"""Stand-in modules: what the diffusers pipeline holds where the eager module stood.
+"""The stand-in module: what the diffusers pipeline holds where an eager module stood. One class for every
+compiled module, made per eager class from what the build recorded.
 
-diffusers asks more of them than an ``nn.Module`` gives (``from_pretrained(..., unet=obj)`` wants a
-``ModelMixin``, Flux calls ``transformer.cache_context``, SDXL reads ``unet.add_embedding.linear_1.in_features``),
-so the stand-ins subclass diffusers' mixins, carry the eager module's config, and keep its call signature and
-return types; the call itself goes to a :class:`~diffbake.runtime.compiled.CompiledComponent`.
+diffusers asks more of a module than an ``nn.Module`` gives (``from_pretrained(..., unet=obj)`` wants a
+``ModelMixin``, Flux calls ``transformer.cache_context``, SDXL reads ``unet.add_embedding.linear_1.in_features``).
+The build captured what the pipeline reads (``ComponentEntry.attributes``) and which diffusers mixins' methods it
+calls (``mixins``), so a stand-in carries the eager module's config, those values and mixins, and the eager
+method's signature and output class; the call itself goes to a :class:`~diffbake.runtime.compiled.CompiledComponent`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.models.autoencoders.vae import DecoderOutput
-from diffusers.models.cache_utils import CacheMixin
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from diffbake.errors import InputMismatchError
-from diffbake.format.manifest import (
-    flatten_call,
-)
-from diffbake.runtime.guards import bind_call
+from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.format.manifest import ComponentEntry, flatten_call
 
 if TYPE_CHECKING:
     from diffbake.runtime.compiled import CompiledComponent
 
 
 class CompiledModel(ModelMixin, ConfigMixin):
-    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters.
-
-    A subclass names the eager class it stands for, the method the compiled code replaces, that method's
-    return_dict output type, and the arguments the eager method accepts but ignores.
-    """
+    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters."""
 
     config_name = "config.json"
     _stands_for: type[torch.nn.Module]
     _method = "forward"
-    _output: type
-    _ignored: tuple[str, ...] = ()
 
-    def __init__(self, program: CompiledComponent, config: dict[str, Any]):
+    def __init__(self, program: CompiledComponent, config: dict[str, Any], entry: ComponentEntry):
         super().__init__()
-        self.register_to_config(**{k: v for k, v in config.items() if not k.startswith("_")})
         self.component = program
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        if "force_upcast" in config:
+            # The dtype is fixed at build time, so the pipelines' upcast-the-VAE-to-float32 path must not run.
+            config["force_upcast"] = False
+        self.register_to_config(**config)
         self._signature = inspect.signature(getattr(self._stands_for, self._method))
+        self._output = _output_class(entry)
+        self._attributes = _tree(entry.attributes)
+
+    def __getattr__(self, name: str) -> Any:
+        attributes = self.__dict__.get("_attributes")
+        if attributes is not None and name in attributes:
+            return attributes[name]
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if callable(getattr(self._stands_for, name, None)) and not name.startswith("_"):
+                return functools.partial(self._not_compiled, name)
+            raise
 
     @property
     def diffbake_component(self) -> CompiledComponent:
@@ -99,6 +106,12 @@ class CompiledModel(ModelMixin, ConfigMixin):
     def enable_forward_chunking(self, *args: Any, **kwargs: Any) -> None:
         self._not_applicable("feed-forward chunking (enable_forward_chunking)")
 
+    def enable_slicing(self) -> None:
+        self._not_applicable("VAE slicing (enable_vae_slicing)")
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        self._not_applicable("VAE tiling (enable_vae_tiling)")
+
     def _not_applicable(self, what: str) -> None:
         raise InputMismatchError(
             f"{self.component.name}: {what} does not apply to compiled code, whose attention, layout and memory "
@@ -106,79 +119,96 @@ class CompiledModel(ModelMixin, ConfigMixin):
             "offers, such as fuse_qkv or compiler options, and rebuild)"
         )
 
-    def _invoke(self, args: tuple, kwargs: dict) -> Any:
-        """Call the compiled code as the eager method would be called, and return what it would return."""
-        names = self.component.input_names
-        for name in self._ignored:
-            kwargs.pop(name, None)
-        arguments = bind_call(self.component.name, self._signature, self, names, args, kwargs)
-        sample = self.component(flatten_call(names, arguments))
-        return self._output(sample=sample) if arguments.get("return_dict", True) else (sample,)
-
-
-class CompiledUNet2DConditionModel(CompiledModel):
-    """Stands in for ``UNet2DConditionModel``."""
-
-    _stands_for = UNet2DConditionModel
-    _output = UNet2DConditionOutput
-
-    def forward(self, *args: Any, **kwargs: Any):
-        return self._invoke(args, kwargs)
-
-    @property
-    def add_embedding(self) -> SimpleNamespace:
-        # SDXL reads add_embedding.linear_1.in_features to check its added time ids; answer from the config.
-        if self.config.get("addition_embed_type") != "text_time":
-            raise AttributeError("add_embedding")
-        return SimpleNamespace(
-            linear_1=SimpleNamespace(in_features=self.config["projection_class_embeddings_input_dim"])
-        )
-
-
-class CompiledFluxTransformer2DModel(CompiledModel, CacheMixin):
-    """Stands in for ``FluxTransformer2DModel``; ``cache_context`` comes from diffusers' CacheMixin."""
-
-    _stands_for = FluxTransformer2DModel
-    _output = Transformer2DModelOutput
-
-    def forward(self, *args: Any, **kwargs: Any):
-        return self._invoke(args, kwargs)
-
-
-class CompiledAutoencoderKL(CompiledModel):
-    """Stands in for ``AutoencoderKL``: ``decode`` runs compiled code; encoding is not part of the artifact."""
-
-    _stands_for = AutoencoderKL
-    _method = "decode"
-    _output = DecoderOutput
-    _ignored = ("generator",)  # AutoencoderKL.decode accepts a generator and does not use it
-
-    def __init__(self, program: CompiledComponent, config: dict[str, Any]):
-        # The decoder's dtype is fixed at build time, so the pipelines' upcast-to-float32 path must not run.
-        super().__init__(program, {**config, "force_upcast": False})
-
-    def decode(self, *args: Any, **kwargs: Any):
-        return self._invoke(args, kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any):
+    def _not_compiled(self, method: str, *args: Any, **kwargs: Any) -> None:
+        eager = self._stands_for.__name__
         raise InputMismatchError(
-            "vae_decoder: only vae.decode is compiled into this artifact; encoding images (img2img, inpainting) "
-            "needs the eager VAE"
+            f"{self.component.name}: only {eager}.{self._method} is compiled into this artifact; {eager}.{method} "
+            "needs the eager module (img2img and inpainting call vae.encode, for one)"
         )
 
-    def encode(self, *args: Any, **kwargs: Any):
-        return self.forward()
+    def _invoke(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the compiled code as the eager method would be called, and return what it would return."""
+        bound = self._signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(self._signature.parameters)))  # self
+        sample = self.component(flatten_call(self.component.input_names, arguments), arguments)
+        if not arguments.get("return_dict", True):
+            return (sample,)
+        if self._output is None:
+            raise InputMismatchError(
+                f"{self.component.name}: the build did not record what {self._method} returns with "
+                "return_dict=True; call it with return_dict=False"
+            )
+        cls, field = self._output
+        return cls(**{field: sample})
 
-    def enable_slicing(self) -> None:
-        self._not_applicable("VAE slicing (enable_vae_slicing)")
-
-    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
-        self._not_applicable("VAE tiling (enable_vae_tiling)")
+    def _only_method(self, *args: Any, **kwargs: Any) -> Any:
+        self._not_compiled("forward")
 
 
-# Which stand-in replaces which eager class; a new denoiser class is a row here.
-STAND_INS: dict[str, type[CompiledModel]] = {
-    "UNet2DConditionModel": CompiledUNet2DConditionModel,
-    "FluxTransformer2DModel": CompiledFluxTransformer2DModel,
-    "AutoencoderKL": CompiledAutoencoderKL,
-}
+@functools.cache
+def stand_in_class(eager: type, method: str, mixins: tuple[type, ...]) -> type[CompiledModel]:
+    """The stand-in class for ``eager`` whose ``method`` runs compiled code (one class per eager class)."""
+    namespace: dict[str, Any] = {"_stands_for": eager, "_method": method, "__module__": __name__}
+    namespace[method] = CompiledModel._invoke
+    if method != "forward":
+        namespace["forward"] = CompiledModel._only_method
+    return type(f"Compiled{eager.__name__}", (CompiledModel, *mixins), namespace)
+
+
+def make_stand_in(program: CompiledComponent, config: dict[str, Any], entry: ComponentEntry) -> CompiledModel:
+    """The stand-in of one compiled component, from its manifest entry and the eager module's config.
+
+    Raises:
+        ArtifactError: the entry names an eager class or mixin that is not part of diffusers.
+    """
+    eager = _diffusers_class(entry.name, entry.class_name, ModelMixin)
+    mixins = tuple(_diffusers_class(entry.name, m, object) for m in entry.mixins)
+    return stand_in_class(eager, entry.method, mixins)(program, config, entry)
+
+
+def _diffusers_class(component: str, name: str, base: type) -> type:
+    """A class of diffusers named by the manifest: looked up in diffusers only, never imported from elsewhere."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        if not module_name:
+            import diffusers
+
+            cls = getattr(diffusers, attr)
+        elif module_name == "diffusers" or module_name.startswith("diffusers."):
+            cls = getattr(importlib.import_module(module_name), attr)
+        else:
+            raise AttributeError(name)
+    except (AttributeError, ImportError):
+        cls = None
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise ArtifactError(
+            f"{component}: {name!r} is not a {base.__name__} class of this diffusers; rebuild the artifact with it"
+        )
+    return cls
+
+
+def _output_class(entry: ComponentEntry) -> tuple[type, str] | None:
+    if entry.output_class is None:
+        return None
+    from diffusers.utils import BaseOutput
+
+    return _diffusers_class(entry.name, entry.output_class.class_name, BaseOutput), entry.output_class.field
+
+
+def _tree(attributes: dict[str, Any]) -> dict[str, Any]:
+    """Dotted attribute paths as nested namespaces: {"add_embedding.linear_1.in_features": 32} ->
+    {"add_embedding": namespace(linear_1=namespace(in_features=32))}."""
+    root: dict[str, Any] = {}
+    for path, value in attributes.items():
+        node = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def build(node: Any) -> Any:
+        return SimpleNamespace(**{k: build(v) for k, v in node.items()}) if isinstance(node, dict) else node
+
+    return {k: build(v) for k, v in root.items()}

@@ -1,0 +1,269 @@
+"""How a pipeline calls its modules, captured from real calls.
+
+The eager pipeline runs at a variant's sizes with its required inputs only (a prompt, class labels or a batch
+size, as its ``__call__`` takes them), for a step or two, with a hook on the compiled module's method. The hook
+records what the pipeline really passes (bound to the method's signature, defaults applied), what the method
+returns, and what the pipeline reads from the module from outside its calls (``unet.add_embedding.linear_1
+.in_features``, ``transformer.cache_context``): what a stand-in must carry. The run stops as soon as every
+hooked module has been called once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffbake.errors import BuildError, RecipeError
+from diffbake.format.components import COMPONENTS
+
+PROMPT = "a photo of an astronaut riding a horse"
+STEPS = 2  # enough for every scheduler; the run stops at the first call of the modules it waits for
+
+
+@dataclass
+class Captured:
+    """One call of a module's method as the pipeline made it."""
+
+    arguments: dict[str, Any]  # bound to the method's signature, defaults applied, without self; tensors cloned
+    output: Any  # what the method returned (tensors cloned)
+    reads: dict[str, Any] = field(default_factory=dict)  # attribute path -> value, read from outside the calls
+
+
+def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False) -> dict[str, Any]:
+    """The call of ``pipe`` that makes ``sizes["batch"]`` images at the given size with only what it requires.
+
+    Raises:
+        BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels nor a batch size.
+    """
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs: dict[str, Any] = {"num_inference_steps": STEPS, "generator": torch.Generator().manual_seed(0)}
+    batch = sizes["batch"]
+    if "prompt" in params:
+        if "num_images_per_prompt" in params:
+            kwargs.update(prompt=PROMPT, num_images_per_prompt=batch)
+        else:
+            kwargs["prompt"] = [PROMPT] * batch
+    elif "class_labels" in params:
+        kwargs["class_labels"] = list(range(batch))
+    elif "batch_size" in params:
+        kwargs["batch_size"] = batch
+    else:
+        raise BuildError(
+            f"{type(pipe).__name__}: its __call__ takes no prompt, class_labels or batch_size, so diffbake cannot "
+            "tell how to ask it for a number of images"
+        )
+    for dim in ("height", "width"):
+        if dim in params:
+            kwargs[dim] = sizes[dim]
+    if "text_tokens" in sizes:
+        kwargs["max_sequence_length"] = sizes["text_tokens"]
+    if guidance_off:
+        kwargs["guidance_scale"] = 1.0
+    return kwargs
+
+
+class _Done(Exception):
+    """Raised from a hook once every awaited module has been called: the rest of the pipeline is not needed."""
+
+
+def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Captured]:
+    """Run ``pipe(**kwargs)`` until each component in ``names`` has been called once; return those calls.
+
+    Raises:
+        BuildError: the pipeline failed, or finished without calling one of the components.
+    """
+    calls: dict[str, Captured] = {}
+    reads = _Reads()
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(_hooked(pipe, name, calls, reads, set(names)))
+        try:
+            with torch.no_grad():
+                pipe(**kwargs)
+        except _Done:
+            pass
+        except ValueError as e:  # the pipeline's own input checks: the recipe asks for what it cannot make
+            raise RecipeError(
+                f"{type(pipe).__name__} refuses the call {_describe_call(kwargs)}: {e}; give shapes it accepts"
+            ) from e
+        except Exception as e:
+            raise BuildError(
+                f"{type(pipe).__name__}: the eager pipeline failed when called as "
+                f"{_describe_call(kwargs)} ({type(e).__name__}: {e}); the recipe's shapes may not suit this "
+                "pipeline"
+            ) from e
+    missing = [n for n in names if n not in calls]
+    if missing:
+        raise BuildError(
+            f"{type(pipe).__name__}: called as {_describe_call(kwargs)}, the pipeline never called "
+            f"{', '.join(f'{COMPONENTS[n].attribute}.{COMPONENTS[n].method}' for n in missing)}; "
+            "remove those components from the recipe"
+        )
+    for name, call in calls.items():
+        call.reads = reads.of(COMPONENTS[name].attribute)
+    return calls
+
+
+def output_class(module: torch.nn.Module, method: str, captured: Captured) -> type | None:
+    """The diffusers output class the method returns with ``return_dict=True`` (from the call, if the pipeline
+    asked for it, else from the method's return annotation)."""
+    from diffusers.utils import BaseOutput
+
+    if isinstance(captured.output, BaseOutput):
+        return type(captured.output)
+    try:
+        hint = typing.get_type_hints(getattr(type(module), method)).get("return")
+    except Exception:  # unresolvable annotations: fall back to none
+        return None
+    options = typing.get_args(hint) or (hint,)
+    return next((o for o in options if isinstance(o, type) and issubclass(o, BaseOutput)), None)
+
+
+def _describe_call(kwargs: dict[str, Any]) -> str:
+    shown = {k: v for k, v in kwargs.items() if k != "generator"}
+    return "pipe(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+@contextlib.contextmanager
+def _hooked(pipe: Any, name: str, calls: dict[str, Captured], reads: _Reads, awaited: set[str]) -> Iterator[None]:
+    component = COMPONENTS[name]
+    module = getattr(pipe, component.attribute, None)
+    if module is None:
+        raise BuildError(f"{type(pipe).__name__} has no {component.attribute}; remove [components.{name}]")
+    original = getattr(module, component.method)
+    signature = inspect.signature(getattr(type(module), component.method))
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        with reads.inside():
+            out = original(*args, **kwargs)
+        if name not in calls:
+            bound = signature.bind(module, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments.pop(next(iter(signature.parameters)))  # self
+            calls[name] = Captured(_cloned(arguments), _cloned(out))
+            if awaited <= set(calls):
+                raise _Done
+        return out
+
+    reads.watch(module, component.attribute + ".", ignore={component.method})
+    setattr(module, component.method, hook)
+    try:
+        yield
+    finally:
+        delattr(module, component.method)  # the instance attribute: the class's method shows through again
+        reads.restore()
+
+
+def _cloned(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if hasattr(value, "to_tuple"):  # a diffusers output (a dict too): the same class, its tensors cloned
+        return type(value)(**{k: _cloned(v) for k, v in value.items()})
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+class _Reads:
+    """Records attribute reads on watched modules made from outside the modules' own code.
+
+    A watched module's class is swapped for a subclass whose ``__getattribute__`` notes each public name read at
+    depth 0 (reads made while a property or the hooked method runs are the module's own), and watches any
+    submodule so read, so that ``unet.add_embedding.linear_1.in_features`` is recorded as one path.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.values: dict[str, Any] = {}
+        self.swapped: list[tuple[torch.nn.Module, type]] = []
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def watch(self, module: torch.nn.Module, prefix: str, ignore: set[str] = frozenset()) -> None:
+        if any(m is module for m, _ in self.swapped):
+            return
+        reads, cls = self, type(module)
+
+        class Watched(cls):  # type: ignore[misc, valid-type]
+            def __getattribute__(self, name: str) -> Any:
+                if reads.depth or name.startswith("_") or name in ignore:
+                    return super().__getattribute__(name)
+                with reads.inside():
+                    try:
+                        value = super().__getattribute__(name)
+                    except AttributeError:  # submodules, parameters, buffers: nn.Module.__getattr__ finds them
+                        value = cls.__getattr__(self, name)
+                reads.seen(prefix + name, value)
+                return value
+
+        Watched.__name__, Watched.__qualname__, Watched.__module__ = cls.__name__, cls.__qualname__, cls.__module__
+        module.__class__ = Watched
+        self.swapped.append((module, cls))
+
+    def seen(self, path: str, value: Any) -> None:
+        if isinstance(value, torch.nn.Module):
+            self.watch(value, path + ".")
+        else:
+            self.values.setdefault(path, value)
+
+    def of(self, attribute: str) -> dict[str, Any]:
+        prefix = attribute + "."
+        return {k.removeprefix(prefix): v for k, v in self.values.items() if k.startswith(prefix)}
+
+    def restore(self) -> None:
+        while self.swapped:
+            module, cls = self.swapped.pop()
+            module.__class__ = cls
+
+
+def stand_in_needs(name: str, module: torch.nn.Module, reads: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What a stand-in must carry beyond config, dtype and device, from what the pipeline read: plain values by
+    attribute path, and the diffusers mixins whose methods it called.
+
+    Raises:
+        BuildError: the pipeline used something of the module that a compiled module cannot provide.
+    """
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    provided = {"config", "dtype", "device", *getattr(module, "config", {})}
+    attributes: dict[str, Any] = {}
+    mixins: list[str] = []
+    for path, value in sorted(reads.items()):
+        if path.split(".")[0] in provided:
+            continue
+        if inspect.ismethod(value) and "." not in path:
+            owner = next(k for k in type(module).__mro__ if path in vars(k))
+            if owner in (ModelMixin, ConfigMixin, torch.nn.Module, object):
+                continue  # the stand-in is a ModelMixin too
+            if owner is not type(module) and owner.__module__.startswith("diffusers."):
+                mixins.append(f"{owner.__module__}.{owner.__qualname__}")
+                continue
+            raise BuildError(
+                f"{name}: the pipeline calls {type(module).__name__}.{path}(), which a compiled module cannot provide"
+            )
+        try:
+            from diffbake.builder.contract import plain
+
+            attributes[path] = plain(value)
+        except ValueError:
+            raise BuildError(
+                f"{name}: the pipeline reads {path} of {type(module).__name__} ({type(value).__name__}), which a "
+                "compiled module does not carry"
+            ) from None
+    return attributes, sorted(set(mixins))

@@ -1,0 +1,263 @@
+"""Call contracts captured from the pipeline: pipelines beyond text-to-image build with plain recipes and match
+stock diffusers; calls that differ from the captured contract are refused; the captured call decides guidance.
+
+Every pipeline here is a tiny one made the way diffusers' own fast tests make it, saved with save_pretrained,
+and built from that folder with a plain recipe (shapes only). The reference is diffusers alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import diffbake
+from diffbake.errors import InputMismatchError, RecipeError
+from diffbake.format.manifest import read_manifest
+from diffbake.runtime.load import compiled_call
+from plain import PLAIN
+
+ATOL = 5e-4
+
+
+def _images(pipe, call: dict) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_plain_recipe_builds_and_matches_stock(name, plain_builds, saved_pipelines):
+    loaded = diffbake.load(plain_builds(name))
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines(name))
+    for call in PLAIN[name][1]:
+        got, want = _images(loaded, call), _images(stock, call)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= ATOL, f"{name} {call}"
+
+
+def test_captured_contract_of_dit(plain_builds):
+    m = read_manifest(plain_builds("dit"))
+    assert m.pipeline_class == "DiTPipeline" and m.denoiser == "transformer"
+    variant = m.components["transformer"].variants[0]
+    # Guidance doubles the batch; class labels stay int64 labels, timesteps are compiled as float32.
+    assert [(s.name, s.shape, s.dtype) for s in variant.inputs] == [
+        ("hidden_states", [2, 4, 16, 16], "float32"),
+        ("timestep", [2], "float32"),
+        ("class_labels", [2], "int64"),
+    ]
+    assert variant.cfg is True
+    # The self-test replays the labels the pipeline passed: label 0 for the image, 1000 (no class) for guidance.
+    assert variant.self_test.fill["class_labels"] == [0.0, 1000.0]
+    assert m.components["transformer"].output_class.class_name.endswith("Transformer2DModelOutput")
+
+
+def test_unconditional_pipeline_has_no_height_and_no_vae(plain_builds, workdir, saved_pipelines):
+    m = read_manifest(plain_builds("ddpm"))
+    assert list(m.components) == ["unet"]
+    variant = m.components["unet"].variants[0]
+    assert variant.dims["batch"].min == 1 and variant.dims["batch"].max == 3
+    assert compiled_call(m) == {"batch_size": 1}
+    recipe = workdir / "ddpm-size.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{saved_pipelines("ddpm").as_posix()}"\n'
+        "[components.unet]\nshapes = { batch = 1, height = 16, width = 16 }\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value) == (
+        f"{recipe}: [components.unet] shapes.height = 16: DDPMPipeline takes no height; it makes 8x8 images (its "
+        "denoiser's sample_size); set height = width = 8"
+    )
+
+
+# --- calls that differ from the captured contract ---------------------------------------------------------------
+
+
+def _unet_call(pipe, **extra):
+    unet = pipe.unet
+    sample = torch.randn(2, 4, 32, 32)
+    states = torch.randn(2, 77, 32)
+    return unet(sample, 10, encoder_hidden_states=states, return_dict=False, **extra)
+
+
+def test_a_call_matching_the_contract_runs(artifacts):
+    pipe = diffbake.load(artifacts("sd"))
+    (out,) = _unet_call(pipe)
+    assert out.shape == (2, 4, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            dict(added_cond_kwargs={"image_embeds": torch.zeros(2, 4)}),
+            "unet: argument 'added_cond_kwargs.image_embeds' is not part of the compiled call (the build captured "
+            "added_cond_kwargs, attention_mask, class_labels, cross_attention_kwargs, down_block_additional_residuals, "
+            "down_intrablock_additional_residuals, encoder_attention_mask, encoder_hidden_states, "
+            "mid_block_additional_residual, sample, timestep, timestep_cond); call without it, or run this module eager",
+        ),
+        (
+            dict(cross_attention_kwargs={"scale": 0.5}),
+            "unet: argument 'cross_attention_kwargs.scale' is not part of the compiled call (the build captured "
+            "added_cond_kwargs, attention_mask, class_labels, cross_attention_kwargs, down_block_additional_residuals, "
+            "down_intrablock_additional_residuals, encoder_attention_mask, encoder_hidden_states, "
+            "mid_block_additional_residual, sample, timestep, timestep_cond); call without it, or run this module eager",
+        ),
+        (
+            dict(class_labels=5),
+            "unet: argument 'class_labels' is 5, but this artifact was compiled for None (what the pipeline passed "
+            "when it was built); call with that value, or rebuild with a recipe whose call passes this one",
+        ),
+    ],
+)
+def test_a_call_outside_the_contract_is_refused(artifacts, extra, message):
+    pipe = diffbake.load(artifacts("sd"))
+    with pytest.raises(InputMismatchError) as e:
+        _unet_call(pipe, **extra)
+    assert str(e.value) == message
+
+
+def test_a_missing_tensor_is_refused(artifacts):
+    pipe = diffbake.load(artifacts("sd"))
+    with pytest.raises(InputMismatchError) as e:
+        pipe.unet(torch.randn(2, 4, 32, 32), 10, encoder_hidden_states=None)
+    assert (
+        str(e.value) == "unet: input 'encoder_hidden_states' is required by the compiled code, but the call passed none"
+    )
+
+
+# --- guidance, as the captured call shows it ---------------------------------------------------------------------
+
+
+def test_flux_without_a_cfg_batch_is_called_with_its_own_guidance(artifacts):
+    # Flux has no CFG batch; its guidance_scale feeds the guidance embedding (Flux-dev), so it is never forced.
+    m = read_manifest(artifacts("flux"))
+    assert m.components["transformer"].variants[0].cfg is None
+    assert "guidance_scale" not in compiled_call(m)
+
+
+@pytest.mark.parametrize(
+    ("family", "shapes", "message"),
+    [
+        (
+            "flux",
+            "shapes = { batch = 1, height = 32, width = 32, text_tokens = 16 }\ncfg = true",
+            "[components.transformer] cfg = true: called at its defaults, FluxPipeline does not double the "
+            "transformer batch for classifier-free guidance (a guidance-distilled or LCM model, say); remove the key",
+        ),
+        (
+            "sd",
+            "shapes = [{ batch = 1, height = 64, width = 64 }, { batch = 1, height = 64, width = 64, cfg = true }]",
+            "[components.unet] shapes: two variants are the same once the pipeline's defaults are filled in "
+            "(batch=1, height=64, width=64, cfg=true); remove one",
+        ),
+    ],
+)
+def test_guidance_recipe_errors_come_from_the_captured_call(family, shapes, message, workdir, saved_pipelines):
+    denoiser = "transformer" if family == "flux" else "unet"
+    recipe = workdir / f"cfg-{family}.toml"
+    recipe.write_text(f'[source]\nmodel = "{saved_pipelines(family).as_posix()}"\n[components.{denoiser}]\n{shapes}\n')
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value) == f"{recipe}: {message}"
+
+
+def test_an_lcm_unet_runs_no_cfg_batch_whatever_the_guidance(workdir):
+    # A UNet with time_cond_proj_dim (LCM-distilled) embeds guidance and never doubles its batch: the captured
+    # call compiles batch 1 with timestep_cond, and guidance_scale = 7.5 works as in stock diffusers.
+    from diffbake.builder import tiny
+
+    pipe = tiny.make_tiny_pipeline("sd")
+    pipe.unet = tiny._unet(cross_attention_dim=32, time_cond_proj_dim=8)
+    folder = workdir / "saved-lcm"
+    pipe.save_pretrained(folder)
+    recipe = workdir / "lcm.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{folder.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
+    )
+    artifact = diffbake.build(recipe, workdir / "artifacts" / "lcm")
+    variant = read_manifest(artifact).components["unet"].variants[0]
+    assert variant.cfg is None
+    assert [(s.name, s.shape) for s in variant.inputs] == [
+        ("sample", [1, 4, 32, 32]),
+        ("timestep", []),
+        ("encoder_hidden_states", [1, 77, 32]),
+        ("timestep_cond", [1, 8]),
+    ]
+    call = dict(prompt="a cat", guidance_scale=7.5, num_inference_steps=2)
+    got = _images(diffbake.load(artifact), call)
+    want = _images(DiffusionPipeline.from_pretrained(folder), call)
+    assert np.abs(got - want).max() <= ATOL
+
+
+def test_a_unet_range_must_fit_its_downsampling(workdir):
+    # A UNet that halves the latent three times needs latent sizes in steps of 8 (16 pixels with this VAE):
+    # torch.export says so, and the build names the range ends that do not fit.
+    from diffbake.builder import tiny
+
+    pipe = tiny.make_tiny_pipeline("sd")
+    pipe.unet = tiny._unet(
+        cross_attention_dim=32,
+        block_out_channels=(32, 32, 32, 64),
+        down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3,
+        norm_num_groups=8,
+    )
+    folder = workdir / "saved-deep-unet"
+    pipe.save_pretrained(folder)
+    recipe = workdir / "odd-range.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{folder.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = [40, 96], width = 64 }}\n'
+    )
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value).startswith(
+        f"{recipe}: [components.unet] shapes.height = [40, 96]: a dynamic range must start and end at multiples of "
+        "16 pixels for this model (torch.export: Not all values of height"
+    )
+
+
+def test_a_module_that_cannot_be_exported_fails_the_build_naming_it(workdir, saved_pipelines, monkeypatch):
+    # Data-dependent control flow, as some custom models have: torch.export cannot trace it.
+    import functools
+
+    from diffusers import UNet2DModel
+
+    from diffbake.errors import BuildError
+
+    forward = UNet2DModel.forward
+
+    @functools.wraps(forward)
+    def branchy(self, sample, *args, **kwargs):
+        if sample.mean() > 0:  # a branch on a tensor's value
+            sample = sample * 1.0
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "forward", branchy)
+    recipe = workdir / "branchy.toml"
+    recipe.write_text(PLAIN["ddim"][0].format(source=saved_pipelines("ddim").as_posix()))
+    with pytest.raises(BuildError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value).startswith("unet: torch.export failed (")
+    assert "data-dependent" in str(e.value) and str(e.value).endswith("set DIFFBAKE_DEBUG=1 for the traceback")
+    assert not (workdir / "never").exists()
+
+
+def test_rebind_a_dit_to_another_checkpoint(plain_builds, workdir):
+    # Another DiT of the same architecture (other seeds): its weights on the compiled code, with no compile.
+    from diffbake.builder import tiny
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        other = tiny.make_tiny_pipeline("dit")
+        for p in other.transformer.parameters():
+            p.data.add_(torch.randn_like(p) * 0.02)
+    folder = workdir / "saved-dit-other"
+    other.save_pretrained(folder)
+    rebound = diffbake.rebind(plain_builds("dit"), weights=folder, out=workdir / "artifacts" / "dit-other")
+    call = PLAIN["dit"][1][0]
+    got = _images(diffbake.load(rebound), call)
+    want = _images(DiffusionPipeline.from_pretrained(folder), call)
+    assert np.abs(got - want).max() <= ATOL
+    assert np.abs(got - _images(diffbake.load(plain_builds("dit")), call)).max() > 1e-3  # other weights indeed
