@@ -261,3 +261,42 @@ def test_rebind_a_dit_to_another_checkpoint(plain_builds, workdir):
     want = _images(DiffusionPipeline.from_pretrained(folder), call)
     assert np.abs(got - want).max() <= ATOL
     assert np.abs(got - _images(diffbake.load(plain_builds("dit")), call)).max() > 1e-3  # other weights indeed
+
+
+def test_sd3_in_bfloat16_quantized_with_two_variants(workdir, saved_pipelines):
+    recipe = workdir / "sd3-bf16.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{saved_pipelines("sd3").as_posix()}"\n[target]\ndtype = "bfloat16"\n'
+        "[components.transformer]\n"
+        "shapes = [{ batch = 1, height = 32, width = 32 }, { batch = 2, height = 32, width = 32 }]\n"
+        'quantization = { method = "int8_weight_only" }\n'
+        "[components.vae_decoder]\nshapes = { batch = [1, 2], height = 32, width = 32 }\n"
+    )
+    artifact = diffbake.build(recipe, workdir / "artifacts" / "sd3-bf16")
+    m = read_manifest(artifact)
+    transformer = m.components["transformer"]
+    assert [v.package for v in transformer.variants] == ["transformer/model.pt2", "transformer/model-1.pt2"]
+    assert transformer.transforms["quantization"]["method"] == "int8_weight_only"
+    assert all(v.max_abs_error <= v.tolerance and v.cfg is True for v in transformer.variants)
+    pipe = diffbake.load(artifact)
+    for n in (1, 2):
+        images = _images(pipe, dict(prompt="a cat", num_images_per_prompt=n, num_inference_steps=2))
+        assert images.shape == (n, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_half_precision_int8_weight_only_that_would_crash_is_refused(workdir, saved_pipelines):
+    # torch 2.13's CPU kernel for it segfaults when in_features is not a multiple of 16 (PixArt's 24-wide layers).
+    from diffbake.errors import BuildError
+
+    recipe = workdir / "pixart-bf16-int8.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{saved_pipelines("pixart").as_posix()}"\n[target]\ndtype = "bfloat16"\n'
+        "[components.transformer]\nshapes = { batch = 1, height = 256, width = 256 }\n"
+        'quantization = { method = "int8_weight_only" }\n'
+    )
+    with pytest.raises(BuildError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value).startswith(
+        "transformer: int8_weight_only in bfloat16 on the CPU crashes torch "
+        f"{torch.__version__}'s compiled kernel for linear layers whose in_features is not a multiple of 16 (22 here"
+    )

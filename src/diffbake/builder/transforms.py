@@ -57,16 +57,12 @@ def quantize(name: str, module: torch.nn.Module, q: Quantization) -> dict[str, A
     chosen: list[str] = []
 
     def wanted(mod: torch.nn.Module, fqn: str) -> bool:
-        ok = (
-            isinstance(mod, torch.nn.Linear)
-            and any(fnmatch.fnmatchcase(fqn, p) for p in q.include)
-            and not any(fnmatch.fnmatchcase(fqn, p) for p in q.exclude)
-            and min(mod.in_features, mod.out_features) >= q.min_features
-        )
+        ok = _matches(mod, fqn, q)
         if ok:
             chosen.append(fqn)
         return ok
 
+    _refuse_crashing_shapes(name, module, q)
     try:
         tq.quantize_(module, config, filter_fn=wanted)
     except Exception as e:  # torchao raises many unrelated types
@@ -78,6 +74,34 @@ def quantize(name: str, module: torch.nn.Module, q: Quantization) -> dict[str, A
         )
     logger.info("%s: %s quantized %d linear layers", name, q.method, len(chosen))
     return {**q.to_dict(), "layers": len(chosen), "config": _jsonable(config_to_dict(config))}
+
+
+def _matches(mod: torch.nn.Module, fqn: str, q: Quantization) -> bool:
+    return (
+        isinstance(mod, torch.nn.Linear)
+        and any(fnmatch.fnmatchcase(fqn, p) for p in q.include)
+        and not any(fnmatch.fnmatchcase(fqn, p) for p in q.exclude)
+        and min(mod.in_features, mod.out_features) >= q.min_features
+    )
+
+
+def _refuse_crashing_shapes(name: str, module: torch.nn.Module, q: Quantization) -> None:
+    """int8_weight_only in half precision on the CPU: torch 2.13's AOTInductor kernel for it (``_weight_int8pack_mm``)
+    crashes the process when a linear's in_features is not a multiple of 16 (measured: 16, 32, 48 run; 8, 24, 40
+    segfault; float32 is not affected). Refuse such a build with the layers and the fix instead of crashing."""
+    weight = next((p for p in module.parameters()), None)
+    if q.method != "int8_weight_only" or weight is None:
+        return
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return
+    bad = [fqn for fqn, mod in module.named_modules() if _matches(mod, fqn, q) and mod.in_features % 16]
+    if bad:
+        raise BuildError(
+            f"{name}: int8_weight_only in {str(weight.dtype).removeprefix('torch.')} on the CPU crashes torch "
+            f"{torch.__version__}'s compiled kernel for linear layers whose in_features is not a multiple of 16 "
+            f"({len(bad)} here, first: {', '.join(bad[:3])}); exclude them (quantization.exclude), quantize with "
+            "int8_dynamic, or build in float32"
+        )
 
 
 def unwrap_for_export(module: torch.nn.Module) -> None:
