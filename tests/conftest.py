@@ -93,33 +93,18 @@ def saved_pipelines(workdir: Path):
 
 @pytest.fixture(scope="session")
 def artifacts(workdir: Path, saved_pipelines):
-    """family -> artifact built from the saved tiny pipeline (a local save_pretrained folder as the source)."""
-    import diffbake
-
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            recipe = workdir / f"{family}.toml"
-            recipe.write_text(RECIPES[family].format(source=saved_pipelines(family).as_posix()))
-            cache[family] = diffbake.build(recipe, workdir / "artifacts" / family)
-        return cache[family]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def plain_builds(workdir: Path, saved_pipelines):
-    """name -> artifact built with the plain recipe of PLAIN from the saved tiny pipeline."""
+    """name -> artifact built from the saved tiny pipeline (a local save_pretrained folder as the source), with
+    its recipe in RECIPES or its plain recipe in PLAIN."""
     import diffbake
 
     cache: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in cache:
-            recipe = workdir / f"plain-{name}.toml"
-            recipe.write_text(PLAIN[name][0].format(source=saved_pipelines(name).as_posix()))
-            cache[name] = diffbake.build(recipe, workdir / "artifacts" / f"plain-{name}")
+            recipe = workdir / f"{name}.toml"
+            text = RECIPES[name] if name in RECIPES else PLAIN[name][0]
+            recipe.write_text(text.format(source=saved_pipelines(name).as_posix()))
+            cache[name] = diffbake.build(recipe, workdir / "artifacts" / name)
         return cache[name]
 
     return get

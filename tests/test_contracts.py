@@ -27,8 +27,8 @@ def _images(pipe, call: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN))
-def test_plain_recipe_builds_and_matches_stock(name, plain_builds, saved_pipelines):
-    loaded = diffbake.load(plain_builds(name))
+def test_plain_recipe_builds_and_matches_stock(name, artifacts, saved_pipelines):
+    loaded = diffbake.load(artifacts(name))
     stock = DiffusionPipeline.from_pretrained(saved_pipelines(name))
     for call in PLAIN[name][1]:
         got, want = _images(loaded, call), _images(stock, call)
@@ -36,8 +36,8 @@ def test_plain_recipe_builds_and_matches_stock(name, plain_builds, saved_pipelin
         assert np.abs(got - want).max() <= ATOL, f"{name} {call}"
 
 
-def test_captured_contract_of_dit(plain_builds):
-    m = read_manifest(plain_builds("dit"))
+def test_captured_contract_of_dit(artifacts):
+    m = read_manifest(artifacts("dit"))
     assert m.pipeline_class == "DiTPipeline" and m.denoiser == "transformer"
     variant = m.components["transformer"].variants[0]
     # Guidance doubles the batch; class labels stay int64 labels, timesteps are compiled as float32.
@@ -52,8 +52,8 @@ def test_captured_contract_of_dit(plain_builds):
     assert m.components["transformer"].output_class.class_name.endswith("Transformer2DModelOutput")
 
 
-def test_unconditional_pipeline_has_no_height_and_no_vae(plain_builds, workdir, saved_pipelines):
-    m = read_manifest(plain_builds("ddpm"))
+def test_unconditional_pipeline_has_no_height_and_no_vae(artifacts, workdir, saved_pipelines):
+    m = read_manifest(artifacts("ddpm"))
     assert list(m.components) == ["unet"]
     variant = m.components["unet"].variants[0]
     assert variant.dims["batch"].min == 1 and variant.dims["batch"].max == 3
@@ -244,7 +244,7 @@ def test_a_module_that_cannot_be_exported_fails_the_build_naming_it(workdir, sav
     assert not (workdir / "never").exists()
 
 
-def test_rebind_a_dit_to_another_checkpoint(plain_builds, workdir):
+def test_rebind_a_dit_to_another_checkpoint(artifacts, workdir):
     # Another DiT of the same architecture (other seeds): its weights on the compiled code, with no compile.
     from diffbake.builder import tiny
 
@@ -255,12 +255,12 @@ def test_rebind_a_dit_to_another_checkpoint(plain_builds, workdir):
             p.data.add_(torch.randn_like(p) * 0.02)
     folder = workdir / "saved-dit-other"
     other.save_pretrained(folder)
-    rebound = diffbake.rebind(plain_builds("dit"), weights=folder, out=workdir / "artifacts" / "dit-other")
+    rebound = diffbake.rebind(artifacts("dit"), weights=folder, out=workdir / "artifacts" / "dit-other")
     call = PLAIN["dit"][1][0]
     got = _images(diffbake.load(rebound), call)
     want = _images(DiffusionPipeline.from_pretrained(folder), call)
     assert np.abs(got - want).max() <= ATOL
-    assert np.abs(got - _images(diffbake.load(plain_builds("dit")), call)).max() > 1e-3  # other weights indeed
+    assert np.abs(got - _images(diffbake.load(artifacts("dit")), call)).max() > 1e-3  # other weights indeed
 
 
 def test_sd3_in_bfloat16_quantized_with_two_variants(workdir, saved_pipelines):
@@ -300,3 +300,22 @@ def test_half_precision_int8_weight_only_that_would_crash_is_refused(workdir, sa
         "transformer: int8_weight_only in bfloat16 on the CPU crashes torch "
         f"{torch.__version__}'s compiled kernel for linear layers whose in_features is not a multiple of 16 (22 here"
     )
+
+
+def test_generate_takes_the_flags_the_pipeline_takes(artifacts, tmp_path):
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
+    runner = CliRunner()
+    dit = str(artifacts("dit"))
+    png = tmp_path / "dit.png"
+    ok = runner.invoke(cli, ["generate", dit, "--class-label", "3", "--steps", "2", "--out", str(png)])
+    assert ok.exit_code == 0, ok.output
+    assert png.is_file()
+    refused = runner.invoke(cli, ["generate", dit, "--prompt", "a cat", "--steps", "2"])
+    assert refused.exit_code == 2 and "--prompt: DiTPipeline takes no prompt; leave the flag out" in refused.output
+    ddpm = runner.invoke(cli, ["generate", str(artifacts("ddpm")), "--images", "3", "--steps", "2", "--out", str(png)])
+    assert ddpm.exit_code == 0, ddpm.output
+    written = [tmp_path / "dit.png", tmp_path / "dit-1.png", tmp_path / "dit-2.png"]  # three images, one call
+    assert all(str(p) in ddpm.stdout for p in written) and all(p.is_file() for p in written)

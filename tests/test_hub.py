@@ -454,9 +454,9 @@ def test_an_artifact_uploaded_as_the_whole_repo_loads_as_one_build(hub, hub_arti
     assert Path(got["root"]) == tmp_path / "diffbake-hub" / "models--tester--whole" / sha / "_root"
 
 
-def test_a_class_label_pipeline_round_trips_through_the_hub(hub, plain_builds, tmp_path):
+def test_a_class_label_pipeline_round_trips_through_the_hub(hub, artifacts, tmp_path):
     # A DiT artifact (class labels, no text): pushed, pulled on another host, same images as the local one.
-    artifact = plain_builds("dit")
+    artifact = artifacts("dit")
     sha = _push(hub, tmp_path / "pusher", artifact, "tester/tiny-dit")
     out = tmp_path / "pulled"
     proc = _cli(hub, tmp_path / "server", "pull", "tester/tiny-dit", "--revision", sha, "--out", str(out))

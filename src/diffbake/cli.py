@@ -195,9 +195,44 @@ def rebind(
     click.echo(str(dest))
 
 
+def _pipeline_flags(pipeline: type, given: dict, images: int | None, compiled: dict) -> dict:
+    """The call arguments the generate flags ask for, each refused with the reason where the pipeline's __call__
+    does not take it (a prompt for DDPM, class labels for SD)."""
+    import inspect
+
+    params = inspect.signature(pipeline.__call__).parameters
+    flags = {("class-label" if k == "class_labels" else k.replace("_", "-")): k for k in given}
+    out = {}
+    for flag, name in flags.items():
+        if given.get(name) is None:
+            continue
+        if name not in params:
+            raise click.UsageError(f"--{flag}: {pipeline.__name__} takes no {name}; leave the flag out")
+        out[name] = given[name]
+    if "prompt" in params and "prompt" not in out:
+        raise click.UsageError(f"{pipeline.__name__} needs a prompt: give --prompt")
+    if images:
+        count = next((k for k in ("num_images_per_prompt", "batch_size") if k in params), None)
+        if count is None and "class_labels" not in params:
+            raise click.UsageError(f"--images: {pipeline.__name__} takes no number of images; leave the flag out")
+        if count is not None:
+            out[count] = images
+    if "class_labels" in params and "class_labels" not in out:
+        batch = images or compiled.pop("num_images_per_prompt", None) or 1
+        out["class_labels"] = [0] * batch
+    return out
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True, help="What to draw.")
+@click.option("--prompt", "-p", default=None, help="What to draw (pipelines that take a prompt).")
+@click.option(
+    "--class-label",
+    "class_labels",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="A class to draw, once per image (class-conditional pipelines such as DiT) [default: 0].",
+)
 @click.option("--negative-prompt", default=None, help="What to avoid (needs a CFG build for SD/SDXL).")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--guidance-scale", type=float, default=None, help="Guidance scale [default: the pipeline's].")
@@ -219,7 +254,8 @@ def rebind(
 )
 def generate(
     artifact: Path,
-    prompt: str,
+    prompt: str | None,
+    class_labels: tuple[int, ...],
     negative_prompt: str | None,
     steps: int,
     guidance_scale: float | None,
@@ -244,19 +280,18 @@ def generate(
     click.echo(f"loaded {artifact} in {time.perf_counter() - start:.2f} s", err=True)
     kwargs = compiled_call(loaded_artifact(pipe).manifest)
     kwargs["num_inference_steps"] = steps
-    if height:
-        kwargs["height"] = height
-    if width:
-        kwargs["width"] = width
-    if images:
-        kwargs["num_images_per_prompt"] = images
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = negative_prompt
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
+    given = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "class_labels": list(class_labels) or None,
+    }
+    kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()
-    images = pipe(prompt, generator=generator, **kwargs).images
+    images = pipe(generator=generator, **kwargs).images
     click.echo(f"generated {len(images)} image(s) in {time.perf_counter() - start:.2f} s", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

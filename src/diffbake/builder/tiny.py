@@ -80,6 +80,30 @@ def _clip_tokenizer(pad_token: str = "<|endoftext|>"):
         return CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token, model_max_length=77)
 
 
+def _unigram(pieces: dict[str, float], unk_id: int, templates: tuple[str, str], special: tuple[str, int]):
+    """A ``tokenizers`` Unigram model over ``pieces`` (special tokens first) and the prompt words, with the
+    whitespace and metaspace handling that T5 and Gemma share; ``templates`` put a text and a pair in tokens."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    # Piece -> log-probability; whole words score far above character spellings.
+    # setdefault keeps pieces unique (e.g. the word "a" and the character "a").
+    pieces = {**pieces, "▁": -2.0}
+    for word in _WORDS:
+        pieces.setdefault("▁" + word, -5.0)
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + char, -8.0)
+        pieces.setdefault(char, -9.0)
+    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=unk_id, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    single, pair = templates
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=[special])
+    return backend
+
+
 def _t5_tokenizer():
     """T5 tokenizer over an in-code ``tokenizers`` Unigram model.
 
@@ -87,27 +111,9 @@ def _t5_tokenizer():
     ``$A </s>`` post-processor match what ``T5Tokenizer`` itself builds, so the
     tokenizer.json written by ``save_pretrained`` reloads to the same behaviour.
     """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
     from transformers import T5TokenizerFast
 
-    # Piece -> log-probability; whole words score far above character spellings.
-    # setdefault keeps pieces unique (e.g. the word "a" and the character "a").
-    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
-    for word in _WORDS:
-        pieces.setdefault("▁" + word, -5.0)
-    for char in string.ascii_letters + string.digits + string.punctuation:
-        pieces.setdefault("▁" + char, -8.0)
-        pieces.setdefault(char, -9.0)
-
-    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=2, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
+    backend = _unigram({"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}, 2, ("$A </s>", "$A </s> $B </s>"), ("</s>", 1))
     return T5TokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -588,29 +594,14 @@ def _sd3():
 
 
 def _gemma_tokenizer():
-    """A Gemma-like tokenizer over an in-code Unigram model, as _t5_tokenizer: <pad>=0, <eos>=1, <bos>=2,
-    <unk>=3, and <bos> in front of every text, as Gemma's own. A plain PreTrainedTokenizerFast: GemmaTokenizerFast
-    rebuilds its model from a vocabulary when reloaded, and would not read back the one saved."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
+    """A Gemma-like tokenizer, as _t5_tokenizer: <pad>=0, <eos>=1, <bos>=2, <unk>=3, and <bos> in front of every
+    text, as Gemma's own. A plain PreTrainedTokenizerFast: GemmaTokenizerFast rebuilds its model from a vocabulary
+    when reloaded, and would not read back the one saved."""
     from transformers import PreTrainedTokenizerFast
 
-    pieces = {"<pad>": 0.0, "<eos>": 0.0, "<bos>": 0.0, "<unk>": 0.0, "▁": -2.0}
-    for word in _WORDS:
-        pieces.setdefault("▁" + word, -5.0)
-    for char in string.ascii_letters + string.digits + string.punctuation:
-        pieces.setdefault("▁" + char, -8.0)
-        pieces.setdefault(char, -9.0)
-    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=3, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
-    )
+    specials = {"<pad>": 0.0, "<eos>": 0.0, "<bos>": 0.0, "<unk>": 0.0}
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_unigram(specials, 3, ("<bos> $A", "<bos> $A $B"), ("<bos>", 2)),
         pad_token="<pad>",
         eos_token="<eos>",
         bos_token="<bos>",
