@@ -511,12 +511,17 @@ _STEPS_TRIED = 4  # how many times export may ask for coarser steps of a dynamic
 
 
 def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, recipe: Recipe) -> _Plan:
+    """Capture one variant's calls (re-capturing at coarser steps where export asks for them), derive its
+    contract, and record what the stand-in must carry and return."""
     name = comp.name
     attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
     shapes = variant.shapes.to_dict()
-    steps = {d: (info.pixel_multiple if d in ("height", "width") else 1) for d in shapes}
-    ranges = {d: Range(v[0], v[1], steps[d]) for d, v in shapes.items() if isinstance(v, list)}
+    ranges = {
+        d: Range(v[0], v[1], info.pixel_multiple if d in ("height", "width") else 1)
+        for d, v in shapes.items()
+        if isinstance(v, list)
+    }
     static = {d: v for d, v in shapes.items() if not isinstance(v, list)}
     captures: dict[tuple, Any] = {}
 
@@ -526,18 +531,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
             captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance_off))[name]
         return Point(sizes, captures[key])
 
-    cfg, guidance_off = None, False
-    if name == info.denoiser and "guidance_scale" in info.call_parameters:
-        example = points_for(static, ranges)[0]
-        doubled = derive(name, [at(example, False)], {}).doubled_batch
-        if variant.cfg and not doubled:
-            raise RecipeError(
-                f"{recipe.path or 'recipe'}: [components.{name}] cfg = true: called at its defaults, "
-                f"{info.pipeline_class} does not double the {attr} batch for classifier-free guidance (a "
-                "guidance-distilled or LCM model, say); remove the key"
-            )
-        guidance_off = variant.cfg is False and doubled
-        cfg = None if not doubled else not guidance_off
+    cfg, guidance_off = _guidance(comp, variant, info, recipe, lambda: at(points_for(static, ranges)[0], False))
     for _ in range(_STEPS_TRIED):
         points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
@@ -545,7 +539,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
         if promote:
             contract = derive(name, points, ranges, promote)
         if not ranges:
-            plan = _Plan(variant, contract, cfg)
+            plan = _Plan(replace(variant, cfg=cfg), contract, cfg)
             break
         try:
             flat = FlatCall(module, method, [s.name for s in contract.specs], contract.constants).eval()
@@ -553,20 +547,41 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
         except NeedsMultiple as e:
             ranges = _coarser(comp, ranges, e, recipe)
             continue
-        plan = _Plan(variant, contract, cfg, exported)
+        plan = _Plan(replace(variant, cfg=cfg), contract, cfg, exported)
         break
     else:
         raise BuildError(f"{name}: torch.export kept asking for coarser dynamic sizes; give static shapes")
-    plan.variant = replace(variant, cfg=cfg)
-    first = points[0].call
-    _one_output(name, first.output)
-    out = output_class(module, method, first)
-    plan.output_class = (
-        OutputSpec(f"{out.__module__}.{out.__qualname__}", next(iter(out.__dataclass_fields__))) if out else None
-    )
-    plan.attributes, plan.mixins = stand_in_needs(name, module, first.reads)
+    _record_module(plan, name, module, method, points[0].call)
     plan.points = [[t.to(recipe.device) for t in p] for p in plan.points]
     return plan
+
+
+def _guidance(
+    comp: ComponentRecipe, variant: Variant, info: SourceInfo, recipe: Recipe, example: Any
+) -> tuple[bool | None, bool]:
+    """(the variant's cfg, whether to call with guidance_scale = 1), from the denoiser's call at the pipeline's
+    defaults: cfg True or False where the pipeline doubles its batch for guidance, None where it does not."""
+    if comp.name != info.denoiser or "guidance_scale" not in info.call_parameters:
+        return None, False
+    doubled = derive(comp.name, [example()], {}).doubled_batch
+    if variant.cfg and not doubled:
+        raise RecipeError(
+            f"{recipe.path or 'recipe'}: [components.{comp.name}] cfg = true: called at its defaults, "
+            f"{info.pipeline_class} does not double the {COMPONENTS[comp.name].attribute} batch for classifier-free "
+            "guidance (a guidance-distilled or LCM model, say); remove the key"
+        )
+    guidance_off = variant.cfg is False and doubled
+    return (not guidance_off if doubled else None), guidance_off
+
+
+def _record_module(plan: _Plan, name: str, module: Any, method: str, call: Any) -> None:
+    """What the stand-in returns (one tensor in the recorded output class) and carries (the values and mixins
+    the pipeline read)."""
+    _one_output(name, call.output)
+    out = output_class(module, method, call)
+    if out is not None:
+        plan.output_class = OutputSpec(f"{out.__module__}.{out.__qualname__}", next(iter(out.__dataclass_fields__)))
+    plan.attributes, plan.mixins = stand_in_needs(name, module, call.reads)
 
 
 def _one_output(name: str, output: Any) -> None:
