@@ -34,6 +34,7 @@ def test_bench_writes_json_markdown_and_a_chart(run):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert report["report_version"] == 1
+    assert report["host"]["cpu_precision"] == "float32"  # how this CPU runs the recipe's dtype
     assert list(report["paths"]) == list(PATHS)
     for name, path in report["paths"].items():
         assert path["first_image_s"] > path["load_s"] > 0, name

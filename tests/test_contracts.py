@@ -266,7 +266,7 @@ def test_rebind_a_dit_to_another_checkpoint(artifacts, workdir):
 def test_sd3_in_bfloat16_quantized_with_two_variants(workdir, saved_pipelines):
     recipe = workdir / "sd3-bf16.toml"
     recipe.write_text(
-        f'[source]\nmodel = "{saved_pipelines("sd3").as_posix()}"\n[target]\ndtype = "bfloat16"\n'
+        f'[source]\nmodel = "{saved_pipelines("sd3").as_posix()}"\n[target]\ndtype = "bfloat16"\nallow_emulated = true\n'
         "[components.transformer]\n"
         "shapes = [{ batch = 1, height = 32, width = 32 }, { batch = 2, height = 32, width = 32 }]\n"
         'quantization = { method = "int8_weight_only" }\n'
@@ -290,7 +290,7 @@ def test_half_precision_int8_weight_only_that_would_crash_is_refused(workdir, sa
 
     recipe = workdir / "pixart-bf16-int8.toml"
     recipe.write_text(
-        f'[source]\nmodel = "{saved_pipelines("pixart").as_posix()}"\n[target]\ndtype = "bfloat16"\n'
+        f'[source]\nmodel = "{saved_pipelines("pixart").as_posix()}"\n[target]\ndtype = "bfloat16"\nallow_emulated = true\n'
         "[components.transformer]\nshapes = { batch = 1, height = 256, width = 256 }\n"
         'quantization = { method = "int8_weight_only" }\n'
     )

@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 import diffbake
+import diffbake.format.host
 from diffbake.cli import cli
 from diffbake.errors import InputMismatchError
 from diffbake.format.manifest import read_manifest
@@ -22,6 +23,7 @@ RECIPE = """
 model = "tiny:sd"
 [target]
 dtype = "bfloat16"
+allow_emulated = true  # correctness on any CPU; speed is not what this measures
 [components.unet]
 shapes = { batch = 2, height = 64, width = 96 }
 cfg = false
@@ -90,6 +92,7 @@ FP16_VAE_ONLY = """
 model = "tiny:sd"
 [target]
 dtype = "float16"
+allow_emulated = true
 [components.vae_decoder]
 shapes = { batch = 1, height = 64, width = 64 }
 """
@@ -131,3 +134,58 @@ def test_a_lora_rebind_measures_its_error_against_float32_with_the_lora_fused(bf
     rebound = read_manifest(out).components["unet"].variants[0]
     # Measured against the base weights instead, it was the LoRA's effect: 0.144 against the base build's 0.018.
     assert rebound.error_vs_float32 <= 3 * base.error_vs_float32, (rebound.error_vs_float32, base.error_vs_float32)
+
+
+# --- half precision where the CPU has it ------------------------------------------------------------------------
+
+AVX2_ONLY = frozenset(diffbake.format.host.CPU_TARGETS["avx2"][2])  # an AVX2-only CPU: no native half precision
+AMX = AVX2_ONLY | frozenset(diffbake.format.host.CPU_TARGETS["avx512"][2]) | {"amx_bf16", "avx512_bf16", "amx_fp16"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cpu_half_precision_without_native_support_is_refused_with_the_fix(dtype, monkeypatch):
+    from diffbake.builder.recipe import parse_recipe
+    from diffbake.errors import RecipeError
+
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: AVX2_ONLY)
+    text = RECIPE.replace('dtype = "bfloat16"', f'dtype = "{dtype}"').replace("allow_emulated = true", "")
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, path="r.toml")
+    names = {"bfloat16": "AVX512_BF16 or AMX_BF16", "float16": "AVX512_FP16 or AMX_FP16"}[dtype]
+    assert str(e.value) == (
+        f"r.toml: [target] dtype = {dtype!r}: this build host's CPU has no native {dtype} ({names}), so torch "
+        "emulates it: a 3x3 convolution ran 190x slower than in float32 on such a CPU, and the build's eager "
+        f'reference alone can take hours; build on a CPU that has {names}, use dtype = "float32" (with int8 '
+        "quantization for speed), or set allow_emulated = true to build anyway"
+    )
+    assert parse_recipe(text.replace("[target]", "[target]\nallow_emulated = true")).dtype == dtype
+    assert parse_recipe(text.replace(f'dtype = "{dtype}"', 'dtype = "float32"')).dtype == "float32"
+
+
+def test_a_half_precision_target_without_it_is_refused_even_on_a_host_that_has_it(monkeypatch):
+    from diffbake.builder.recipe import parse_recipe
+    from diffbake.errors import RecipeError
+
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: AMX)
+    text = RECIPE.replace("allow_emulated = true", 'cpu_isa = "avx2"')
+    with pytest.raises(RecipeError, match=r"dtype = 'bfloat16' with cpu_isa = 'avx2': that target does not include "):
+        parse_recipe(text)
+    assert parse_recipe(RECIPE.replace("allow_emulated = true", "")).dtype == "bfloat16"  # native here
+
+
+def test_loading_where_half_precision_is_emulated_warns(bf16, tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    from helpers import edit_manifest
+
+    # As if built for cpu_isa = "avx2" (allowed to be emulated), then loaded on an AVX2-only CPU.
+    art = Path(shutil.copytree(bf16, tmp_path / "avx2-bf16"))
+    edit_manifest(art, lambda m: m["host"].update(cpu_isa="avx2", cpu_features=sorted(AVX2_ONLY)))
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: AVX2_ONLY)
+    with caplog.at_level(logging.WARNING, logger="diffbake.runtime.load"):
+        diffbake.load(art)
+    assert (
+        f"{art}: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): torch emulates it, often many times "
+        "slower than float32; rebuild the artifact in float32 (or float32 with int8 quantization) for this CPU"
+    ) in caplog.messages

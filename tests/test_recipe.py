@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import diffbake.format.host
 from diffbake.builder.recipe import Shapes, Variant, check_against_source, load_recipe, parse_recipe
 from diffbake.builder.sources import SourceInfo, _info
 from diffbake.errors import DiffbakeError, RecipeError
+from diffbake.format.host import CPU_TARGETS
 
 
 def facts(pipeline: str, vae_scale_factor: int = 8) -> SourceInfo:
@@ -29,6 +31,7 @@ model = "tiny:sd"
 [target]
 device = "cpu"
 dtype = "bfloat16"
+allow_emulated = true
 [components.unet]
 shapes = { batch = 2, height = 64, width = 96 }
 [components.vae_decoder]
@@ -68,7 +71,7 @@ def test_flux_text_tokens_default_to_512():
     [
         (
             GOOD.replace('dtype = "bfloat16"', 'dtype = "bfloat16"\nprecision = 3'),
-            "r.toml: unknown key 'precision' in [target]; known keys: device, dtype, cpu_isa",
+            "r.toml: unknown key 'precision' in [target]; known keys: device, dtype, cpu_isa, allow_emulated",
         ),
         (
             GOOD + "[extra]\n",
@@ -216,6 +219,9 @@ def test_shipped_recipes_are_valid(monkeypatch):
     # The CUDA recipes are checked as on an H100 (float8 needs compute capability 8.9).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    # The CPU ones as on a CPU with native bfloat16 and float16 (and AVX-512, for the targets).
+    native = frozenset(CPU_TARGETS["avx512"][2]) | {"amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16"}
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: native)
     paths = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
     assert {"bench-sd15-cpu.toml", "bench-flux-small-cpu.toml", "bench-sdxl-cuda.toml"} <= {p.name for p in paths}
     for path in paths:

@@ -32,6 +32,7 @@ from typing import Any
 from diffbake.builder.build import LogReporter, Reporter, build
 from diffbake.builder.recipe import load_recipe
 from diffbake.errors import BenchError, DiffbakeError
+from diffbake.format.host import cpu_features, half_precision_path
 from diffbake.format.manifest import RECIPE_FILE, read_manifest
 
 REPORT_VERSION = 1
@@ -294,6 +295,8 @@ def _report(
             "platform": platform.platform(),
             "machine": platform.machine(),
             "cpu": _cpu_name(),
+            # How this CPU runs the recipe's dtype: native (which extensions), emulated, or float32.
+            "cpu_precision": half_precision_path(recipe.dtype, cpu_features()) if recipe.device == "cpu" else None,
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if recipe.device == "cuda" and torch.cuda.is_available() else None,
             "torch": torch.__version__,
@@ -390,7 +393,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# diffbake bench: {Path(report['recipe']).name}",
         "",
-        f"`{s['model']}`, {s['dtype']}, {h['device']} ({h['gpu'] or h['cpu']}, {h['threads']} threads), "
+        f"`{s['model']}`, {s['dtype']}"
+        + (f" ({h['cpu_precision']} on this CPU)" if h.get("cpu_precision") not in (None, s["dtype"]) else "")
+        + f", {h['device']} ({h['gpu'] or h['cpu']}, {h['threads']} threads), "
         f"torch {h['torch']}, diffusers {h['diffusers']}.",
         f"Each call: {json.dumps(s['call'])}, {s['steps']} steps, seed {s['seed']}, prompt {s['prompt']!r}.",
         f"Denoiser step: median (and fastest) of {s['repeats']} calls after {s['warmup']} warm-up, on the first "

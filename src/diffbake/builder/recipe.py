@@ -15,6 +15,7 @@ Example::
     device = "cpu"              # "cpu" | "cuda"
     dtype = "float32"           # "float32" | "bfloat16" | "float16"
     cpu_isa = "native"          # CPU code for: "native" (this host) | "avx2" (x86-64-v3) | "avx512" (x86-64-v4)
+    allow_emulated = false      # CPU bfloat16/float16 without native support (AVX512_BF16, AMX): refused unless true
 
     [components.unet]           # the pipeline attribute, or "vae_decoder" for vae.decode
     shapes = { batch = 1, height = 64, width = 64 }
@@ -53,7 +54,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
-_TARGET_KEYS = ("device", "dtype", "cpu_isa")
+_TARGET_KEYS = ("device", "dtype", "cpu_isa", "allow_emulated")
 CPU_ISAS = ("native", "avx2", "avx512")
 _COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization", "compiler")
 
@@ -264,6 +265,8 @@ def _target(v: _Validator, data: dict[str, Any]) -> tuple[str, str, str]:
         _require_cuda(v.where)
     if cpu_isa != "native":
         _require_cpu_isa(v.where, cpu_isa)
+    if device == "cpu" and not v.boolean(target, "allow_emulated", "[target]"):
+        _require_native_half(v.where, dtype, cpu_isa)
     return device, dtype, cpu_isa
 
 
@@ -475,6 +478,30 @@ def _require_cpu_isa(where: str, cpu_isa: str) -> None:
         raise RecipeError(
             f"{where}: [target] cpu_isa = {cpu_isa!r} needs {', '.join(missing)}, which this build host lacks; "
             "the build runs the compiled code to verify it: build on a CPU that has them, or choose a lower cpu_isa"
+        )
+
+
+def _require_native_half(where: str, dtype: str, cpu_isa: str) -> None:
+    """A CPU half-precision build needs it native on the build host (which runs the eager reference and the
+    compiled code) and in the CPU target (where the artifact will run)."""
+    from diffbake.format.host import CPU_TARGETS, NATIVE_HALF, cpu_features, half_precision_path
+
+    if dtype not in NATIVE_HALF:
+        return
+    names = " or ".join(n.upper() for n in NATIVE_HALF[dtype][:2])
+    fix = 'use dtype = "float32" (with int8 quantization for speed), or set allow_emulated = true to build anyway'
+    host = cpu_features()
+    if half_precision_path(dtype, host) == "emulated":
+        raise RecipeError(
+            f"{where}: [target] dtype = {dtype!r}: this build host's CPU has no native {dtype} ({names}), so torch "
+            f"emulates it: a 3x3 convolution ran 190x slower than in float32 on such a CPU, and the build's eager "
+            f"reference alone can take hours; build on a CPU that has {names}, {fix}"
+        )
+    if cpu_isa != "native" and half_precision_path(dtype, set(CPU_TARGETS[cpu_isa][2])) == "emulated":
+        raise RecipeError(
+            f"{where}: [target] dtype = {dtype!r} with cpu_isa = {cpu_isa!r}: that target does not include "
+            f"{names}, so the CPUs it is built for may emulate {dtype}, many times slower than float32; "
+            f'build with cpu_isa = "native" for CPUs like this one, {fix}'
         )
 
 

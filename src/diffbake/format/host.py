@@ -41,6 +41,37 @@ ISA_FEATURES = frozenset(
 )
 
 
+# Extensions that run each half precision natively (/proc/cpuinfo names; x86, then aarch64). Without one torch
+# emulates it: on an AVX2-only AMD EPYC a 256-channel 3x3 convolution took 16.6 s in bfloat16 against 0.086 s
+# in float32 (190x), a 2048x2048 linear 6x.
+NATIVE_HALF: dict[str, tuple[str, ...]] = {
+    "bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),
+    "float16": ("avx512_fp16", "amx_fp16", "asimdhp", "fphp"),
+}
+
+
+def half_precision_path(dtype: str, features: frozenset[str] | set[str] | None) -> str:
+    """How a CPU with ``features`` runs ``dtype``: "native (amx_bf16, ...)", "emulated", or "float32"/"unknown"."""
+    if dtype not in NATIVE_HALF:
+        return dtype
+    if features is None:
+        return "unknown"
+    have = [f for f in NATIVE_HALF[dtype] if f in features]
+    return f"native ({', '.join(have)})" if have else "emulated"
+
+
+def emulated_half_warning(dtype: str) -> str | None:
+    """A warning for loading a CPU artifact of ``dtype`` on this CPU, or None where it runs natively."""
+    features = cpu_features()
+    if dtype not in NATIVE_HALF or features is None or half_precision_path(dtype, features) != "emulated":
+        return None
+    return (
+        f"this CPU has no native {dtype} ({' or '.join(NATIVE_HALF[dtype][:2])}): torch emulates it, often many "
+        f"times slower than float32; rebuild the artifact in float32 (or float32 with int8 quantization) for "
+        "this CPU"
+    )
+
+
 def cpu_features() -> frozenset[str] | None:
     """The instruction-set extensions this CPU has (among :data:`ISA_FEATURES`); None where unknown (no
     /proc/cpuinfo)."""

@@ -20,7 +20,7 @@ import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
 from diffbake.format.components import COMPONENTS, VAE_DECODER
-from diffbake.format.host import check_compatibility
+from diffbake.format.host import check_compatibility, emulated_half_warning
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import (
     Manifest,
@@ -198,6 +198,9 @@ def _check_before_native_code(
         )
     unpack = resolve_unpack_dir(unpack_dir)
     report("host", f"{device}, torch {torch.__version__}, cpu_isa {manifest.host.cpu_isa}, unpack into {unpack}")
+    slow = emulated_half_warning(manifest.dtype) if manifest.device == "cpu" else None
+    if slow is not None:
+        logger.warning("%s: %s", root, slow)
     how = verify_files(root, manifest, use_stamp=verify == "stamp")
     total = sum(f.size for f in manifest.files.values())
     checked = "stamp matched" if how == "stamp" else "sha256 checked"
