@@ -82,9 +82,7 @@ def main() -> None:
             variant = entry.variants[0]
             # The call recorded at build: its captured small inputs and Python values, seeded noise for the rest.
             inputs = self_test_inputs(variant, variant.self_test, recipe.device)
-            names = [*(spec.name for spec in variant.inputs), *variant.constants]
-            kwargs = unflatten_call(names, [*inputs, *variant.constants.values()])
-            kwargs.pop("return_dict", None)
+            kwargs = unflatten_call([spec.name for spec in variant.inputs], inputs, variant.constants)
             attr, method = ("vae", "decode") if name == VAE_DECODER else (name, "__call__")
             eager_fn = partial(getattr(getattr(eager, attr), method), **kwargs, return_dict=False)
             compiled_fn = partial(getattr(getattr(compiled, attr), method), **kwargs, return_dict=False)

@@ -319,3 +319,36 @@ def test_generate_takes_the_flags_the_pipeline_takes(artifacts, tmp_path):
     assert ddpm.exit_code == 0, ddpm.output
     written = [tmp_path / "dit.png", tmp_path / "dit-1.png", tmp_path / "dit-2.png"]  # three images, one call
     assert all(str(p) in ddpm.stdout for p in written) and all(p.is_file() for p in written)
+
+
+def test_an_ignored_argument_that_changes_the_result_fails_the_build(workdir, saved_pipelines, monkeypatch):
+    # A generator is left out of the compiled call only where the module gives the same result without it.
+    import functools
+
+    from diffusers import AutoencoderKL
+
+    from diffbake.errors import BuildError
+
+    decode = AutoencoderKL.decode
+
+    @functools.wraps(decode)
+    def noisy(self, z, return_dict=True, generator=None):
+        out = decode(self, z, return_dict=False)[0]
+        if generator is not None:  # a decoder that samples
+            out = out + torch.randn(out.shape, generator=generator)
+        return (out,) if not return_dict else DecoderOutput(sample=out)
+
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    monkeypatch.setattr(AutoencoderKL, "decode", noisy)
+    recipe = workdir / "noisy-vae.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{saved_pipelines("sd").as_posix()}"\n'
+        "[components.vae_decoder]\nshapes = { batch = 1, height = 64, width = 64 }\n"
+    )
+    with pytest.raises(BuildError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value) == (
+        "vae_decoder: the pipeline passes generator, which changes what AutoencoderKL.decode returns, and compiled "
+        "code cannot take it; keep this component eager"
+    )

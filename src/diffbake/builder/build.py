@@ -494,9 +494,15 @@ class _Plan:
 def _plans(comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe) -> list[_Plan]:
     """Capture each variant's calls and derive its contract; the first variant's call also says what the
     stand-in must carry and return."""
-    plans = []
+    plans: list[_Plan] = []
     for variant in comp.variants:
         plan = _plan(comp, variant, pipe, info, recipe)
+        if plans and [s.name for s in plan.specs] != [s.name for s in plans[0].specs]:
+            # The stand-in picks the tensors out of a call by one list of names, whichever variant then runs.
+            raise BuildError(
+                f"{comp.name}: the pipeline passes other tensors at {_describe_shapes(variant)} than at "
+                f"{_describe_shapes(plans[0].variant)}; build these shapes as separate artifacts"
+            )
         key = (plan.variant.shapes, plan.cfg)
         if any((p.variant.shapes, p.cfg) == key for p in plans):
             raise RecipeError(
@@ -535,7 +541,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     for _ in range(_STEPS_TRIED):
         points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
-        promote = _promotable(name, module, method, contract)
+        promote = _checked_against_capture(name, module, method, contract, points[0].call)
         if promote:
             contract = derive(name, points, ranges, promote)
         if not ranges:
@@ -577,28 +583,28 @@ def _guidance(
 def _record_module(plan: _Plan, name: str, module: Any, method: str, call: Any) -> None:
     """What the stand-in returns (one tensor in the recorded output class) and carries (the values and mixins
     the pipeline read)."""
-    _one_output(name, call.output)
     out = output_class(module, method, call)
     if out is not None:
         plan.output_class = OutputSpec(f"{out.__module__}.{out.__qualname__}", next(iter(out.__dataclass_fields__)))
     plan.attributes, plan.mixins = stand_in_needs(name, module, call.reads)
 
 
-def _one_output(name: str, output: Any) -> None:
-    """Compiled components return one tensor (the stand-in rebuilds the tuple or output class around it)."""
-    values = (
-        list(output.values())
-        if hasattr(output, "to_tuple")
-        else list(output)
-        if isinstance(output, (tuple, list))
-        else [output]
-    )
+def _output_tensor(name: str, output: Any) -> torch.Tensor:
+    """The one tensor a captured call returned: compiled components return one (the stand-in rebuilds the tuple
+    or output class around it)."""
+    if hasattr(output, "to_tuple"):  # a diffusers output class
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = [output]
     tensors = [v for v in values if torch.is_tensor(v)]
     if len(tensors) != 1 or len(values) != 1:
         raise BuildError(
             f"{name}: the pipeline's call returns {len(values)} values ({len(tensors)} tensors); diffbake compiles "
             "modules that return one tensor, so keep this component eager"
         )
+    return tensors[0]
 
 
 def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, recipe: Recipe) -> dict[str, Range]:
@@ -619,14 +625,21 @@ def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, 
     return out
 
 
-def _promotable(name: str, module: Any, method: str, contract: Any) -> set[str]:
-    """Integer per-sample inputs (timesteps) that give exactly the same output as float32, so that they are
-    compiled as float32 and any scheduler's timesteps fit; and a check that ignored arguments (a generator)
-    really change nothing."""
+def _checked_against_capture(name: str, module: Any, method: str, contract: Any, captured: Any) -> set[str]:
+    """Run the module as it will be compiled (tensors and constants, without the ignored arguments) on the
+    example: it must return what the pipeline's own call returned, or an ignored argument (a generator) changed
+    the result. Returns the integer per-sample inputs (timesteps) that give exactly the same output as float32,
+    so that they are compiled as float32 and any scheduler's timesteps fit."""
     names = [s.name for s in contract.specs]
     flat = FlatCall(module, method, names, contract.constants)
     with torch.no_grad():
         base = flat(*contract.example)
+        returned = _output_tensor(name, captured.output)
+        if contract.ignored and not torch.allclose(base.float(), returned.float(), rtol=1e-4, atol=1e-5):
+            raise BuildError(
+                f"{name}: the pipeline passes {', '.join(contract.ignored)}, which changes what "
+                f"{type(module).__name__}.{method} returns, and compiled code cannot take it; keep this component eager"
+            )
         candidates = [i for i, t in enumerate(contract.example) if t.dim() <= 1 and not t.is_floating_point()]
         promote = set()
         for i in candidates:

@@ -21,6 +21,7 @@ import torch
 
 from diffbake.errors import BuildError, RecipeError
 from diffbake.format.components import COMPONENTS
+from diffbake.runtime.guards import plain
 
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 2  # enough for every scheduler; the run stops at the first call of the modules it waits for
@@ -81,6 +82,7 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
     calls: dict[str, Captured] = {}
     reads = _Reads()
     with contextlib.ExitStack() as stack:
+        stack.callback(reads.restore)  # last out: every watched module gets its own class back
         for name in names:
             stack.enter_context(_hooked(pipe, name, calls, reads, set(names)))
         try:
@@ -158,7 +160,6 @@ def _hooked(pipe: Any, name: str, calls: dict[str, Captured], reads: _Reads, awa
         yield
     finally:
         delattr(module, component.method)  # the instance attribute: the class's method shows through again
-        reads.restore()
 
 
 def _cloned(value: Any) -> Any:
@@ -258,8 +259,6 @@ def stand_in_needs(name: str, module: torch.nn.Module, reads: dict[str, Any]) ->
                 f"{name}: the pipeline calls {type(module).__name__}.{path}(), which a compiled module cannot provide"
             )
         try:
-            from diffbake.builder.contract import plain
-
             attributes[path] = plain(value)
         except ValueError:
             raise BuildError(

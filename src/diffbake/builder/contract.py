@@ -11,7 +11,6 @@ once (Flux's image tokens, ``(h / 16) * (w / 16)``) becomes a dimension of its o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from diffbake.builder.capture import Captured
 from diffbake.errors import BuildError
 from diffbake.format.manifest import DimSpec, TensorSpec
-from diffbake.runtime.guards import call_leaves
+from diffbake.runtime.guards import call_leaves, plain
 
 SIZES = ("batch", "height", "width", "text_tokens")
 _SMALL = 64  # inputs with at most this many elements are replayed by the self-test as captured
@@ -162,21 +161,6 @@ def _is_generator(value: Any) -> bool:
     return isinstance(value, torch.Generator) or (
         isinstance(value, (list, tuple)) and bool(value) and all(isinstance(g, torch.Generator) for g in value)
     )
-
-
-def plain(value: Any) -> Any:
-    """``value`` as JSON (tuples as lists), or a ValueError if it is not a plain value."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("not a finite number")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: plain(v) for k, v in value.items()}
-    raise ValueError(f"a {type(value).__name__}")
 
 
 def _constant(name: str, path: str, values: list[Any], points: list[Point]) -> Any:

@@ -28,8 +28,7 @@ class FlatCall(torch.nn.Module):
         self.constants = dict(constants or {})
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kwargs = unflatten_call([*self.names, *self.constants], [*args, *self.constants.values()])
-        kwargs.pop("return_dict", None)
+        kwargs = unflatten_call(self.names, list(args), self.constants)
         return getattr(self.model, self.method)(**kwargs, return_dict=False)[0]
 
 

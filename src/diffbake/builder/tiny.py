@@ -270,26 +270,11 @@ def _sdxl():
 
 def _flux():
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
     text_encoder = _seeded(CLIPTextModel, _clip_text_config(tokenizer))
-    text_encoder_2 = _seeded(
-        T5EncoderModel,
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as used by Flux
-        ),
-    )
+    text_encoder_2 = _t5(tokenizer_2, feed_forward_proj="gated-gelu")  # T5 v1.1, as used by Flux
     # Flux-style VAE: 16 latent channels, no quant convs, shift + scale normalisation.
     vae = _vae(
         latent_channels=16,

@@ -271,10 +271,12 @@ def flatten_call(names: list[str], kwargs: dict[str, Any]) -> list[Any]:
     return values
 
 
-def unflatten_call(names: list[str], values: list[Any]) -> dict[str, Any]:
-    """The inverse of :func:`flatten_call`."""
+def unflatten_call(names: list[str], values: list[Any], constants: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inverse of :func:`flatten_call`; ``constants`` (keyword path -> value) are the call's captured Python
+    values, placed the same way."""
+    constants = constants or {}
     kwargs: dict[str, Any] = {}
-    for name, value in zip(names, values, strict=True):
+    for name, value in zip([*names, *constants], [*values, *constants.values()], strict=True):
         *parents, leaf = name.split(NAME_SEP)
         node = kwargs
         for part in parents:

@@ -7,6 +7,7 @@ numbers. The full-graph variants and the regional blocks both check their inputs
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,22 @@ def call_leaves(arguments: dict[str, Any], prefix: str = "") -> list[tuple[str, 
     return out
 
 
+def plain(value: Any) -> Any:
+    """``value`` as JSON (tuples as lists), or a ValueError if it is not a plain value: how a call's Python
+    values are recorded at build and compared at run time."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: plain(v) for k, v in value.items()}
+    raise ValueError(f"a {type(value).__name__}")
+
+
 def _nothing(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and not value)
 
@@ -97,16 +114,13 @@ def check_call(name: str, entry: VariantEntry, arguments: dict[str, Any]) -> Non
 def _same_value(value: Any, recorded: Any) -> bool:
     if _nothing(value) and _nothing(recorded):
         return True
-    if isinstance(value, tuple):
-        value = list(value)
+    try:
+        value = plain(value)
+    except ValueError:  # a tensor, a generator, any object: not the recorded value
+        return False
     if isinstance(value, bool) or isinstance(recorded, bool):
         return value is recorded  # True == 1 in Python, but not as an argument
-    if torch.is_tensor(value):
-        return False
-    try:
-        return bool(value == recorded)
-    except Exception:  # an object that does not compare: not the recorded value
-        return False
+    return value == recorded
 
 
 def _short(value: Any) -> str:

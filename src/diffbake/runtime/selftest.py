@@ -94,9 +94,7 @@ def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Mo
                 if isinstance(module, CompiledModel):
                     out = module.component.variants[i](inputs)
                 else:
-                    names = [*(s.name for s in variant.inputs), *variant.constants]
-                    kwargs = unflatten_call(names, [*inputs, *variant.constants.values()])
-                    kwargs.pop("return_dict", None)
+                    kwargs = unflatten_call([s.name for s in variant.inputs], inputs, variant.constants)
                     out = getattr(module, entry.method)(**kwargs, return_dict=False)[0]
             problem = compare(variant.self_test, out)
             if problem is not None:
