@@ -1,6 +1,30 @@
 """Plain recipes (shapes only) of the tiny pipelines made as diffusers' fast tests make them, and the calls each
 is compared with stock diffusers on."""
 
+import numpy as np
+from PIL import Image
+
+
+def image(size: int, seed: int) -> Image.Image:
+    """A seeded RGB image (not the one the build captures with)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def mask(size: int) -> Image.Image:
+    """A mask whose left third is white (repainted)."""
+    values = np.zeros((size, size), dtype=np.uint8)
+    values[:, : size // 3] = 255
+    return Image.fromarray(values, mode="L")
+
+
+def _plain(*components: str, size: int) -> str:
+    """A plain recipe compiling ``components`` at one size."""
+    sections = "".join(
+        f"[components.{c}]\nshapes = {{{{ batch = 1, height = {size}, width = {size} }}}}\n" for c in components
+    )
+    return '\n[source]\nmodel = "{source}"\n' + sections
+
+
 # pipeline -> (plain recipe, calls compared with stock). DDPM compiles a dynamic batch; DiT has class labels and
 # guidance; DDIM an unconditional UNet with eta.
 PLAIN = {
@@ -82,6 +106,47 @@ shapes = {{ batch = 1, height = 512, width = 512 }}
         [
             dict(prompt="a photo of a cat", height=512, width=512, num_inference_steps=2),
             dict(prompt="a cat", num_inference_steps=2),
+        ],
+    ),
+    # Image inputs: the VAE encoder's latent distribution is rebuilt from its compiled parameters, sampled with the
+    # call's generator; strength changes the steps, not the shapes.
+    "sd-img2img": (
+        _plain("vae_encoder", "unet", "vae_decoder", size=32),
+        [
+            dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=3),
+            dict(prompt="a red dog", negative_prompt="blurry", image=image(32, 2), strength=0.5, num_inference_steps=4),
+        ],
+    ),
+    # The 9-channel inpainting UNet: latents, the mask and the masked image's latents (a second encoder call).
+    # The pipeline makes its UNet's sample_size unless told (stock: 64 px; the artifact: what it was compiled for).
+    "sd-inpaint": (
+        _plain("vae_encoder", "unet", "vae_decoder", size=32),
+        [
+            dict(prompt="a cat", image=image(32, 1), mask_image=mask(32), height=32, width=32, num_inference_steps=3),
+            dict(
+                prompt="a dog",
+                image=image(32, 3),
+                mask_image=mask(32),
+                height=32,
+                width=32,
+                strength=0.6,
+                num_inference_steps=3,
+            ),
+        ],
+    ),
+    # ControlNet's residuals feed the UNet; its conditioning scale is a tensor input, so each call has its own
+    # (control_guidance_end turns it to 0 for the last steps).
+    "sd-controlnet": (
+        _plain("controlnet", "unet", "vae_decoder", size=32),
+        [
+            dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=3),
+            dict(
+                prompt="a cat",
+                image=image(32, 4),
+                controlnet_conditioning_scale=0.4,
+                control_guidance_end=0.5,
+                num_inference_steps=4,
+            ),
         ],
     ),
 }

@@ -76,15 +76,17 @@ def test_cuda_graphs_replay_equals_plain_runs_and_eager_across_shapes(cuda_artif
         got = _images(graphed, **call)
         np.testing.assert_allclose(got, _images(plain, **call), atol=1e-3)
         assert np.abs(got - _images(stock, **call)).max() <= 5e-3  # TF32 and kernel choice, as above
-    replay = [v.replay for v in graphed.unet.component.variants]
+    replay = [v.replay for v in graphed.unet.diffbake_components["unet"].variants]
     assert all(r is not None and r.off is None and len(r.graphs) == 1 for r in replay)
 
 
 def test_cuda_graphs_fall_back_for_dynamic_shapes(cuda_artifacts):
     plain = diffbake.load(cuda_artifacts["dynamic"])
     graphed = diffbake.load(cuda_artifacts["dynamic"], cuda_graphs=True)
-    assert graphed.unet.component.variants[0].replay is None  # dynamic: runs as is
-    assert graphed.vae.component.variants[0].replay is not None  # the static VAE decoder still replays
+    assert graphed.unet.diffbake_components["unet"].variants[0].replay is None  # dynamic: runs as is
+    assert (
+        graphed.vae.diffbake_components["vae_decoder"].variants[0].replay is not None
+    )  # the static VAE decoder still replays
     for images in (1, 2):
         np.testing.assert_allclose(
             _images(graphed, num_images_per_prompt=images), _images(plain, num_images_per_prompt=images), atol=1e-3

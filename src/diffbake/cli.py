@@ -223,6 +223,37 @@ def _pipeline_flags(pipeline: type, given: dict, images: int | None, compiled: d
     return out
 
 
+def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str, float | None]) -> dict:
+    """The call arguments of --image, --mask, --control, --strength and --control-scale, each refused with the
+    reason where the pipeline takes no such input. A ControlNet pipeline's ``image`` is its control image; one
+    that also edits an image (ControlNet img2img) names the control image ``control_image``."""
+    import inspect
+
+    from PIL import Image
+
+    params = inspect.signature(pipeline.__call__).parameters
+    controlled = "controlnet_conditioning_scale" in params
+    control = "control_image" if "control_image" in params else ("image" if controlled else None)
+    targets = {
+        "image": ("image" if "image" in params and control != "image" else None, "image to edit"),
+        "mask": ("mask_image" if "mask_image" in params else None, "mask"),
+        "control": (control, "control image (it has no ControlNet)"),
+        "strength": ("strength" if "strength" in params else None, "strength (it edits no image)"),
+        "control-scale": ("controlnet_conditioning_scale" if controlled else None, "ControlNet scale"),
+    }
+    given = {**files, **values}
+    out: dict = {}
+    for flag, value in given.items():
+        if value is None:
+            continue
+        name, what = targets[flag]
+        if name is None:
+            fix = "its image is the control image: give --control" if flag == "image" and controlled else "leave it out"
+            raise click.UsageError(f"--{flag}: {pipeline.__name__} takes no {what}; {fix}")
+        out[name] = Image.open(value).convert("L" if flag == "mask" else "RGB") if flag in files else value
+    return out
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", default=None, help="What to draw (pipelines that take a prompt).")
@@ -240,6 +271,28 @@ def _pipeline_flags(pipeline: type, given: dict, images: int | None, compiled: d
 @click.option("--height", type=click.IntRange(min=1), help="Pixels [default: the compiled height].")
 @click.option("--width", type=click.IntRange(min=1), help="Pixels [default: the compiled width].")
 @click.option("--images", type=click.IntRange(min=1), help="Images per call [default: the compiled batch].")
+@click.option(
+    "--image",
+    "image_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The image to edit (img2img, inpainting, Kontext).",
+)
+@click.option(
+    "--mask",
+    "mask_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Inpainting: white where to repaint.",
+)
+@click.option(
+    "--control",
+    "control_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The ControlNet's control image (edges, depth, pose).",
+)
+@click.option(
+    "--strength", type=click.FloatRange(0, 1), help="How much of the image to repaint [default: the pipeline's]."
+)
+@click.option("--control-scale", type=float, help="ControlNet conditioning scale [default: the pipeline's].")
 @click.option("--revision", default=None, help="For a Hub repo id: the commit sha to load.")
 @click.option(
     "--trust-remote-code", is_flag=True, help="For a Hub repo id: run its native code (needed, with --revision)."
@@ -263,11 +316,19 @@ def generate(
     height: int | None,
     width: int | None,
     images: int | None,
+    image_file: Path | None,
+    mask_file: Path | None,
+    control_file: Path | None,
+    strength: float | None,
+    control_scale: float | None,
     revision: str | None,
     trust_remote_code: bool,
     out: Path,
 ) -> None:
-    """Generate images with a built ARTIFACT (a folder, or a Hub repo id), at the size it was compiled for."""
+    """Generate images with a built ARTIFACT (a folder, or a Hub repo id), at the size it was compiled for.
+
+    Image pipelines take --image (img2img, inpainting with --mask, Kontext) or --control (ControlNet); each
+    flag is refused where the artifact's pipeline takes no such input."""
     import torch
 
     from diffbake.runtime.load import compiled_call, load
@@ -289,6 +350,8 @@ def generate(
         "class_labels": list(class_labels) or None,
     }
     kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
+    files = {"image": image_file, "mask": mask_file, "control": control_file}
+    kwargs.update(_image_flags(type(pipe), files, {"strength": strength, "control-scale": control_scale}))
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()
     images = pipe(generator=generator, **kwargs).images

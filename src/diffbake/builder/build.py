@@ -24,7 +24,7 @@ import torch
 
 from diffbake import __version__
 from diffbake.builder.aoti import compile_package, required_cpu_features
-from diffbake.builder.capture import capture, output_class, pipeline_kwargs, stand_in_needs
+from diffbake.builder.capture import capture, class_name, pipeline_kwargs, save_config, stand_in_needs
 from diffbake.builder.contract import Point, Range, derive, points_for
 from diffbake.builder.export import FlatCall, NeedsMultiple, dynamic_shapes, export_component
 from diffbake.builder.recipe import (
@@ -56,13 +56,13 @@ from diffbake.format.manifest import (
     FileEntry,
     Host,
     Manifest,
-    OutputSpec,
     SelfTest,
     TensorSpec,
     VariantEntry,
 )
 from diffbake.format.staging import Staging
 from diffbake.runtime.compiled import CompiledComponent
+from diffbake.runtime.outputs import flatten_output
 from diffbake.runtime.packages import Package, unpack_dir
 from diffbake.runtime.regional import load_regional
 from diffbake.runtime.selftest import SEED, self_test_inputs, summarize
@@ -257,7 +257,7 @@ def _build_component_in(
             plan.exported = None  # traced before the transforms and compile settings: export again
     folder = root / name
     folder.mkdir()
-    module.save_config(folder)
+    save_config(module, folder)
     if comp.mode == "regional":
         return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse)
     if comp.quantization is not None:
@@ -357,7 +357,7 @@ def _component_entry(
     # build_seconds is what the whole component took, known once it is verified (the caller sets it then).
     return ComponentEntry(
         name=comp.name,
-        class_name=type(module).__name__,
+        class_name=class_name(type(module)),
         weights=(Path(comp.name) / WEIGHTS_FILE).as_posix(),
         config=(Path(comp.name) / CONFIG_FILE).as_posix(),
         constants=constants,
@@ -366,7 +366,7 @@ def _component_entry(
         build_seconds=0.0,
         compiler=dict(comp.compiler),
         method=COMPONENTS[comp.name].method,
-        output_class=plan.output_class,
+        returns=plan.returns,
         attributes=plan.attributes,
         mixins=plan.mixins,
         **regional,
@@ -383,7 +383,9 @@ def _unmeasured_variant(package: str, plan: _Plan) -> VariantEntry:
         dims=plan.dims,
         constants=plan.constants,
         ignored=plan.ignored,
-        output=TensorSpec("sample", [], str(plan.reference[0].dtype).removeprefix("torch.")),
+        outputs=[
+            TensorSpec(f"output_{i}", [], str(t.dtype).removeprefix("torch.")) for i, t in enumerate(plan.reference[0])
+        ],
         max_abs_error=0.0,
         tolerance=0.0,
         error_vs_float32=0.0,
@@ -466,9 +468,9 @@ class _RegionalRunner:
     def __init__(self, flat: FlatCall, entry: VariantEntry):
         self.flat, self.entry = flat, entry
 
-    def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return self.flat(*values)
+            return list(self.flat(*values))
 
 
 class _Plan:
@@ -481,9 +483,9 @@ class _Plan:
         self.constants, self.ignored = contract.constants, contract.ignored
         self.example_sizes, self.fill = contract.example_sizes, contract.fill
         self.points = [contract.example] + ([contract.largest] if contract.largest is not None else [])
-        self.reference: list[torch.Tensor] = []
-        self.reference32: list[torch.Tensor] = []
-        self.output_class: OutputSpec | None = None
+        self.reference: list[list[torch.Tensor]] = []  # per point, the outputs
+        self.reference32: list[list[torch.Tensor]] = []
+        self.returns: Any = None
         self.attributes: dict[str, Any] = {}
         self.mixins: list[str] = []
 
@@ -522,6 +524,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     name = comp.name
     attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
+    _refuse_model_lists(name, module, recipe)
     shapes = variant.shapes.to_dict()
     ranges = {
         d: Range(v[0], v[1], info.pixel_multiple if d in ("height", "width") else 1)
@@ -541,9 +544,9 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     for _ in range(_STEPS_TRIED):
         points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
-        promote = _checked_against_capture(name, module, method, contract, points[0].call)
-        if promote:
-            contract = derive(name, points, ranges, promote)
+        promote, scalars = _checked_against_capture(name, module, method, contract, points[0].call)
+        if promote or scalars:
+            contract = derive(name, points, ranges, promote, scalars)
         if not ranges:
             plan = _Plan(replace(variant, cfg=cfg), contract, cfg)
             break
@@ -557,9 +560,24 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
         break
     else:
         raise BuildError(f"{name}: torch.export kept asking for coarser dynamic sizes; give static shapes")
-    _record_module(plan, name, module, method, points[0].call)
+    attribute = COMPONENTS[name].attribute
+    compiled = {COMPONENTS[n].method for n in recipe.components if COMPONENTS[n].attribute == attribute}
+    _record_module(plan, name, module, method, points[0].call, compiled)
     plan.points = [[t.to(recipe.device) for t in p] for p in plan.points]
     return plan
+
+
+def _refuse_model_lists(name: str, module: Any, recipe: Recipe) -> None:
+    """diffusers' Multi*ControlNetModel wraps a list of ControlNets, each called with its own control image and
+    scale from per-call lists: not one compiled call. Refused by name, with what still works."""
+    nets = getattr(module, "nets", None)
+    if isinstance(nets, torch.nn.ModuleList):
+        raise RecipeError(
+            f"{recipe.path or 'recipe'}: [components.{name}]: the pipeline's {name} is a {type(module).__name__} "
+            f"of {len(nets)} models, which diffbake does not compile as one call; build from a pipeline with a "
+            f"single {type(nets[0]).__name__}, or leave [components.{name}] out (the list then runs eager, and the "
+            "denoiser is still compiled with its residuals as inputs)"
+        )
 
 
 def _guidance(
@@ -580,31 +598,14 @@ def _guidance(
     return (not guidance_off if doubled else None), guidance_off
 
 
-def _record_module(plan: _Plan, name: str, module: Any, method: str, call: Any) -> None:
-    """What the stand-in returns (one tensor in the recorded output class) and carries (the values and mixins
+def _record_module(plan: _Plan, name: str, module: Any, method: str, call: Any, compiled: set[str]) -> None:
+    """What the stand-in returns (the tree of the eager method's result) and carries (the values and mixins
     the pipeline read)."""
-    out = output_class(module, method, call)
-    if out is not None:
-        plan.output_class = OutputSpec(f"{out.__module__}.{out.__qualname__}", next(iter(out.__dataclass_fields__)))
-    plan.attributes, plan.mixins = stand_in_needs(name, module, call.reads)
-
-
-def _output_tensor(name: str, output: Any) -> torch.Tensor:
-    """The one tensor a captured call returned: compiled components return one (the stand-in rebuilds the tuple
-    or output class around it)."""
-    if hasattr(output, "to_tuple"):  # a diffusers output class
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = [output]
-    tensors = [v for v in values if torch.is_tensor(v)]
-    if len(tensors) != 1 or len(values) != 1:
-        raise BuildError(
-            f"{name}: the pipeline's call returns {len(values)} values ({len(tensors)} tensors); diffbake compiles "
-            "modules that return one tensor, so keep this component eager"
-        )
-    return tensors[0]
+    flat = plan.flat(module, method)
+    with torch.no_grad():
+        flat(*plan.points[0])
+    plan.returns = flat.returns
+    plan.attributes, plan.mixins = stand_in_needs(name, module, call.reads, compiled)
 
 
 def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, recipe: Recipe) -> dict[str, Range]:
@@ -625,17 +626,23 @@ def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, 
     return out
 
 
-def _checked_against_capture(name: str, module: Any, method: str, contract: Any, captured: Any) -> set[str]:
+def _checked_against_capture(
+    name: str, module: Any, method: str, contract: Any, captured: Any
+) -> tuple[set[str], set[str]]:
     """Run the module as it will be compiled (tensors and constants, without the ignored arguments) on the
     example: it must return what the pipeline's own call returned, or an ignored argument (a generator) changed
-    the result. Returns the integer per-sample inputs (timesteps) that give exactly the same output as float32,
-    so that they are compiled as float32 and any scheduler's timesteps fit."""
+    the result.
+
+    Returns the integer per-sample inputs (timesteps) that give exactly the same output as float32, so that they
+    are compiled as float32 and any scheduler's timesteps fit; and the arguments the method takes as a ``float``
+    (ControlNet's ``conditioning_scale``) that give the same output as a tensor, so that a call may vary them.
+    """
     names = [s.name for s in contract.specs]
     flat = FlatCall(module, method, names, contract.constants)
     with torch.no_grad():
         base = flat(*contract.example)
-        returned = _output_tensor(name, captured.output)
-        if contract.ignored and not torch.allclose(base.float(), returned.float(), rtol=1e-4, atol=1e-5):
+        returned = flatten_output(captured.output)[1]
+        if contract.ignored and not _all_close(base, returned):
             raise BuildError(
                 f"{name}: the pipeline passes {', '.join(contract.ignored)}, which changes what "
                 f"{type(module).__name__}.{method} returns, and compiled code cannot take it; keep this component eager"
@@ -646,12 +653,46 @@ def _checked_against_capture(name: str, module: Any, method: str, contract: Any,
             values = list(contract.example)
             values[i] = values[i].float()
             try:
-                same = torch.equal(flat(*values), base)
+                same = all(torch.equal(a, b) for a, b in zip(flat(*values), base, strict=True))
             except Exception:  # an embedding lookup of a float label, say: not a float input
                 same = False
             if same:
                 promote.add(names[i])
-    return promote
+        scalars = set()
+        for path in _float_arguments(module, method, contract.constants):
+            constants = {k: v for k, v in contract.constants.items() if k != path}
+            as_tensor = FlatCall(module, method, [*names, path], constants)
+            try:
+                same = _all_close(as_tensor(*contract.example, torch.tensor(contract.constants[path])), list(base))
+            except Exception:  # used in Python control flow: it stays a compiled-in value
+                same = False
+            if same:
+                scalars.add(path)
+    return promote, scalars
+
+
+def _float_arguments(module: Any, method: str, constants: dict[str, Any]) -> list[str]:
+    """The top-level arguments the method annotates as float and the pipeline passed a float for."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(getattr(type(module), method))
+    except Exception:  # unresolvable annotations: none is known to be a float
+        return []
+    found = []
+    for path, value in constants.items():
+        hint = hints.get(path)
+        options = typing.get_args(hint) or (hint,)
+        if "." not in path and isinstance(value, float) and float in options:
+            found.append(path)
+    return found
+
+
+def _all_close(a: tuple[torch.Tensor, ...] | list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _same_contract(name: str, reused: VariantEntry, plan: _Plan) -> None:
@@ -663,12 +704,12 @@ def _same_contract(name: str, reused: VariantEntry, plan: _Plan) -> None:
         )
 
 
-def _run(flat: FlatCall, inputs: list[torch.Tensor], float32: bool = False):
+def _run(flat: FlatCall, inputs: list[torch.Tensor], float32: bool = False) -> list[torch.Tensor]:
     if float32:
         inputs = [t.float() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():
-        out = flat(*inputs)
-    return out.float() if float32 else out
+        out = list(flat(*inputs))
+    return [t.float() for t in out] if float32 else out
 
 
 def _tolerance(recipe: Recipe, comp: ComponentRecipe) -> tuple[float, float]:
@@ -687,18 +728,22 @@ def _self_test(run: Any, entry: VariantEntry, plan: _Plan, recipe: Recipe, comp:
     with torch.no_grad():
         out = run(self_test_inputs(entry, recorded, recipe.device))
     atol, rtol = _tolerance(recipe, comp)
-    tolerance = atol + rtol * out.float().abs().max().item()
+    tolerance = atol + rtol * max(o.float().abs().max().item() for o in out)
     return replace(entry, self_test=summarize(out, seed=SEED, sizes=sizes, fill=fill, tolerance=tolerance))
 
 
 def _compare_with_eager(name: str, compiled: Any, plan: _Plan, recipe: Recipe, comp: ComponentRecipe) -> VariantEntry:
     atol, rtol = _tolerance(recipe, comp)
     error = error32 = tolerance = 0.0
+    worst = 0.0  # each output is held to its own scale (ControlNet's residuals differ by orders of magnitude)
     for point, reference, reference32 in zip(plan.points, plan.reference, plan.reference32, strict=True):
-        out = compiled(point).float()
-        error = max(error, (out - reference.float()).abs().max().item())
-        error32 = max(error32, (out - reference32).abs().max().item())
-        tolerance = max(tolerance, atol + rtol * reference.float().abs().max().item())
+        for out, ref, ref32 in zip(compiled(point), reference, reference32, strict=True):
+            out = out.float()
+            e = (out - ref.float()).abs().max().item()
+            t = atol + rtol * ref.float().abs().max().item()
+            error32 = max(error32, (out - ref32).abs().max().item())
+            if not math.isfinite(e) or e / t >= worst:
+                worst, error, tolerance = (e / t if math.isfinite(e) else math.inf), e, t
     if not math.isfinite(error) or error > tolerance:
         raise VerificationError(
             f"{name}: compiled output ({_describe_shapes(plan.variant)}) differs from eager by {error:.3g} (max abs), "

@@ -11,8 +11,8 @@ hooked module has been called once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from diffbake.errors import BuildError, RecipeError
-from diffbake.format.components import COMPONENTS
-from diffbake.runtime.guards import plain
+from diffbake.format.components import COMPONENTS, components_of
+from diffbake.runtime.guards import bound_arguments, plain
 
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 2  # enough for every scheduler; the run stops at the first call of the modules it waits for
@@ -62,11 +62,39 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
     for dim in ("height", "width"):
         if dim in params:
             kwargs[dim] = sizes[dim]
+    for key in IMAGE_INPUTS:
+        if key in params:  # img2img, inpainting, a control image, a Kontext reference: one image at the size
+            kwargs[key] = example_image(sizes["width"], sizes["height"], mask=key == "mask_image")
+    if "max_area" in params:
+        # Kontext rescales height x width to max_area (1024 ** 2 by default) and its reference image to the
+        # nearest of its preferred resolutions: asked for this size, it makes this size from an image of it. At a
+        # preferred resolution both change nothing, so a default call of the user's still fits.
+        kwargs["max_area"] = sizes["height"] * sizes["width"]
+        if "_auto_resize" in params:
+            kwargs["_auto_resize"] = False
     if "text_tokens" in sizes:
         kwargs["max_sequence_length"] = sizes["text_tokens"]
     if guidance_off:
         kwargs["guidance_scale"] = 1.0
     return kwargs
+
+
+# The image arguments of diffusers pipelines that the capture passes one image for: the image to edit (img2img,
+# inpainting, Kontext) or the control image (ControlNet's ``image``; ``control_image`` where ``image`` is edited).
+IMAGE_INPUTS = ("image", "mask_image", "control_image")
+
+
+def example_image(width: int, height: int, mask: bool = False) -> Any:
+    """A seeded image of the given size (a mask: the right half white), as a user would pass one."""
+    import numpy as np
+    from PIL import Image
+
+    if mask:
+        values = np.zeros((height, width), dtype=np.uint8)
+        values[:, width // 2 :] = 255
+        return Image.fromarray(values, mode="L")
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
 
 
 class _Done(Exception):
@@ -112,19 +140,28 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
     return calls
 
 
-def output_class(module: torch.nn.Module, method: str, captured: Captured) -> type | None:
-    """The diffusers output class the method returns with ``return_dict=True`` (from the call, if the pipeline
-    asked for it, else from the method's return annotation)."""
-    from diffusers.utils import BaseOutput
+def save_config(module: torch.nn.Module, folder: Any) -> None:
+    """The eager module's config as config.json in ``folder`` (diffusers' or transformers' own writer)."""
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+    else:
+        module.config.save_pretrained(folder)
 
-    if isinstance(captured.output, BaseOutput):
-        return type(captured.output)
-    try:
-        hint = typing.get_type_hints(getattr(type(module), method)).get("return")
-    except Exception:  # unresolvable annotations: fall back to none
-        return None
-    options = typing.get_args(hint) or (hint,)
-    return next((o for o in options if isinstance(o, type) and issubclass(o, BaseOutput)), None)
+
+def config_dict(module: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    return dict(config.to_dict() if hasattr(config, "to_dict") else config)
+
+
+def class_name(cls: type) -> str:
+    """How the manifest names an eager class: bare for a class diffusers exports, else by module path."""
+    import diffusers
+
+    if getattr(diffusers, cls.__name__, None) is cls:
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _describe_call(kwargs: dict[str, Any]) -> str:
@@ -145,10 +182,7 @@ def _hooked(pipe: Any, name: str, calls: dict[str, Captured], reads: _Reads, awa
         with reads.inside():
             out = original(*args, **kwargs)
         if name not in calls:
-            bound = signature.bind(module, *args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            arguments.pop(next(iter(signature.parameters)))  # self
+            arguments = bound_arguments(signature, module, args, kwargs)
             calls[name] = Captured(_cloned(arguments), _cloned(out))
             if awaited <= set(calls):
                 raise _Done
@@ -195,6 +229,14 @@ class _Reads:
         finally:
             self.depth -= 1
 
+    def calling(self, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.inside():
+                return method(*args, **kwargs)
+
+        return call
+
     def watch(self, module: torch.nn.Module, prefix: str, ignore: set[str] = frozenset()) -> None:
         if any(m is module for m, _ in self.swapped):
             return
@@ -210,6 +252,8 @@ class _Reads:
                     except AttributeError:  # submodules, parameters, buffers: nn.Module.__getattr__ finds them
                         value = cls.__getattr__(self, name)
                 reads.seen(prefix + name, value)
+                if inspect.ismethod(value) and value.__self__ is self:
+                    return reads.calling(value)  # what the method reads itself is its own
                 return value
 
         Watched.__name__, Watched.__qualname__, Watched.__module__ = cls.__name__, cls.__qualname__, cls.__module__
@@ -232,9 +276,12 @@ class _Reads:
             module.__class__ = cls
 
 
-def stand_in_needs(name: str, module: torch.nn.Module, reads: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def stand_in_needs(
+    name: str, module: torch.nn.Module, reads: dict[str, Any], compiled: set[str] = frozenset()
+) -> tuple[dict[str, Any], list[str]]:
     """What a stand-in must carry beyond config, dtype and device, from what the pipeline read: plain values by
-    attribute path, and the diffusers mixins whose methods it called.
+    attribute path, and the diffusers mixins whose methods it called. ``compiled``: the module's methods the
+    recipe compiles (the stand-in has those).
 
     Raises:
         BuildError: the pipeline used something of the module that a compiled module cannot provide.
@@ -242,13 +289,22 @@ def stand_in_needs(name: str, module: torch.nn.Module, reads: dict[str, Any]) ->
     from diffusers.configuration_utils import ConfigMixin
     from diffusers.models.modeling_utils import ModelMixin
 
-    provided = {"config", "dtype", "device", *getattr(module, "config", {})}
+    provided = {"config", "dtype", "device", *config_dict(module)}
     attributes: dict[str, Any] = {}
     mixins: list[str] = []
     for path, value in sorted(reads.items()):
         if path.split(".")[0] in provided:
             continue
         if inspect.ismethod(value) and "." not in path:
+            if path in compiled:
+                continue
+            attribute = COMPONENTS[name].attribute
+            sibling = next((n for n in components_of(attribute) if COMPONENTS[n].method == path), None)
+            if sibling is not None:
+                raise RecipeError(
+                    f"{name}: the pipeline calls {attribute}.{path}() too, which the stand-in of a compiled "
+                    f"{attribute} cannot run eager; add [components.{sibling}] to the recipe to compile it as well"
+                )
             owner = next(k for k in type(module).__mro__ if path in vars(k))
             if owner in (ModelMixin, ConfigMixin, torch.nn.Module, object):
                 continue  # the stand-in is a ModelMixin too

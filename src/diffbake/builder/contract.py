@@ -78,17 +78,26 @@ class Contract:
     doubled_batch: bool  # the leading dimension is twice the images per call (classifier-free guidance)
 
 
-def derive(name: str, points: list[Point], ranges: dict[str, Range], promote: set[str] = frozenset()) -> Contract:
+def derive(
+    name: str,
+    points: list[Point],
+    ranges: dict[str, Range],
+    promote: set[str] = frozenset(),
+    scalars: set[str] = frozenset(),
+) -> Contract:
     """The contract of one variant from its captures (``points[0]`` the example).
 
     ``promote``: integer inputs the build found to give the same result as float32 (timesteps), compiled as
-    float32 so that any scheduler's timesteps fit.
+    float32 so that any scheduler's timesteps fit. ``scalars``: float arguments compiled as 0-d float32 tensor
+    inputs (ControlNet's ``conditioning_scale``), so that each call may pass its own.
 
     Raises:
         BuildError: the calls differ in a way no dynamic dimension can express, or pass what cannot be compiled.
     """
     # return_dict is the stand-in's to honour (it returns what the eager method would), not part of the call.
     leaves = [dict(call_leaves({k: v for k, v in p.call.arguments.items() if k != "return_dict"})) for p in points]
+    for leaf in leaves:
+        leaf.update({path: torch.tensor(float(leaf[path])) for path in scalars})
     paths = list(leaves[0])
     for p, found in zip(points[1:], leaves[1:], strict=True):
         if list(found) != paths:

@@ -7,6 +7,7 @@ passed (its captured constants), and returns the first output tensor.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -14,11 +15,13 @@ import torch
 
 from diffbake.errors import BuildError
 from diffbake.format.manifest import DimSpec, TensorSpec, unflatten_call
+from diffbake.runtime.outputs import flatten_output
 
 
 class FlatCall(torch.nn.Module):
-    """``module.method(**kwargs, return_dict=False)[0]`` with the tensors given as a flat positional list and the
-    call's Python values (``constants``, by keyword path) fixed."""
+    """``module.method(**kwargs)`` with the tensors given as a flat positional list and the call's Python values
+    (``constants``, by keyword path) fixed; returns every tensor of the result, flat. ``returns`` is then the tree
+    they sat in (runtime/outputs.py), with ``return_dict=True`` where the method takes it (an output class)."""
 
     def __init__(self, module: torch.nn.Module, method: str, names: list[str], constants: dict[str, Any] | None = None):
         super().__init__()
@@ -26,10 +29,21 @@ class FlatCall(torch.nn.Module):
         self.method = method
         self.names = names
         self.constants = dict(constants or {})
+        self.returns: Any = None
+        self.takes_return_dict = "return_dict" in inspect.signature(getattr(module, method)).parameters
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = unflatten_call(self.names, list(args), self.constants)
-        return getattr(self.model, self.method)(**kwargs, return_dict=False)[0]
+        if self.takes_return_dict:
+            kwargs["return_dict"] = True
+        try:
+            self.returns, tensors = flatten_output(getattr(self.model, self.method)(**kwargs))
+        except ValueError as e:
+            raise BuildError(
+                f"{type(self.model).__name__}.{self.method} returns {e}, which compiled code cannot return; keep "
+                "this component eager"
+            ) from None
+        return tuple(tensors)
 
 
 def dynamic_shapes(specs: list[TensorSpec], dims: dict[str, DimSpec]) -> dict[str, Any] | None:

@@ -339,9 +339,7 @@ def check_against_source(recipe: Recipe, info: Any) -> Recipe:
     from diffbake.format.components import COMPONENTS
 
     where = str(recipe.path) if recipe.path is not None else "recipe"
-    compilable = [
-        n for n, c in COMPONENTS.items() if c.attribute in info.components and c.attribute in (info.denoiser, "vae")
-    ]
+    compilable = [n for n, c in COMPONENTS.items() if c.attribute in info.components]
     params = info.call_parameters
     filled = {}
     for name, comp in recipe.components.items():

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffbake.builder.recipe import Recipe
 from diffbake.errors import SourceError, SourceNotFoundError
-from diffbake.format.components import BUILTIN_MODELS, PIPELINES, PipelineFacts, denoiser_of
+from diffbake.format.components import BUILTIN_MODELS, PIPELINES, denoiser_of
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,8 @@ def _info(
         raise SourceError(f"{where}: [source] model {location!r}: {class_name} has no unet or transformer to compile")
     vae = configs.get("vae", {}) if "vae" in components else None
     params = inspect.signature(cls.__call__).parameters
-    facts = PIPELINES.get(class_name, PipelineFacts())
     denoiser_config = configs.get(denoiser, {})
-    patch = facts.latent_patch * int(denoiser_config.get("patch_size") or 1)
+    patch = _latent_patch(cls) * int(denoiser_config.get("patch_size") or 1)
     scale = _vae_scale_factor(vae)
     sample = denoiser_config.get("sample_size")
     native = sample * scale if isinstance(sample, int) else None
@@ -177,8 +176,25 @@ def _info(
         patch,
         call_parameters=tuple(params),
         default_text_tokens=text if isinstance(text, int) else None,
-        native_size=native if "height" not in params else None,
+        # An img2img pipeline without height makes images of its input image's size: any size is its own.
+        native_size=native if "height" not in params and "image" not in params else None,
     )
+
+
+def _latent_patch(cls: type) -> int:
+    """PipelineFacts.latent_patch of a listed pipeline; for another, 2 where it packs latents as Flux does (its
+    variants, Chroma, Qwen-Image: a static _pack_latents(latents, batch_size, num_channels_latents, height, width)
+    that packs 2x2 latents into one token), else 1."""
+    import inspect
+
+    if cls.__name__ in PIPELINES:
+        return PIPELINES[cls.__name__].latent_patch
+    pack = inspect.getattr_static(cls, "_pack_latents", None)
+    if isinstance(pack, staticmethod):
+        names = list(inspect.signature(pack.__func__).parameters)
+        if names == ["latents", "batch_size", "num_channels_latents", "height", "width"]:
+            return 2
+    return 1
 
 
 def _vae_scale_factor(vae: dict | None) -> int:

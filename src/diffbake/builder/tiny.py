@@ -14,6 +14,7 @@ and needs multiples of 4.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import string
@@ -25,7 +26,24 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-TINY_FAMILIES = ("sd", "sdxl", "flux", "dit", "ddpm", "ddim", "pixart", "sd3", "sana")
+TINY_FAMILIES = (
+    "sd",
+    "sdxl",
+    "flux",
+    "dit",
+    "ddpm",
+    "ddim",
+    "pixart",
+    "sd3",
+    "sana",
+    "sd-img2img",
+    "sd-inpaint",
+    "sd-controlnet",
+    "sdxl-img2img",
+    "sdxl-controlnet",
+    "flux-img2img",
+    "flux-kontext",
+)
 
 # A few common prompt words: each becomes a single CLIP BPE token and a single
 # T5 piece, while any other text still tokenizes (characters / bytes / <unk>).
@@ -306,6 +324,82 @@ def _flux():
         image_encoder=None,
         feature_extractor=None,
     )
+
+
+def _from(base, class_name: str, **changes):
+    """Another pipeline class over a family's components (img2img, inpainting, ControlNet), some replaced."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    components = {**base().components, **changes}
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in components.items() if k in accepted})
+
+
+def _controlnet(unet, **overrides):
+    """A ControlNet shaped like ``unet`` (its residuals must fit the UNet's blocks), as diffusers' fast tests make
+    one; its conditioning embedding downsamples the control image by 2, the tiny VAE's scale factor."""
+    from diffusers import ControlNetModel
+
+    config = dict(
+        block_out_channels=unet.config.block_out_channels,
+        layers_per_block=unet.config.layers_per_block,
+        in_channels=unet.config.in_channels,
+        down_block_types=unet.config.down_block_types,
+        cross_attention_dim=unet.config.cross_attention_dim,
+        conditioning_embedding_out_channels=(16, 32),
+    )
+    controlnet = _seeded(ControlNetModel, **{**config, **overrides})
+
+    # ControlNet's output convolutions start at zero (its residuals would change nothing); diffusers' fast tests
+    # give them weights, and so does this, from the same seed.
+    def init(m: torch.nn.Module) -> None:
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight)
+            m.bias.data.fill_(1.0)
+
+    torch.manual_seed(0)
+    controlnet.controlnet_down_blocks.apply(init)
+    controlnet.controlnet_mid_block.apply(init)
+    return controlnet
+
+
+def _sd_img2img():
+    return _from(_sd, "StableDiffusionImg2ImgPipeline")
+
+
+def _sd_inpaint():
+    # The inpainting UNet takes 9 channels: the latents, the mask and the masked image's latents.
+    return _from(_sd, "StableDiffusionInpaintPipeline", unet=_unet(cross_attention_dim=32, in_channels=9))
+
+
+def _sd_controlnet():
+    unet = _unet(cross_attention_dim=32)
+    return _from(_sd, "StableDiffusionControlNetPipeline", unet=unet, controlnet=_controlnet(unet))
+
+
+def _sdxl_img2img():
+    return _from(_sdxl, "StableDiffusionXLImg2ImgPipeline")
+
+
+def _sdxl_controlnet():
+    unet = _sdxl().unet
+    extra = dict(
+        use_linear_projection=True,
+        attention_head_dim=unet.config.attention_head_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=unet.config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=unet.config.projection_class_embeddings_input_dim,
+    )
+    return _from(_sdxl, "StableDiffusionXLControlNetPipeline", controlnet=_controlnet(unet, **extra))
+
+
+def _flux_img2img():
+    return _from(_flux, "FluxImg2ImgPipeline")
+
+
+def _flux_kontext():
+    return _from(_flux, "FluxKontextPipeline")
 
 
 # The real architectures with random weights, for benchmarks that need real-sized compute without a download:
@@ -707,6 +801,13 @@ _BUILDERS = {
     "tiny:pixart": (_pixart, "PixArtSigmaPipeline", 1, None, "transformer"),
     "tiny:sd3": (_sd3, "StableDiffusion3Pipeline", 1, None, "transformer"),
     "tiny:sana": (_sana, "SanaPipeline", 32, None, "transformer"),
+    "tiny:sd-img2img": (_sd_img2img, "StableDiffusionImg2ImgPipeline", 2, None, "unet"),
+    "tiny:sd-inpaint": (_sd_inpaint, "StableDiffusionInpaintPipeline", 2, None, "unet"),
+    "tiny:sd-controlnet": (_sd_controlnet, "StableDiffusionControlNetPipeline", 2, None, "unet"),
+    "tiny:sdxl-img2img": (_sdxl_img2img, "StableDiffusionXLImg2ImgPipeline", 2, None, "unet"),
+    "tiny:sdxl-controlnet": (_sdxl_controlnet, "StableDiffusionXLControlNetPipeline", 2, None, "unet"),
+    "tiny:flux-img2img": (_flux_img2img, "FluxImg2ImgPipeline", 2, None, "transformer"),
+    "tiny:flux-kontext": (_flux_kontext, "FluxKontextPipeline", 2, None, "transformer"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,26 @@ COMPONENTS: dict[str, Component] = {
     "unet": Component("unet"),
     "transformer": Component("transformer"),
     VAE_DECODER: Component("vae", "decode"),
+    VAE_ENCODER: Component("vae", "encode"),
+    "controlnet": Component("controlnet"),
+    "text_encoder": Component("text_encoder"),
+    "text_encoder_2": Component("text_encoder_2"),
+    "text_encoder_3": Component("text_encoder_3"),
 }
 KNOWN_COMPONENTS: tuple[str, ...] = tuple(sorted(COMPONENTS))
 DENOISERS = ("transformer", "unet")  # pipeline attributes that hold a denoiser, in the order they are looked for
+
+# Distributions an eager method may return (the VAE encoder's latent_dist): class -> the constructor arguments
+# that rebuild it, read from the instance's attributes of the same names. The tensors among them are compiled;
+# the distribution's own methods (sample with a generator, mode) then run eager, exactly as in diffusers.
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "diffusers.models.autoencoders.vae.DiagonalGaussianDistribution": ("parameters", "deterministic"),
+}
+
+
+def components_of(attribute: str) -> list[str]:
+    """The component names that live in one pipeline attribute ("vae": the decoder and the encoder)."""
+    return [name for name, c in COMPONENTS.items() if c.attribute == attribute]
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,13 @@ PIPELINES: dict[str, PipelineFacts] = {
     "DiTPipeline": PipelineFacts(),
     "DDPMPipeline": PipelineFacts(),
     "DDIMPipeline": PipelineFacts(),
+    "StableDiffusionImg2ImgPipeline": PipelineFacts(),
+    "StableDiffusionInpaintPipeline": PipelineFacts(),
+    "StableDiffusionControlNetPipeline": PipelineFacts(),
+    "StableDiffusionXLImg2ImgPipeline": PipelineFacts(),
+    "StableDiffusionXLControlNetPipeline": PipelineFacts(),
+    "FluxImg2ImgPipeline": PipelineFacts(latent_patch=2),
+    "FluxKontextPipeline": PipelineFacts(latent_patch=2),
 }
 
 # Pipelines diffbake makes locally, with no download: "tiny:*" have hidden sizes around 32 (tests and the demo);
@@ -73,6 +98,13 @@ BUILTIN_MODELS: tuple[str, ...] = (
     "tiny:pixart",
     "tiny:sd3",
     "tiny:sana",
+    "tiny:sd-img2img",
+    "tiny:sd-inpaint",
+    "tiny:sd-controlnet",
+    "tiny:sdxl-img2img",
+    "tiny:sdxl-controlnet",
+    "tiny:flux-img2img",
+    "tiny:flux-kontext",
     "random:sd15",
     "random:flux-small",
 )

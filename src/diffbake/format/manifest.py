@@ -33,7 +33,8 @@ from diffbake.format.components import KNOWN_COMPONENTS
 
 FORMAT_NAME = "diffbake-artifact"
 # 3: call contracts captured from the pipeline (constants, affine dimensions, output class, attributes read).
-FORMAT_VERSION = 3
+# 4: several outputs per package and the tree they are returned in; several compiled methods per module.
+FORMAT_VERSION = 4
 
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.toml"
@@ -131,7 +132,7 @@ class VariantEntry:
     # change the result (a generator passed to a deterministic decoder).
     constants: dict[str, Any]
     ignored: list[str]
-    output: TensorSpec
+    outputs: list[TensorSpec]  # the package's outputs, in the order the component's ``returns`` tree uses them
     max_abs_error: float  # compiled vs the eager component it was compiled from (same dtype and transforms)
     tolerance: float
     error_vs_float32: float  # compiled vs the float32 eager component without transforms
@@ -154,15 +155,6 @@ class BlockEntry:
 
 
 @dataclass(frozen=True)
-class OutputSpec:
-    """What the eager method returns with ``return_dict=True``: a diffusers output class (by name, looked up in
-    diffusers only) and the field that holds the tensor."""
-
-    class_name: str
-    field: str
-
-
-@dataclass(frozen=True)
 class ComponentEntry:
     name: str
     class_name: str  # the eager diffusers class this stands in for
@@ -179,7 +171,9 @@ class ComponentEntry:
     blocks: list[BlockEntry] = field(default_factory=list)
     compiler: dict[str, Any] = field(default_factory=dict)  # the inductor options the recipe chose, as applied
     method: str = "forward"  # the method of the eager module that the pipeline calls
-    output_class: OutputSpec | None = None
+    # What the eager method returns (with return_dict=True where it takes one), around the package's outputs:
+    # see runtime/outputs.py. None: the package's one output, as it is.
+    returns: Any = None
     # What the pipeline read from the eager module besides its config, dtype and device, recorded at capture:
     # attribute path -> value ("add_embedding.linear_1.in_features": 2816), and the diffusers mixins whose
     # methods it called (CacheMixin for Flux's cache_context).
@@ -542,10 +536,13 @@ def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
     _need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
     _listed(m, c.weights, f"{where}.weights")
     _listed(m, c.config, f"{where}.config")
-    names = [c.method, *c.attributes, *c.mixins] + (
-        [c.output_class.class_name, c.output_class.field] if c.output_class else []
-    )
-    _need(all(_NAME.fullmatch(n) for n in names), f"{where}: bad method, attribute, mixin or output name")
+    names = [c.method, *c.attributes, *c.mixins]
+    _need(all(_NAME.fullmatch(n) for n in names), f"{where}: bad method, attribute or mixin name")
+    for i, v in enumerate(c.variants):
+        _need(
+            bool(v.outputs) and (_returns_ok(c.returns, len(v.outputs)) or (c.returns is None and len(v.outputs) == 1)),
+            f"{where}.returns: not a tree over variant {i + 1}'s {len(v.outputs)} outputs",
+        )
     for key, spec in c.constants.items():
         _need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
         _need(
@@ -575,7 +572,7 @@ def _check_variant(v: VariantEntry, vw: str) -> None:
         )
     for path in [*v.constants, *v.ignored]:
         _need(_NAME.fullmatch(path) is not None, f"{vw}: bad argument name {path!r}")
-    for spec in [*v.inputs, v.output]:
+    for spec in [*v.inputs, *v.outputs]:
         _need(spec.dtype in DTYPES, f"{vw}: input {spec.name!r} has unknown dtype {spec.dtype!r}")
         _need(_NAME.fullmatch(spec.name) is not None, f"{vw}: bad input name {spec.name!r}")
         for size in spec.shape:
@@ -586,6 +583,26 @@ def _check_variant(v: VariantEntry, vw: str) -> None:
         all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
         f"{vw}.self_test.sizes: outside the variant's dims",
     )
+
+
+def _returns_ok(tree: Any, outputs: int) -> bool:
+    """Whether ``tree`` is a well-formed output tree (runtime/outputs.py) using each of ``outputs`` once, in order."""
+    seen: list[int] = []
+
+    def ok(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return node is None or isinstance(node, (bool, int, float, str))
+        if set(node) == {"tensor"}:
+            seen.append(node["tensor"])
+            return isinstance(node["tensor"], int) and not isinstance(node["tensor"], bool)
+        for kind in ("tuple", "list"):
+            if set(node) == {kind}:
+                return isinstance(node[kind], list) and all(ok(n) for n in node[kind])
+        if set(node) == {"class", "args"} and isinstance(node["class"], str) and isinstance(node["args"], dict):
+            return _NAME.fullmatch(node["class"]) is not None and all(ok(n) for n in node["args"].values())
+        return False
+
+    return isinstance(tree, dict) and ok(tree) and seen == list(range(outputs))
 
 
 def _check_relpath(path: str, where: str) -> None:

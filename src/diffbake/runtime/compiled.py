@@ -61,7 +61,7 @@ class CompiledComponent:
         self.name = entry.name
         self.device = torch.device(resolve_device(device))
         self.unpack = unpack or resolve_unpack_dir()
-        self.dtype = torch_dtype(entry.variants[0].output.dtype)
+        self.dtype = torch_dtype(entry.variants[0].outputs[0].dtype)
         # The artifact whose weights are bound now (set by diffbake.load; set_weights moves it with the weights).
         self.loaded_from: LoadedArtifact | None = None
         weights = load_file(artifact / entry.weights, device=str(self.device))
@@ -89,7 +89,7 @@ class CompiledComponent:
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.entry.variants[0].inputs]
 
-    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> torch.Tensor:
+    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> list[torch.Tensor]:
         """Run the first variant (static ones first) whose shapes fit the inputs (and whose captured Python
         values fit ``arguments``, the call's arguments by name, where given)."""
         if len(self.variants) == 1:
@@ -126,16 +126,17 @@ class CompiledVariant:
         if component.cuda_graphs and entry.dynamic:
             logger.info("%s: the dynamic-shape variant (%s) runs without CUDA graphs", self.name, describe(entry))
 
-    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> torch.Tensor:
+    def __call__(self, values: list[Any], arguments: dict[str, Any] | None = None) -> list[torch.Tensor]:
         return self.run(self.check(values, arguments))
 
     def _new_replay(self) -> GraphReplay:
         return GraphReplay(self.runner, self.device, f"{self.name} ({describe(self.entry)})")
 
-    def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The package's outputs, in the order of the variant's ``outputs``."""
         if self.replay is not None:
             return self.replay(tensors)
-        return self.runner(*tensors)[0]
+        return list(self.runner(*tensors))
 
     def bind(self, weights: dict[str, torch.Tensor]) -> None:
         """Bind weights (same names, shapes and dtypes); captured graphs hold the old addresses, so they go."""

@@ -18,7 +18,7 @@ class GraphReplay:
     The first call at a shape runs as is (lazy initialization, allocator warm-up); the second captures a graph
     after a warm-up on a side stream and checks that the graph's output equals an uncaptured run's on the same
     inputs; every later call copies its inputs into the graph's buffers, replays it, and returns a copy of its
-    output buffer (the next replay overwrites it). A capture that fails or disagrees turns graphs off for the
+    output buffers (the next replay overwrites it). A capture that fails or disagrees turns graphs off for the
     variant, with a warning, rather than serving different numbers.
     """
 
@@ -26,33 +26,33 @@ class GraphReplay:
         """``run``: the package's runner; ``label``: the variant, as warnings name it."""
         self.run, self.device, self.label = run, device, label
         self.seen: set[tuple] = set()
-        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], Any]] = {}
         self.off: str | None = None
         # Replicas share this object; a graph has one set of buffers, so replays take turns.
         self.lock = threading.Lock()
 
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         with self.lock:
             return self._call(tensors)
 
-    def _call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _call(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         run = self.run
         if self.off is not None:
-            return run(*tensors)[0]
+            return list(run(*tensors))
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen:
                 self.seen.add(key)
-                return run(*tensors)[0]
+                return list(run(*tensors))
             graph = self._capture(key, tensors)
             if graph is None:
-                return run(*tensors)[0]
-        inputs, output, cuda_graph = graph
+                return list(run(*tensors))
+        inputs, outputs, cuda_graph = graph
         for buffer, t in zip(inputs, tensors, strict=True):
             buffer.copy_(t)
         cuda_graph.replay()
-        return output.clone()
+        return [o.clone() for o in outputs]
 
     def _capture(self, key: tuple, tensors: list[torch.Tensor]) -> tuple | None:
         run, device = self.run, self.device
@@ -62,20 +62,21 @@ class GraphReplay:
         try:
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    expected = run(*inputs)[0].clone()
+                    expected = [o.clone() for o in run(*inputs)]
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                output = run(*inputs)[0]
+                outputs = list(run(*inputs))
             graph.replay()
             torch.cuda.synchronize(device)
         except Exception as e:  # capture is refused for many reasons (a host sync, an unsupported op)
             return self._turn_off(f"capture failed ({type(e).__name__}: {e})")
-        error = (output.float() - expected.float()).abs().max().item()
-        bound = 1e-3 * expected.float().abs().max().item() + 1e-5
-        if not error <= bound:
-            return self._turn_off(f"the captured graph's output differs from an uncaptured run by {error:.3g}")
-        self.graphs[key] = (inputs, output, graph)
+        for output, want in zip(outputs, expected, strict=True):
+            error = (output.float() - want.float()).abs().max().item()
+            bound = 1e-3 * want.float().abs().max().item() + 1e-5
+            if not error <= bound:
+                return self._turn_off(f"the captured graph's output differs from an uncaptured run by {error:.3g}")
+        self.graphs[key] = (inputs, outputs, graph)
         return self.graphs[key]
 
     def _turn_off(self, why: str) -> None:

@@ -128,17 +128,30 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def bind_call(
-    where: str, signature: inspect.Signature, owner: Any, names: list[str], args: tuple, kwargs: dict
-) -> dict[str, Any]:
-    """Bind a call to the eager signature; refuse arguments that change the result but were not compiled."""
+def bound_arguments(signature: inspect.Signature, owner: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A method call's arguments by name, defaults applied, without self; what a ``**kwargs`` parameter took is
+    merged in by keyword (transformers' text encoders take ``output_hidden_states`` that way), as the call
+    passed it. How the build records a call and how a stand-in reads one, in one place."""
     bound = signature.bind(owner, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop(next(iter(signature.parameters)))  # self
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and arguments.pop(name, ()):
+            raise InputMismatchError(f"{type(owner).__name__}: extra positional arguments cannot be compiled")
+    return arguments
+
+
+def bind_call(
+    where: str, signature: inspect.Signature, owner: Any, names: list[str], args: tuple, kwargs: dict
+) -> dict[str, Any]:
+    """Bind a call to the eager signature; refuse arguments that change the result but were not compiled."""
+    arguments = bound_arguments(signature, owner, args, kwargs)
     compiled = {name.split(".")[0] for name in names}
     for name, value in arguments.items():
-        default = signature.parameters[name].default
+        default = signature.parameters[name].default if name in signature.parameters else None
         # None, the default, or an empty kwargs dict (Flux passes joint_attention_kwargs={}) change nothing.
         unused = value is None or value is default or (isinstance(value, dict) and not value) or value == default
         if name not in compiled and name != "return_dict" and not unused:
@@ -202,8 +215,10 @@ def check_inputs(name: str, entry: VariantEntry, device: torch.device, values: l
     sizes: dict[str, int] = {}
     specs = entry.inputs
     out: list[Any] = [None] * len(specs)
-    # Coerced inputs (timesteps) take their shape from the others, so check those first.
-    for i in sorted(range(len(specs)), key=lambda i: specs[i].coerce):
+    # Images the user passed first: a control image of another size also makes the latents another size, and
+    # the user should hear of what they passed. Coerced inputs (timesteps) take their shape from the others, last.
+    order = sorted(range(len(specs)), key=lambda i: (specs[i].coerce, (name, specs[i].name) not in _IMAGE_INPUTS))
+    for i in order:
         out[i] = _check(name, entry, device, specs[i], values[i], sizes)
     return out
 
@@ -277,6 +292,10 @@ def _render(entry: VariantEntry, size: int | str) -> str:
     return f"{d.min}..{d.max} (in steps of {d.multiple})"
 
 
+# Inputs that are images the user passes (at the pixel size the recipe names), and what the user calls them.
+_IMAGE_INPUTS = {("vae_encoder", "x"): "an input image", ("controlnet", "controlnet_cond"): "a control image"}
+
+
 def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.Tensor) -> str:
     s = entry.shapes
     fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
@@ -294,6 +313,13 @@ def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.T
             f"this artifact was built with cfg = false for {fmt_range(s['batch'])} image(s) per call: call with "
             f"guidance_scale <= 1 (a larger one turns classifier-free guidance on) and {fmt_range(s['batch'])} "
             f"image(s) in all, or rebuild with [components.{name}] cfg = true"
+        )
+    image = _IMAGE_INPUTS.get((name, spec.name))
+    if image is not None:
+        size = f"{fmt_range(s['height'])}x{fmt_range(s['width'])}"
+        return (
+            f"pass {image} of {size} pixels (or height and width of {size} where the pipeline takes them and resizes "
+            f"it), or rebuild with [components.{name}] shapes set for this size"
         )
     call = f"height={fmt_range(s['height'])}, width={fmt_range(s['width'])}"
     if s.get("text_tokens"):

@@ -47,16 +47,41 @@ def load_component(
     concurrency: int = 1,
     cuda_graphs: bool = False,
 ) -> torch.nn.Module:
-    """Build the stand-in module of one compiled component (no checks of files or host; :func:`load` does those)."""
+    """The stand-in module holding component ``name`` and the other compiled components of the same pipeline
+    attribute (no checks of files or host; :func:`load` does those)."""
+    attribute = COMPONENTS[name].attribute
+    return load_modules(artifact, manifest, device, unpack, concurrency, cuda_graphs, only=attribute)[attribute]
+
+
+def load_modules(
+    artifact: str | Path,
+    manifest: Manifest,
+    device: str | None = None,
+    unpack: Path | None = None,
+    concurrency: int = 1,
+    cuda_graphs: bool = False,
+    only: str | None = None,
+) -> dict[str, torch.nn.Module]:
+    """Pipeline attribute -> the module that stands there: one stand-in per attribute, carrying every compiled
+    component of it (the VAE's decoder and encoder), or the eager module with regional blocks."""
     artifact = Path(artifact)
-    entry = manifest.components[name]
-    if entry.mode == "regional":
-        if cuda_graphs:
-            logger.info("%s: regional blocks run without CUDA graphs", name)
-        return load_regional(artifact, entry, device or manifest.device, unpack, concurrency)
-    config = _read_config(artifact / entry.config)
-    program = CompiledComponent(artifact, entry, device or manifest.device, unpack, concurrency, cuda_graphs)
-    return make_stand_in(program, config, entry)
+    device = device or manifest.device
+    by_attribute: dict[str, list[Any]] = {}
+    for entry in manifest.components.values():
+        by_attribute.setdefault(COMPONENTS[entry.name].attribute, []).append(entry)
+    modules: dict[str, torch.nn.Module] = {}
+    for attribute, entries in by_attribute.items():
+        if only is not None and attribute != only:
+            continue
+        if entries[0].mode == "regional":  # the build compiles a regional component alone in its attribute
+            if cuda_graphs:
+                logger.info("%s: regional blocks run without CUDA graphs", entries[0].name)
+            modules[attribute] = load_regional(artifact, entries[0], device, unpack, concurrency)
+            continue
+        config = _read_config(artifact / entries[0].config)
+        programs = {e.name: CompiledComponent(artifact, e, device, unpack, concurrency, cuda_graphs) for e in entries}
+        modules[attribute] = make_stand_in(programs, config, entries)
+    return modules
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -129,10 +154,7 @@ def load(
     _check_options(verify, concurrency, cuda_graphs)
     root, verify = _resolve(artifact, revision, trust_remote_code, build, device, verify, report)
     manifest, device, unpack = _check_before_native_code(root, device, verify, unpack_dir, cuda_graphs, report)
-    modules = {
-        name: load_component(root, manifest, name, device, unpack, concurrency, cuda_graphs)
-        for name in manifest.components
-    }
+    modules = load_modules(root, manifest, device, unpack, concurrency, cuda_graphs)
     report("weights", f"{sum(len(c.constants) for c in manifest.components.values())} tensors bound and checked")
     if self_test:
         for line in run_self_test(root, manifest, modules):
@@ -218,8 +240,9 @@ def _assemble(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module
 
     record = LoadedArtifact(root, manifest, device)
     for module in modules.values():
-        module.diffbake_component.loaded_from = record
-    overrides = {COMPONENTS[name].attribute: module for name, module in modules.items()}
+        for component in module.diffbake_components.values():
+            component.loaded_from = record
+    overrides = dict(modules)
     pipeline_cls = getattr(diffusers, manifest.pipeline_class)
     with _stand_ins_accepted():
         # use_safetensors: the eager components load from safetensors only, never from pickled checkpoints.

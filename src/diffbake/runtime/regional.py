@@ -127,5 +127,5 @@ def load_regional(
             # user_managed: the package reads the block's own parameters in place; nothing is copied.
             runner.bind({n: state[n].detach() for n in names})
             block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, describe(entry.variants[0]))
-    module.diffbake_component = component
+    module.diffbake_components = {entry.name: component}
     return module

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from diffbake.errors import SelfTestError
+from diffbake.format.components import COMPONENTS
 from diffbake.format.manifest import Manifest, SelfTest, VariantEntry, unflatten_call
 from diffbake.runtime.guards import describe
+from diffbake.runtime.outputs import flatten_output
 from diffbake.runtime.standins import CompiledModel
 
 PROBES = 16
@@ -36,13 +38,19 @@ def self_test_inputs(variant: VariantEntry, test: SelfTest, device: Any) -> list
     return out
 
 
-def summarize(output: torch.Tensor, *, seed: int, sizes: dict, fill: dict, tolerance: float) -> SelfTest:
-    flat = output.detach().float().flatten().cpu()
+def _joined(outputs: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """The shape a summary records (the one output's, or the total size of several) and the values, flat."""
+    flat = torch.cat([o.detach().float().flatten().cpu() for o in outputs])
+    return (list(outputs[0].shape) if len(outputs) == 1 else [flat.numel()]), flat
+
+
+def summarize(outputs: list[torch.Tensor], *, seed: int, sizes: dict, fill: dict, tolerance: float) -> SelfTest:
+    shape, flat = _joined(outputs)
     return SelfTest(
         seed=seed,
         sizes=dict(sizes),
         fill=dict(fill),
-        shape=list(output.shape),
+        shape=shape,
         mean=flat.mean().item(),
         std=flat.std().item() if flat.numel() > 1 else 0.0,
         abs_max=flat.abs().max().item(),
@@ -51,11 +59,12 @@ def summarize(output: torch.Tensor, *, seed: int, sizes: dict, fill: dict, toler
     )
 
 
-def compare(recorded: SelfTest, output: torch.Tensor) -> str | None:
-    """None if ``output`` matches the recorded summary within its tolerance, else what differs."""
-    if list(output.shape) != recorded.shape:
-        return f"output shape {list(output.shape)}, recorded {recorded.shape}"
-    got = summarize(output, seed=recorded.seed, sizes={}, fill={}, tolerance=0.0)
+def compare(recorded: SelfTest, outputs: list[torch.Tensor]) -> str | None:
+    """None if ``outputs`` match the recorded summary within its tolerance, else what differs."""
+    shape, flat = _joined(outputs)
+    if shape != recorded.shape:
+        return f"output shape {shape}, recorded {recorded.shape}"
+    got = summarize(outputs, seed=recorded.seed, sizes={}, fill={}, tolerance=0.0)
     tol = recorded.tolerance
     values = [
         ("mean", got.mean, recorded.mean),
@@ -64,7 +73,7 @@ def compare(recorded: SelfTest, output: torch.Tensor) -> str | None:
     ]
     if len(recorded.probes) != len(got.probes):
         return f"{len(recorded.probes)} recorded values, expected {len(got.probes)}"
-    indices = _probe_indices(output.numel())
+    indices = _probe_indices(flat.numel())
     values += [(f"value {i}", a, b) for i, a, b in zip(indices, got.probes, recorded.probes, strict=True)]
     for what, have, want in values:
         if not abs(have - want) <= tol:  # also false for NaN
@@ -85,17 +94,17 @@ def run_self_test(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Mo
         SelfTestError: a variant's output differs from what the build recorded.
     """
     lines = []
-    for name, module in modules.items():
-        entry = manifest.components[name]
+    for name, entry in manifest.components.items():
+        module = modules[COMPONENTS[name].attribute]
         for i, variant in enumerate(entry.variants):
             where = f"{name} variant {i + 1}/{len(entry.variants)} ({describe(variant)})"
             inputs = self_test_inputs(variant, variant.self_test, getattr(module, "device", manifest.device))
             with torch.no_grad():
                 if isinstance(module, CompiledModel):
-                    out = module.component.variants[i](inputs)
-                else:
+                    out = module.diffbake_components[name].variants[i](inputs)
+                else:  # regional: the eager module with compiled blocks, called as the build called it
                     kwargs = unflatten_call([s.name for s in variant.inputs], inputs, variant.constants)
-                    out = getattr(module, entry.method)(**kwargs, return_dict=False)[0]
+                    out = flatten_output(getattr(module, entry.method)(**kwargs, return_dict=True))[1]
             problem = compare(variant.self_test, out)
             if problem is not None:
                 raise SelfTestError(

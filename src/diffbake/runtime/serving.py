@@ -5,7 +5,7 @@ weights, the text encoders) and own only their scheduler, so threads can serve r
 ``concurrency=N`` so N denoiser calls can run at once. :func:`set_weights` swaps the weights of a loaded pipeline
 for those of another artifact built on the same compiled code (``diffbake rebind``), in place, between requests.
 
-What a pipeline was loaded from lives on its compiled components (``module.diffbake_component``), which replicas
+What a pipeline was loaded from lives on its compiled components (``module.diffbake_components``), which replicas
 share: a swap through any of them is seen by all.
 """
 
@@ -35,11 +35,8 @@ def compiled_components(pipe: Any) -> dict[str, Any]:
         ArtifactError: ``pipe`` holds no compiled component.
     """
     found = {}
-    for name, spec in COMPONENTS.items():
-        module = getattr(pipe, spec.attribute, None)
-        component = getattr(module, "diffbake_component", None)
-        if component is not None and component.name == name:
-            found[name] = component
+    for attribute in dict.fromkeys(spec.attribute for spec in COMPONENTS.values()):
+        found.update(getattr(getattr(pipe, attribute, None), "diffbake_components", {}))
     if not found:
         raise ArtifactError(
             f"{type(pipe).__name__}: not a pipeline loaded with diffbake.load (it holds no compiled component); "

@@ -21,30 +21,37 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.format.components import COMPONENTS, components_of
 from diffbake.format.manifest import ComponentEntry, flatten_call
+from diffbake.runtime.guards import bound_arguments
+from diffbake.runtime.outputs import as_tuple, rebuild_output
 
 if TYPE_CHECKING:
     from diffbake.runtime.compiled import CompiledComponent
 
 
 class CompiledModel(ModelMixin, ConfigMixin):
-    """Base of the stand-ins: a config, a device and dtype, and a compiled program in place of parameters."""
+    """Base of the stand-ins: a config, a device and dtype, and compiled programs in place of parameters, one per
+    compiled method (the VAE's ``decode`` and ``encode`` are two components of one module)."""
 
     config_name = "config.json"
     _stands_for: type[torch.nn.Module]
-    _method = "forward"
 
-    def __init__(self, program: CompiledComponent, config: dict[str, Any], entry: ComponentEntry):
+    def __init__(self, programs: dict[str, CompiledComponent], config: dict[str, Any], entries: list[ComponentEntry]):
         super().__init__()
-        self.component = program
+        self.programs = programs
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         if "force_upcast" in config:
             # The dtype is fixed at build time, so the pipelines' upcast-the-VAE-to-float32 path must not run.
             config["force_upcast"] = False
         self.register_to_config(**config)
-        self._signature = inspect.signature(getattr(self._stands_for, self._method))
-        self._output = _output_class(entry)
-        self._attributes = _tree(entry.attributes)
+        # method -> (its component, the eager signature, the tree it returns in)
+        self._calls = {
+            e.method: (programs[e.name], inspect.signature(getattr(self._stands_for, e.method)), e.returns)
+            for e in entries
+        }
+        self._attributes = _tree({k: v for e in entries for k, v in e.attributes.items()})
+        self._first = programs[entries[0].name]
 
     def __getattr__(self, name: str) -> Any:
         attributes = self.__dict__.get("_attributes")
@@ -57,30 +64,33 @@ class CompiledModel(ModelMixin, ConfigMixin):
                 return functools.partial(self._not_compiled, name)
             raise
 
+    def __repr__(self) -> str:
+        return f"Compiled{self._stands_for.__name__}({', '.join(self.programs)})"
+
     @property
-    def diffbake_component(self) -> CompiledComponent:
-        """The compiled component behind this module (what ``diffbake.set_weights`` rebinds)."""
-        return self.component
+    def diffbake_components(self) -> dict[str, CompiledComponent]:
+        """The compiled components behind this module, by name (what ``diffbake.set_weights`` rebinds)."""
+        return self.programs
 
     @property
     def device(self) -> torch.device:
-        return self.component.device
+        return self._first.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.component.dtype
+        return self._first.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> CompiledModel:
         # Compiled code runs on one device in one dtype; moving it is not possible, so only a no-op move passes.
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and torch.device(device).type != self.device.type:
             raise InputMismatchError(
-                f"{self.component.name}: this compiled component runs on {self.device} only; it cannot move to "
+                f"{self._label}: this compiled component runs on {self.device} only; it cannot move to "
                 f"{device}; rebuild the recipe with [target] device = {torch.device(device).type!r}"
             )
         if dtype is not None and dtype != self.dtype:
             raise InputMismatchError(
-                f"{self.component.name}: this compiled component runs in {self.dtype} only; it cannot be cast to "
+                f"{self._label}: this compiled component runs in {self.dtype} only; it cannot be cast to "
                 f"{dtype}; rebuild the recipe with [target] dtype = {str(dtype).removeprefix('torch.')!r}"
             )
         return self
@@ -112,71 +122,86 @@ class CompiledModel(ModelMixin, ConfigMixin):
     def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
         self._not_applicable("VAE tiling (enable_vae_tiling)")
 
+    @property
+    def _label(self) -> str:
+        return " and ".join(self.programs)
+
     def _not_applicable(self, what: str) -> None:
         raise InputMismatchError(
-            f"{self.component.name}: {what} does not apply to compiled code, whose attention, layout and memory "
+            f"{self._label}: {what} does not apply to compiled code, whose attention, layout and memory "
             "use were fixed when the artifact was built; call the pipeline without it (set what the recipe "
             "offers, such as fuse_qkv or compiler options, and rebuild)"
         )
 
     def _not_compiled(self, method: str, *args: Any, **kwargs: Any) -> None:
         eager = self._stands_for.__name__
+        compiled = ", ".join(f"{eager}.{m}" for m in self._calls)
+        attribute = COMPONENTS[next(iter(self.programs))].attribute
+        other = next((n for n in components_of(attribute) if COMPONENTS[n].method == method), None)
+        fix = f"; name [components.{other}] in the recipe to compile it too" if other else ""
         raise InputMismatchError(
-            f"{self.component.name}: only {eager}.{self._method} is compiled into this artifact; {eager}.{method} "
-            "needs the eager module (img2img and inpainting call vae.encode, for one)"
+            f"{self._label}: only {compiled} is compiled into this artifact, and {eager}.{method} needs the eager "
+            f"module{fix}"
         )
 
-    def _invoke(self, *args: Any, **kwargs: Any) -> Any:
+    def _invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call the compiled code as the eager method would be called, and return what it would return."""
-        bound = self._signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        arguments.pop(next(iter(self._signature.parameters)))  # self
-        sample = self.component(flatten_call(self.component.input_names, arguments), arguments)
-        if not arguments.get("return_dict", True):
-            return (sample,)
-        if self._output is None:
-            raise InputMismatchError(
-                f"{self.component.name}: the build did not record what {self._method} returns with "
-                "return_dict=True; call it with return_dict=False"
-            )
-        cls, field = self._output
-        return cls(**{field: sample})
+        program, signature, returns = self._calls[method]
+        arguments = bound_arguments(signature, self, args, kwargs)
+        outputs = program(flatten_call(program.input_names, arguments), arguments)
+        value = rebuild_output(program.name, returns, outputs) if returns is not None else outputs[0]
+        return as_tuple(value) if arguments.get("return_dict", True) is False else value
 
-    def _only_method(self, *args: Any, **kwargs: Any) -> Any:
-        self._not_compiled("forward")
+
+def _compiled(method: str) -> Any:
+    def call(self: CompiledModel, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(method, *args, **kwargs)
+
+    call.__name__ = method
+    return call
 
 
 @functools.cache
-def stand_in_class(eager: type, method: str, mixins: tuple[type, ...]) -> type[CompiledModel]:
-    """The stand-in class for ``eager`` whose ``method`` runs compiled code (one class per eager class)."""
-    namespace: dict[str, Any] = {"_stands_for": eager, "_method": method, "__module__": __name__}
-    namespace[method] = CompiledModel._invoke
-    if method != "forward":
-        namespace["forward"] = CompiledModel._only_method
+def stand_in_class(eager: type, methods: tuple[str, ...], mixins: tuple[type, ...]) -> type[CompiledModel]:
+    """The stand-in class for ``eager`` whose ``methods`` run compiled code (one class per eager class).
+
+    ``isinstance(stand_in, eager)`` holds, as pipelines check it (``isinstance(self.controlnet, ControlNetModel)``,
+    and ``from_pretrained`` of a transformers text encoder): ``__class__`` names the eager class, as
+    ``unittest.mock`` does for a spec; ``type()`` still tells the stand-in.
+    """
+    namespace: dict[str, Any] = {"_stands_for": eager, "__module__": __name__}
+    namespace.update({m: _compiled(m) for m in methods})
+    namespace["__class__"] = property(lambda self: eager)
+    if "forward" not in methods:
+        namespace["forward"] = functools.partialmethod(CompiledModel._not_compiled, "forward")
     return type(f"Compiled{eager.__name__}", (CompiledModel, *mixins), namespace)
 
 
-def make_stand_in(program: CompiledComponent, config: dict[str, Any], entry: ComponentEntry) -> CompiledModel:
-    """The stand-in of one compiled component, from its manifest entry and the eager module's config.
+def make_stand_in(
+    programs: dict[str, CompiledComponent], config: dict[str, Any], entries: list[ComponentEntry]
+) -> CompiledModel:
+    """The stand-in of one pipeline module whose compiled components are ``entries`` (all of one attribute), from
+    their manifest entries and the eager module's config.
 
     Raises:
-        ArtifactError: the entry names an eager class or mixin that is not part of diffusers.
+        ArtifactError: an entry names an eager class or mixin that is not part of diffusers or transformers.
     """
-    eager = _diffusers_class(entry.name, entry.class_name, ModelMixin)
-    mixins = tuple(_diffusers_class(entry.name, m, object) for m in entry.mixins)
-    return stand_in_class(eager, entry.method, mixins)(program, config, entry)
+    first = entries[0]
+    eager = _library_class(first.name, first.class_name, torch.nn.Module)
+    mixins = tuple(sorted({_library_class(e.name, m, object) for e in entries for m in e.mixins}, key=str))
+    return stand_in_class(eager, tuple(e.method for e in entries), mixins)(programs, config, entries)
 
 
-def _diffusers_class(component: str, name: str, base: type) -> type:
-    """A class of diffusers named by the manifest: looked up in diffusers only, never imported from elsewhere."""
+def _library_class(component: str, name: str, base: type) -> type:
+    """A class named by the manifest: looked up in diffusers (a bare name, or a diffusers module) or in a
+    transformers module (text encoders), never imported from elsewhere."""
     module_name, _, attr = name.rpartition(".")
     try:
         if not module_name:
             import diffusers
 
             cls = getattr(diffusers, attr)
-        elif module_name == "diffusers" or module_name.startswith("diffusers."):
+        elif module_name.split(".")[0] in ("diffusers", "transformers"):
             cls = getattr(importlib.import_module(module_name), attr)
         else:
             raise AttributeError(name)
@@ -184,17 +209,10 @@ def _diffusers_class(component: str, name: str, base: type) -> type:
         cls = None
     if not isinstance(cls, type) or not issubclass(cls, base):
         raise ArtifactError(
-            f"{component}: {name!r} is not a {base.__name__} class of this diffusers; rebuild the artifact with it"
+            f"{component}: {name!r} is not a {base.__name__} class of this diffusers or transformers; rebuild the "
+            "artifact with them"
         )
     return cls
-
-
-def _output_class(entry: ComponentEntry) -> tuple[type, str] | None:
-    if entry.output_class is None:
-        return None
-    from diffusers.utils import BaseOutput
-
-    return _diffusers_class(entry.name, entry.output_class.class_name, BaseOutput), entry.output_class.field
 
 
 def _tree(attributes: dict[str, Any]) -> dict[str, Any]:

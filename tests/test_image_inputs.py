@@ -1,0 +1,162 @@
+"""Image inputs and control: img2img, inpainting and ControlNet artifacts (built from their plain recipes in
+plain.py, shared with test_contracts' comparison with stock diffusers), what their stand-ins return, and what
+they refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+import diffbake
+from diffbake.errors import InputMismatchError, RecipeError
+from diffbake.format.manifest import read_manifest
+from diffbake.runtime.standins import CompiledModel
+from plain import image, mask
+
+
+@pytest.fixture(scope="module")
+def img2img(artifacts):
+    return diffbake.load(artifacts("sd-img2img"))
+
+
+def test_the_vae_encoder_rebuilds_the_latent_distribution(img2img, saved_pipelines):
+    eager = AutoencoderKL.from_pretrained(saved_pipelines("sd-img2img") / "vae")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    got = img2img.vae.encode(x).latent_dist
+    with torch.no_grad():
+        want = eager.encode(x).latent_dist
+    assert type(got) is DiagonalGaussianDistribution
+    assert torch.allclose(got.mode(), want.mode(), atol=1e-5)
+    sampled = got.sample(torch.Generator().manual_seed(7)), want.sample(torch.Generator().manual_seed(7))
+    assert torch.allclose(*sampled, atol=1e-5)
+    (posterior,) = img2img.vae.encode(x, return_dict=False)
+    assert torch.equal(posterior.mean, got.mean)
+
+
+def test_one_stand_in_compiles_both_vae_methods(artifacts, img2img):
+    assert isinstance(img2img.vae, CompiledModel) and set(img2img.vae.diffbake_components) == {
+        "vae_encoder",
+        "vae_decoder",
+    }
+    assert not (artifacts("sd-img2img") / "pipeline" / "vae").exists()  # no eager VAE weights shipped
+
+
+def test_an_input_image_of_another_size_is_refused(img2img):
+    with pytest.raises(InputMismatchError) as e:
+        img2img("a cat", image=image(48, 1), num_inference_steps=2)
+    assert str(e.value) == (
+        "vae_encoder: input 'x' has shape (1, 3, 48, 48), but this artifact was compiled for (1, 3, 32, 32) "
+        "(1 image(s) per call at 32x32 pixels); pass an input image of 32x32 pixels (or height and width of 32x32 "
+        "where the pipeline takes them and resizes it), or rebuild with [components.vae_encoder] shapes set for "
+        "this size"
+    )
+
+
+def test_the_controlnet_is_compiled_with_its_scale_as_an_input(artifacts):
+    pipe = diffbake.load(artifacts("sd-controlnet"))
+    assert isinstance(pipe.controlnet, ControlNetModel) and isinstance(pipe.controlnet, CompiledModel)
+    variant = read_manifest(artifacts("sd-controlnet")).components["controlnet"].variants[0]
+    assert "conditioning_scale" in [s.name for s in variant.inputs]
+    assert len(variant.outputs) == 5  # four down-block residuals and the mid-block one
+    call = dict(prompt="a cat", image=image(32, 4), num_inference_steps=2, output_type="np")
+    off, on = (
+        pipe(**call, controlnet_conditioning_scale=s, generator=torch.Generator().manual_seed(0)).images
+        for s in (0.0, 1.0)
+    )
+    assert np.abs(off - on).max() > 1e-3  # the per-call scale reaches the compiled code
+    with pytest.raises(InputMismatchError) as e:
+        pipe("a cat", image=image(48, 4), num_inference_steps=2)
+    assert str(e.value).startswith(
+        "controlnet: input 'controlnet_cond' has shape (2, 3, 48, 48), but this artifact was compiled for "
+        "(2, 3, 32, 32)"
+    )
+    assert "pass a control image of 32x32 pixels" in str(e.value)
+
+
+def test_inpainting_resizes_an_image_and_a_mask_of_other_sizes(artifacts, saved_pipelines):
+    # The 9-channel UNet; the pipeline resizes the image and the mask to height x width (by default the size the
+    # artifact was compiled for) before anything compiled sees them, so other sizes fit, as in stock diffusers.
+    variant = read_manifest(artifacts("sd-inpaint")).components["unet"].variants[0]
+    assert variant.inputs[0].name == "sample" and variant.inputs[0].shape[1] == 9
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd-inpaint"))
+    pipe = diffbake.load(artifacts("sd-inpaint"))
+    call = dict(prompt="a cat", image=image(48, 5), mask_image=mask(40), num_inference_steps=2, output_type="np")
+    got = pipe(**call, generator=torch.Generator().manual_seed(1)).images
+    want = stock(**call, height=32, width=32, generator=torch.Generator().manual_seed(1)).images
+    assert got.shape == (1, 32, 32, 3) and np.abs(got - want).max() <= 5e-4
+
+
+def test_a_decoder_only_recipe_for_img2img_names_the_encoder(workdir, saved_pipelines):
+    recipe = workdir / "img2img-decoder-only.toml"
+    source = saved_pipelines("sd-img2img").as_posix()
+    recipe.write_text(
+        f'[source]\nmodel = "{source}"\n[components.vae_decoder]\nshapes = {{ batch = 1, height = 32, width = 32 }}\n'
+    )
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never")
+    assert str(e.value) == (
+        "vae_decoder: the pipeline calls vae.encode() too, which the stand-in of a compiled vae cannot run eager; "
+        "add [components.vae_encoder] to the recipe to compile it as well"
+    )
+    assert not (workdir / "never").exists()
+
+
+def test_generate_takes_image_flags(artifacts, tmp_path):
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
+    runner = CliRunner()
+    source, mask_file, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    image(32, 1).save(source)
+    mask(32).save(mask_file)
+    inpaint = str(artifacts("sd-inpaint"))
+    args = ["generate", inpaint, "-p", "a cat", "--image", str(source), "--mask", str(mask_file), "--steps", "2"]
+    ok = runner.invoke(cli, [*args, "--strength", "0.7", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert out.is_file()
+    control = runner.invoke(
+        cli,
+        ["generate", str(artifacts("sd-controlnet")), "-p", "a cat", "--control", str(source), "--control-scale"]
+        + ["0.5", "--steps", "2", "--out", str(out)],
+    )
+    assert control.exit_code == 0, control.output
+    refused = runner.invoke(cli, ["generate", inpaint, "-p", "a cat", "--control", str(source)])
+    assert refused.exit_code == 2
+    assert (
+        "--control: StableDiffusionInpaintPipeline takes no control image (it has no ControlNet); leave it out"
+    ) in refused.output
+    wrong = runner.invoke(cli, ["generate", str(artifacts("sd-controlnet")), "-p", "a", "--image", str(source)])
+    assert wrong.exit_code == 2
+    assert (
+        "--image: StableDiffusionControlNetPipeline takes no image to edit; its image is the control image: give "
+        "--control"
+    ) in wrong.output
+
+
+def test_a_list_of_controlnets_is_refused_by_name(workdir):
+    from diffusers import MultiControlNetModel
+
+    from diffbake.builder.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("sd-controlnet")
+    pipe.register_modules(controlnet=MultiControlNetModel([pipe.controlnet, pipe.controlnet]))
+    source = workdir / "saved-sd-multicontrolnet"
+    pipe.save_pretrained(source)
+    recipe = workdir / "multicontrolnet.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{source.as_posix()}"\n'
+        "[components.controlnet]\nshapes = { batch = 1, height = 32, width = 32 }\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never-multi")
+    assert str(e.value) == (
+        f"{recipe}: [components.controlnet]: the pipeline's controlnet is a MultiControlNetModel of 2 models, which "
+        "diffbake does not compile as one call; build from a pipeline with a single ControlNetModel, or leave "
+        "[components.controlnet] out (the list then runs eager, and the denoiser is still compiled with its "
+        "residuals as inputs)"
+    )
+    assert not (workdir / "never-multi").exists()
