@@ -1,6 +1,7 @@
-"""Measure an artifact against eager diffusers: build time, size, load time, denoiser step and image latency.
+"""Measure an artifact against eager diffusers: build time, size, load time, each compiled component's call and
+image latency (an img2img, inpainting or ControlNet pipeline gets seeded input images at the compiled size).
 
-    python benchmarks/measure.py recipes/tiny-sd.toml [--out DIR] [--reuse] [--repeats 20]
+    python benchmarks/measure.py recipes/tiny-sd.toml [--out DIR] [--reuse] [--repeats 20] [--steps 10]
 
 All figures come from one run on one machine; compare them as ratios. Latencies are medians after warm-up.
 """
@@ -8,6 +9,7 @@ All figures come from one run on one machine; compare them as ratios. Latencies 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import subprocess
@@ -19,9 +21,10 @@ from pathlib import Path
 import torch
 
 import diffbake
+from diffbake.builder.capture import IMAGE_INPUTS, example_image
 from diffbake.builder.recipe import check_against_source, load_recipe
 from diffbake.builder.sources import inspect_source, load_pipeline
-from diffbake.format.components import VAE_DECODER
+from diffbake.format.components import COMPONENTS
 from diffbake.format.manifest import read_manifest, unflatten_call
 from diffbake.runtime.selftest import self_test_inputs
 
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--reuse", action="store_true", help="measure an existing artifact instead of rebuilding")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps of the timed image (0: none)")
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe)
@@ -83,7 +87,7 @@ def main() -> None:
             # The call recorded at build: its captured small inputs and Python values, seeded noise for the rest.
             inputs = self_test_inputs(variant, variant.self_test, recipe.device)
             kwargs = unflatten_call([spec.name for spec in variant.inputs], inputs, variant.constants)
-            attr, method = ("vae", "decode") if name == VAE_DECODER else (name, "__call__")
+            attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
             eager_fn = partial(getattr(getattr(eager, attr), method), **kwargs, return_dict=False)
             compiled_fn = partial(getattr(getattr(compiled, attr), method), **kwargs, return_dict=False)
             e = median_seconds(eager_fn, args.repeats)
@@ -94,27 +98,29 @@ def main() -> None:
                 "speedup": round(e / c, 2),
             }
 
-        denoiser = manifest.components.get(manifest.denoiser or "") or manifest.components[VAE_DECODER]
+        denoiser = manifest.components.get(manifest.denoiser or "") or next(iter(manifest.components.values()))
         s = {k: (v[0] if isinstance(v, list) else v) for k, v in denoiser.variants[0].shapes.items()}
-        call = dict(
-            prompt="a photo of a cat",
-            num_inference_steps=10,
-            height=s["height"],
-            width=s["width"],
-            num_images_per_prompt=s["batch"],
-            output_type="np",
-        )
-        if s.get("text_tokens"):
+        params = inspect.signature(type(eager).__call__).parameters
+        call = dict(prompt="a photo of a cat", num_inference_steps=args.steps, output_type="np")
+        call["num_images_per_prompt"] = s["batch"]
+        for dim in ("height", "width"):
+            if dim in params:
+                call[dim] = s[dim]
+        for key in IMAGE_INPUTS:
+            if key in params:
+                call[key] = example_image(s["width"], s["height"], mask=key == "mask_image")
+        if s.get("text_tokens") and "max_sequence_length" in params:
             call["max_sequence_length"] = s["text_tokens"]
         for pipe in (eager, compiled):
             pipe.set_progress_bar_config(disable=True)
-        e = median_seconds(lambda: eager(**call), max(3, args.repeats // 4), warmup=1)
-        c = median_seconds(lambda: compiled(**call), max(3, args.repeats // 4), warmup=1)
-        report["image_10_steps_ms"] = {
-            "eager": round(e * 1e3, 1),
-            "artifact": round(c * 1e3, 1),
-            "speedup": round(e / c, 2),
-        }
+        if args.steps:
+            e = median_seconds(lambda: eager(**call), max(3, args.repeats // 4), warmup=1)
+            c = median_seconds(lambda: compiled(**call), max(3, args.repeats // 4), warmup=1)
+            report[f"image_{args.steps}_steps_ms"] = {
+                "eager": round(e * 1e3, 1),
+                "artifact": round(c * 1e3, 1),
+                "speedup": round(e / c, 2),
+            }
     print(json.dumps(report, indent=2))
 
 

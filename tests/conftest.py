@@ -21,7 +21,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
-from plain import PLAIN  # noqa: E402
+from plain import PLAIN, family  # noqa: E402
 
 # The recipes the shared artifacts are built from; {source} is the saved pipeline's folder.
 RECIPES = {
@@ -103,7 +103,7 @@ def artifacts(workdir: Path, saved_pipelines):
         if name not in cache:
             recipe = workdir / f"{name}.toml"
             text = RECIPES[name] if name in RECIPES else PLAIN[name][0]
-            recipe.write_text(text.format(source=saved_pipelines(name).as_posix()))
+            recipe.write_text(text.format(source=saved_pipelines(family(name)).as_posix()))
             cache[name] = diffbake.build(recipe, workdir / "artifacts" / name)
         return cache[name]
 

@@ -17,6 +17,15 @@ def mask(size: int) -> Image.Image:
     return Image.fromarray(values, mode="L")
 
 
+# Artifacts built from another family's saved pipeline: name -> family.
+FAMILY_OF = {"flux-text-encoders": "flux"}
+
+
+def family(name: str) -> str:
+    """The tiny family whose saved pipeline the artifact ``name`` is built from."""
+    return FAMILY_OF.get(name, name)
+
+
 def _plain(*components: str, size: int) -> str:
     """A plain recipe compiling ``components`` at one size."""
     sections = "".join(
@@ -135,9 +144,9 @@ shapes = {{ batch = 1, height = 512, width = 512 }}
         ],
     ),
     # ControlNet's residuals feed the UNet; its conditioning scale is a tensor input, so each call has its own
-    # (control_guidance_end turns it to 0 for the last steps).
+    # (control_guidance_end turns it to 0 for the last steps). The decoder stays eager (compiled elsewhere).
     "sd-controlnet": (
-        _plain("controlnet", "unet", "vae_decoder", size=32),
+        _plain("controlnet", "unet", size=32),
         [
             dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=3),
             dict(
@@ -148,5 +157,52 @@ shapes = {{ batch = 1, height = 512, width = 512 }}
                 num_inference_steps=4,
             ),
         ],
+    ),
+    # SDXL's two text encoders' embeddings and its time ids with an input image; its default strength of 0.3.
+    "sdxl-img2img": (
+        _plain("vae_encoder", "unet", "vae_decoder", size=32),
+        [
+            dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=4),
+            dict(prompt="a dog", negative_prompt="blurry", image=image(32, 2), strength=0.5, num_inference_steps=4),
+        ],
+    ),
+    # The SDXL ControlNet takes the UNet's added_cond_kwargs (text embeddings and time ids) too.
+    "sdxl-controlnet": (
+        _plain("controlnet", "unet", size=32),
+        [
+            dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=3),
+            dict(prompt="a dog", image=image(32, 2), controlnet_conditioning_scale=0.3, num_inference_steps=3),
+        ],
+    ),
+    # Flux packs the encoded image's latents into tokens; its default size is its transformer's (256 px stock).
+    "flux-img2img": (
+        _plain("vae_encoder", "transformer", "vae_decoder", size=32),
+        [
+            dict(prompt="a photo of a cat", image=image(32, 1), height=32, width=32, num_inference_steps=3),
+            dict(prompt="a dog", image=image(32, 2), height=32, width=32, strength=0.5, num_inference_steps=4),
+        ],
+    ),
+    # Kontext appends the reference image's tokens to the latents' (the transformer sees twice the tokens); at a
+    # size other than its preferred ~1024 px ones, a call says max_area and no auto-resize, as diffusers' tests do.
+    # Only the transformer is compiled: the VAE's encoder and decoder are tested compiled with flux-img2img.
+    "flux-kontext": (
+        _plain("transformer", size=32),
+        [
+            dict(
+                prompt="a photo of a cat",
+                image=image(32, 1),
+                height=32,
+                width=32,
+                max_area=32 * 32,
+                _auto_resize=False,
+                num_inference_steps=3,
+            ),
+        ],
+    ),
+    # Text-to-image with both text encoders compiled (CLIP's 77 tokens, T5 at the pipeline's default 512), the
+    # rest eager.
+    "flux-text-encoders": (
+        _plain("text_encoder", "text_encoder_2", size=32),
+        [dict(prompt="a photo of a cat", height=32, width=32, num_inference_steps=3)],
     ),
 }

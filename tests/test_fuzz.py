@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import diffbake
 from diffbake.errors import DiffbakeError
-from diffbake.format.manifest import MANIFEST_FILE, seal
+from diffbake.format.manifest import FORMAT_VERSION, MANIFEST_FILE, seal
 from diffbake.format.packages import ALLOWED, inspect_package
 
 SETTINGS = settings(
@@ -109,7 +109,8 @@ def test_the_fuzz_oracle_tells_an_intact_manifest_from_a_damaged_one(fuzz_artifa
     assert _same_content(spaced, original)
     (art / MANIFEST_FILE).write_bytes(spaced)
     _load_until_native_code(art, monkeypatch, intact=True)
-    damaged = original.replace(b'"format_version": 3', b'"format_version": 4', 1)
+    version = f'"format_version": {FORMAT_VERSION}'.encode()
+    damaged = original.replace(version, f'"format_version": {FORMAT_VERSION + 1}'.encode(), 1)
     assert damaged != original and not _same_content(damaged, original)
     (art / MANIFEST_FILE).write_bytes(damaged)
     with pytest.raises(AssertionError, match="a manifest equal to the original was refused"):

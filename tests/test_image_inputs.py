@@ -160,3 +160,22 @@ def test_a_list_of_controlnets_is_refused_by_name(workdir):
         "residuals as inputs)"
     )
     assert not (workdir / "never-multi").exists()
+
+
+def test_compiled_text_encoders_stand_in_for_the_eager_classes(artifacts):
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    artifact = artifacts("flux-text-encoders")
+    pipe = diffbake.load(artifact)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder, CompiledModel)
+    assert isinstance(pipe.text_encoder_2, T5EncoderModel)
+    assert not (artifact / "pipeline" / "text_encoder").exists()  # no eager weights shipped
+    assert not (artifact / "pipeline" / "text_encoder_2").exists()
+    with pytest.raises(InputMismatchError) as e:
+        pipe("a cat", height=32, width=32, max_sequence_length=64, num_inference_steps=2)
+    assert str(e.value) == (
+        "text_encoder_2: input 'input_ids' has shape (1, 64), but this artifact was compiled for (1, 512) (1 image(s) "
+        "per call at 32x32 pixels, 512 text tokens); call the pipeline with height=32, width=32, "
+        "max_sequence_length=512 and 1 image(s) in all (prompts x num_images_per_prompt), or rebuild with "
+        "[components.text_encoder_2] shapes set for this call"
+    )

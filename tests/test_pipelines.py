@@ -106,7 +106,7 @@ def test_bare_call_uses_the_compiled_size(artifacts):
 
 def test_manifest_records_what_was_built(artifacts):
     m = read_manifest(artifacts("sdxl"))
-    assert m.format == "diffbake-artifact" and m.format_version == 3
+    assert m.format == "diffbake-artifact" and m.format_version == 4
     assert m.pipeline_class == "StableDiffusionXLPipeline" and m.denoiser == "unet"
     assert m.host.device == "cpu" and m.host.dtype == "float32" and m.host.cpu_isa == "native"
     assert m.versions["torch"] == torch.__version__

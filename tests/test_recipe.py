@@ -84,8 +84,9 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, mode, fuse_qkv, channels_last, quantization, compiler",
         ),
         (
-            GOOD + "[components.text_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",
-            "r.toml: unknown component 'text_encoder' in [components]; known components: transformer, unet, vae_decoder",
+            GOOD + "[components.image_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",
+            "r.toml: unknown component 'image_encoder' in [components]; known components: controlnet, text_encoder, "
+            "text_encoder_2, text_encoder_3, transformer, unet, vae_decoder, vae_encoder",
         ),
         (
             GOOD.replace('"bfloat16"', '"float64"'),
@@ -117,7 +118,9 @@ def test_flux_text_tokens_default_to_512():
         (
             GOOD.replace("tiny:sd", "tiny:sd9"),
             "r.toml: [source] model = 'tiny:sd9' is not a built-in pipeline; known: tiny:sd, tiny:sdxl, tiny:flux, "
-            "tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, random:sd15, random:flux-small",
+            "tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, tiny:sd-img2img, tiny:sd-inpaint, "
+            "tiny:sd-controlnet, tiny:sdxl-img2img, tiny:sdxl-controlnet, tiny:flux-img2img, tiny:flux-kontext, "
+            "random:sd15, random:flux-small",
         ),
         (
             GOOD.replace('model = "tiny:sd"', 'model = "tiny:sd"\nrevision = "main"'),
@@ -134,7 +137,8 @@ def test_flux_text_tokens_default_to_512():
         ("[source\n", "r.toml: not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
         (
             '[source]\nmodel = "tiny:sd"\n[components]\n',
-            "r.toml: [components] is empty; name at least one component to compile, one of: transformer, unet, vae_decoder",
+            "r.toml: [components] is empty; name at least one component to compile, one of: controlnet, "
+            "text_encoder, text_encoder_2, text_encoder_3, transformer, unet, vae_decoder, vae_encoder",
         ),
     ],
 )
@@ -180,7 +184,7 @@ def test_cuda_target_without_gpu_is_refused():
             8,
             GOOD,
             "r.toml: [components.unet]: a FluxPipeline has no component 'unet'; its compilable components are: "
-            "transformer, vae_decoder",
+            "transformer, vae_decoder, vae_encoder",
         ),
         (
             "DDPMPipeline",

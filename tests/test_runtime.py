@@ -153,7 +153,7 @@ def test_missing_folder_and_folder_without_manifest(tmp_path: Path):
 def test_foreign_and_future_manifests_are_refused(copy):
     art = copy()
     _edit_manifest(art, lambda d: d.update(format_version=99))
-    with pytest.raises(ArtifactError, match="format_version 99, but this diffbake reads version 3"):
+    with pytest.raises(ArtifactError, match="format_version 99, but this diffbake reads version 4"):
         diffbake.load(art)
     (art / "manifest.json").write_text('{"format": "something-else"}')
     with pytest.raises(ArtifactError, match="format is 'something-else', expected 'diffbake-artifact'"):

@@ -70,8 +70,8 @@ def test_pipelines_read_only_what_the_stand_ins_are_known_to_answer(family, arti
     reads: dict[str, set[str]] = {}
 
     def role(self) -> str | None:  # the pipeline attribute this stand-in replaces (None while it is made)
-        component = object.__getattribute__(self, "__dict__").get("component")
-        return COMPONENTS[component.name].attribute if component is not None else None
+        programs = object.__getattribute__(self, "__dict__").get("programs")
+        return COMPONENTS[next(iter(programs))].attribute if programs else None
 
     get_attribute = CompiledModel.__getattribute__
     get_config = ConfigMixin.config.fget

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,12 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
         BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels nor a batch size.
     """
     params = inspect.signature(type(pipe).__call__).parameters
-    kwargs: dict[str, Any] = {"num_inference_steps": STEPS, "generator": torch.Generator().manual_seed(0)}
+    steps = STEPS
+    strength = params["strength"].default if "strength" in params else None
+    if isinstance(strength, float) and 0 < strength * steps < 1:
+        # An img2img pipeline runs int(steps * strength) steps (SDXL's default 0.3 of 2 is none): enough for one.
+        steps = math.ceil(1 / strength) + 1
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(0)}
     batch = sizes["batch"]
     if "prompt" in params:
         if "num_images_per_prompt" in params:

@@ -363,8 +363,8 @@ def check_against_source(recipe: Recipe, info: Any) -> Recipe:
                     f"{where}: {section} shapes.text_tokens: {info.pipeline_class} takes no max_sequence_length "
                     "(its text length is the tokenizer's fixed length); remove the key"
                 )
-            if tokens is None and name == info.denoiser:
-                tokens = info.default_text_tokens
+            if tokens is None and (name == info.denoiser or name.startswith("text_encoder")):
+                tokens = info.default_text_tokens  # the T5 encoder takes that length too; CLIP's 77 is fixed
             variants.append(Variant(replace(variant.shapes, text_tokens=tokens), cfg))
         filled[name] = replace(comp, variants=tuple(variants))
     return replace(recipe, components=filled)

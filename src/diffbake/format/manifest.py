@@ -546,7 +546,7 @@ def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
     for key, spec in c.constants.items():
         _need(spec.dtype in DTYPES, f"{where}.constants.{key}.dtype: {spec.dtype!r} is not a known dtype")
         _need(
-            all(n >= 0 for n in spec.shape) and len(spec.stride) == len(spec.shape),
+            all(n >= 0 for n in spec.shape) and _dense(spec.shape, spec.stride),
             f"{where}.constants.{key}: shape and stride do not fit",
         )
     for i, v in enumerate(c.variants):
@@ -583,6 +583,19 @@ def _check_variant(v: VariantEntry, vw: str) -> None:
         all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
         f"{vw}.self_test.sizes: outside the variant's dims",
     )
+
+
+def _dense(shape: list[int], stride: list[int]) -> bool:
+    """Whether ``stride`` lays ``shape`` out densely in some order of its dimensions (contiguous, channels_last):
+    the layouts a constant is compiled for. Any other (a stride of 0, overlapping elements) cannot be copied into."""
+    if len(stride) != len(shape) or any(s < 0 for s in stride):
+        return False
+    expected = 1
+    for size, step in sorted(((n, s) for n, s in zip(shape, stride, strict=True) if n != 1), key=lambda d: d[1]):
+        if step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _returns_ok(tree: Any, outputs: int) -> bool:
