@@ -822,7 +822,13 @@ def builtin_configs(model: str) -> tuple[dict, dict[str, dict]]:
         index = {"_class_name": class_name}
         index |= {k: ["diffusers", type(v).__name__] if v is not None else [None, None] for k, v in modules.items()}
         return index, {k: dict(modules[k].config) for k in ("vae", denoiser) if modules.get(k) is not None}
+    import diffusers
+
     index = {"_class_name": class_name, denoiser: ["diffusers", "model"], "vae": ["diffusers", "AutoencoderKL"]}
+    cls = getattr(diffusers, class_name)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # what the pipeline class requires
+        if name in inspect.signature(cls.__init__).parameters and name not in cls._optional_components:
+            index[name] = ["transformers", "model"]
     blocks = [0] * (vae_scale_factor.bit_length())  # 2 ** (len - 1) == vae_scale_factor
     return index, {"vae": {"block_out_channels": blocks}, denoiser: {}}
 
