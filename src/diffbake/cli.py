@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -223,6 +223,12 @@ def _pipeline_flags(pipeline: type, given: dict, images: int | None, compiled: d
     return out
 
 
+def _image_file(flag: str, help: str) -> Callable:
+    """An image file option of generate (``--image`` arrives as ``image_file``)."""
+    path = click.Path(exists=True, dir_okay=False, path_type=Path)
+    return click.option(flag, f"{flag.removeprefix('--')}_file", type=path, help=help)
+
+
 def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str, float | None]) -> dict:
     """The call arguments of --image, --mask, --control, --strength and --control-scale, each refused with the
     reason where the pipeline takes no such input. A ControlNet pipeline's ``image`` is its control image; one
@@ -271,24 +277,9 @@ def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str
 @click.option("--height", type=click.IntRange(min=1), help="Pixels [default: the compiled height].")
 @click.option("--width", type=click.IntRange(min=1), help="Pixels [default: the compiled width].")
 @click.option("--images", type=click.IntRange(min=1), help="Images per call [default: the compiled batch].")
-@click.option(
-    "--image",
-    "image_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The image to edit (img2img, inpainting, Kontext).",
-)
-@click.option(
-    "--mask",
-    "mask_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Inpainting: white where to repaint.",
-)
-@click.option(
-    "--control",
-    "control_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The ControlNet's control image (edges, depth, pose).",
-)
+@_image_file("--image", "The image to edit (img2img, inpainting, Kontext).")
+@_image_file("--mask", "Inpainting: white where to repaint.")
+@_image_file("--control", "The ControlNet's control image (edges, depth, pose).")
 @click.option(
     "--strength", type=click.FloatRange(0, 1), help="How much of the image to repaint [default: the pipeline's]."
 )

@@ -544,7 +544,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     for _ in range(_STEPS_TRIED):
         points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
-        promote, scalars = _checked_against_capture(name, module, method, contract, points[0].call)
+        promote, scalars, returns = _checked_against_capture(name, module, method, contract, points[0].call)
         if promote or scalars:
             contract = derive(name, points, ranges, promote, scalars)
         if not ranges:
@@ -562,7 +562,8 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
         raise BuildError(f"{name}: torch.export kept asking for coarser dynamic sizes; give static shapes")
     attribute = COMPONENTS[name].attribute
     compiled = {COMPONENTS[n].method for n in recipe.components if COMPONENTS[n].attribute == attribute}
-    _record_module(plan, name, module, method, points[0].call, compiled)
+    plan.returns = returns
+    plan.attributes, plan.mixins = stand_in_needs(name, module, points[0].call.reads, compiled)
     plan.points = [[t.to(recipe.device) for t in p] for p in plan.points]
     return plan
 
@@ -598,16 +599,6 @@ def _guidance(
     return (not guidance_off if doubled else None), guidance_off
 
 
-def _record_module(plan: _Plan, name: str, module: Any, method: str, call: Any, compiled: set[str]) -> None:
-    """What the stand-in returns (the tree of the eager method's result) and carries (the values and mixins
-    the pipeline read)."""
-    flat = plan.flat(module, method)
-    with torch.no_grad():
-        flat(*plan.points[0])
-    plan.returns = flat.returns
-    plan.attributes, plan.mixins = stand_in_needs(name, module, call.reads, compiled)
-
-
 def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, recipe: Recipe) -> dict[str, Range]:
     """The ranges in the coarser steps export asked for, or a RecipeError if a range does not fit them."""
     out = dict(ranges)
@@ -628,14 +619,15 @@ def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, 
 
 def _checked_against_capture(
     name: str, module: Any, method: str, contract: Any, captured: Any
-) -> tuple[set[str], set[str]]:
+) -> tuple[set[str], set[str], Any]:
     """Run the module as it will be compiled (tensors and constants, without the ignored arguments) on the
     example: it must return what the pipeline's own call returned, or an ignored argument (a generator) changed
     the result.
 
     Returns the integer per-sample inputs (timesteps) that give exactly the same output as float32, so that they
     are compiled as float32 and any scheduler's timesteps fit; and the arguments the method takes as a ``float``
-    (ControlNet's ``conditioning_scale``) that give the same output as a tensor, so that a call may vary them.
+    (ControlNet's ``conditioning_scale``) that give the same output as a tensor, so that a call may vary them;
+    and the tree the method's result sits in (``ComponentEntry.returns``: what the stand-in rebuilds).
     """
     names = [s.name for s in contract.specs]
     flat = FlatCall(module, method, names, contract.constants)
@@ -668,7 +660,7 @@ def _checked_against_capture(
                 same = False
             if same:
                 scalars.add(path)
-    return promote, scalars
+    return promote, scalars, flat.returns
 
 
 def _float_arguments(module: Any, method: str, constants: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ So ``vae.encode`` compiles what produces the distribution's parameters, and the 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -76,22 +77,56 @@ def as_tuple(value: Any) -> Any:
     return value.to_tuple() if hasattr(value, "to_tuple") else value
 
 
-def output_class(component: str, name: str) -> type:
-    """A class a manifest names for an output: looked up in diffusers and transformers only, never imported from
-    elsewhere, and only an output class or a listed distribution."""
+def library_class(component: str, name: str, base: type, what: str | None = None) -> type:
+    """A class a manifest names, a subclass of ``base``: looked up in diffusers (a bare name, or a diffusers
+    module) or a transformers module, never imported from elsewhere. ``what`` names it in the error.
+
+    Raises:
+        ArtifactError: no such class there, or not a ``base``.
+    """
     module_name, _, attr = name.rpartition(".")
-    cls = None
-    if module_name.split(".")[0] in ("diffusers", "transformers"):
-        try:
+    try:
+        if not module_name:
+            import diffusers
+
+            cls = getattr(diffusers, attr)
+        elif module_name.split(".")[0] in ("diffusers", "transformers"):
             cls = getattr(importlib.import_module(module_name), attr)
-        except (AttributeError, ImportError):
-            cls = None
-    if not isinstance(cls, type) or not (name in DISTRIBUTIONS or _is_output_class(cls)):
-        raise ArtifactError(
-            f"{component}: {name!r} is not an output class of this diffusers or transformers; rebuild the artifact "
-            "with them"
-        )
+        else:
+            raise AttributeError(name)
+    except (AttributeError, ImportError):
+        cls = None
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise _foreign(component, name, what or f"a {base.__name__} class")
     return cls
+
+
+@functools.cache
+def output_class(component: str, name: str) -> type:
+    """An output class or a listed distribution a manifest names (looked up once: rebuilt on every call)."""
+    cls = library_class(component, name, object, "an output class")
+    if not (name in DISTRIBUTIONS or _is_output_class(cls)):
+        raise _foreign(component, name, "an output class")
+    return cls
+
+
+def check_returns(component: str, tree: Any) -> None:
+    """Look up every class ``tree`` names, so that a foreign one is refused at load, not at the first call."""
+    if not isinstance(tree, dict):
+        return
+    if "class" in tree:
+        output_class(component, tree["class"])
+        children = list(tree["args"].values())
+    else:
+        children = tree.get("tuple") or tree.get("list") or []
+    for node in children:
+        check_returns(component, node)
+
+
+def _foreign(component: str, name: str, what: str) -> ArtifactError:
+    return ArtifactError(
+        f"{component}: {name!r} is not {what} of this diffusers or transformers; rebuild the artifact with them"
+    )
 
 
 def _is_output_class(cls: type) -> bool:
@@ -106,4 +141,4 @@ def _is_output_class(cls: type) -> bool:
     return issubclass(cls, ModelOutput)
 
 
-__all__ = ["as_tuple", "flatten_output", "output_class", "rebuild_output"]
+__all__ = ["as_tuple", "check_returns", "flatten_output", "library_class", "output_class", "rebuild_output"]

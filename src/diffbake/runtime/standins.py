@@ -11,7 +11,6 @@ method's signature and output class; the call itself goes to a :class:`~diffbake
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -20,11 +19,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
-from diffbake.errors import ArtifactError, InputMismatchError
+from diffbake.errors import InputMismatchError
 from diffbake.format.components import COMPONENTS, components_of
 from diffbake.format.manifest import ComponentEntry, flatten_call
 from diffbake.runtime.guards import bound_arguments
-from diffbake.runtime.outputs import as_tuple, rebuild_output
+from diffbake.runtime.outputs import as_tuple, check_returns, library_class, rebuild_output
 
 if TYPE_CHECKING:
     from diffbake.runtime.compiled import CompiledComponent
@@ -50,6 +49,8 @@ class CompiledModel(ModelMixin, ConfigMixin):
             e.method: (programs[e.name], inspect.signature(getattr(self._stands_for, e.method)), e.returns)
             for e in entries
         }
+        for e in entries:
+            check_returns(e.name, e.returns)
         self._attributes = _tree({k: v for e in entries for k, v in e.attributes.items()})
         self._first = programs[entries[0].name]
 
@@ -187,32 +188,9 @@ def make_stand_in(
         ArtifactError: an entry names an eager class or mixin that is not part of diffusers or transformers.
     """
     first = entries[0]
-    eager = _library_class(first.name, first.class_name, torch.nn.Module)
-    mixins = tuple(sorted({_library_class(e.name, m, object) for e in entries for m in e.mixins}, key=str))
+    eager = library_class(first.name, first.class_name, torch.nn.Module)
+    mixins = tuple(sorted({library_class(e.name, m, object) for e in entries for m in e.mixins}, key=str))
     return stand_in_class(eager, tuple(e.method for e in entries), mixins)(programs, config, entries)
-
-
-def _library_class(component: str, name: str, base: type) -> type:
-    """A class named by the manifest: looked up in diffusers (a bare name, or a diffusers module) or in a
-    transformers module (text encoders), never imported from elsewhere."""
-    module_name, _, attr = name.rpartition(".")
-    try:
-        if not module_name:
-            import diffusers
-
-            cls = getattr(diffusers, attr)
-        elif module_name.split(".")[0] in ("diffusers", "transformers"):
-            cls = getattr(importlib.import_module(module_name), attr)
-        else:
-            raise AttributeError(name)
-    except (AttributeError, ImportError):
-        cls = None
-    if not isinstance(cls, type) or not issubclass(cls, base):
-        raise ArtifactError(
-            f"{component}: {name!r} is not a {base.__name__} class of this diffusers or transformers; rebuild the "
-            "artifact with them"
-        )
-    return cls
 
 
 def _tree(attributes: dict[str, Any]) -> dict[str, Any]:
