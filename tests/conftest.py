@@ -1,7 +1,8 @@
 """Shared fixtures: tiny pipelines saved to disk and artifacts built from them, once per test session.
 
 A compile costs 20-45 s here, so every artifact is built once per session and shared, and the whole session
-uses one inductor cache folder.
+(its child processes included) uses one inductor cache folder and one diffbake compile cache: a test that builds
+a component some other build already compiled takes its package from the cache, as a user's rebuild does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 # Before torch is imported anywhere: one inductor cache for the session, outside the user's own cache.
 _CACHE = Path(tempfile.mkdtemp(prefix="diffbake-test-inductor-"))
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_CACHE)
+os.environ["DIFFBAKE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="diffbake-test-compiled-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Verification stamps of the session's artifacts go to a temporary folder, not the user's cache.
 os.environ["DIFFBAKE_STAMP_DIR"] = tempfile.mkdtemp(prefix="diffbake-test-stamps-")

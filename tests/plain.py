@@ -118,26 +118,28 @@ shapes = {{ batch = 1, height = 512, width = 512 }}
         ],
     ),
     # Image inputs: the VAE encoder's latent distribution is rebuilt from its compiled parameters, sampled with the
-    # call's generator; strength changes the steps, not the shapes.
+    # call's generator; strength changes the steps, not the shapes. At the "sd" artifact's size, so that the UNet
+    # and the decoder come from the compile cache (the same tiny models, called the same way), and the inpainting
+    # recipe's encoder and decoder too.
     "sd-img2img": (
-        _plain("vae_encoder", "unet", "vae_decoder", size=32),
+        _plain("vae_encoder", "unet", "vae_decoder", size=64),
         [
-            dict(prompt="a photo of a cat", image=image(32, 1), num_inference_steps=3),
-            dict(prompt="a red dog", negative_prompt="blurry", image=image(32, 2), strength=0.5, num_inference_steps=4),
+            dict(prompt="a photo of a cat", image=image(64, 1), num_inference_steps=3),
+            dict(prompt="a red dog", negative_prompt="blurry", image=image(64, 2), strength=0.5, num_inference_steps=4),
         ],
     ),
     # The 9-channel inpainting UNet: latents, the mask and the masked image's latents (a second encoder call).
     # The pipeline makes its UNet's sample_size unless told (stock: 64 px; the artifact: what it was compiled for).
     "sd-inpaint": (
-        _plain("vae_encoder", "unet", "vae_decoder", size=32),
+        _plain("vae_encoder", "unet", "vae_decoder", size=64),
         [
-            dict(prompt="a cat", image=image(32, 1), mask_image=mask(32), height=32, width=32, num_inference_steps=3),
+            dict(prompt="a cat", image=image(64, 1), mask_image=mask(64), height=64, width=64, num_inference_steps=3),
             dict(
                 prompt="a dog",
-                image=image(32, 3),
-                mask_image=mask(32),
-                height=32,
-                width=32,
+                image=image(64, 3),
+                mask_image=mask(64),
+                height=64,
+                width=64,
                 strength=0.6,
                 num_inference_steps=3,
             ),

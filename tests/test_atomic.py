@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from diffbake.builder.cache import CACHE_ENV
 from diffbake.errors import DiffbakeError
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import MANIFEST_FILE, read_manifest
 from diffbake.format.staging import Staging, recover
 
-# The cheapest real build: the VAE decoder alone (its compile is cached after the first build of the session).
+# The cheapest real build: the VAE decoder alone (its package comes from the session's compile cache once one
+# build of it completed, except where a test gives the build an empty cache to see it compile).
 RECIPE = """
 [source]
 model = "{source}"
@@ -30,6 +32,7 @@ STAGES = [
     "vae_decoder: float32 eager reference",
     "vae_decoder: export",
     "vae_decoder: compile (AOTInductor)",
+    "vae_decoder: compile (AOTInductor), found in the compile cache",
     "vae_decoder: save weights",
     "vae_decoder: verify against eager",
     "vae_decoder: record self-test",
@@ -45,18 +48,22 @@ def recipe(saved_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _build(recipe: Path, dest: Path, kill_at: str | None = None, delay: float = 0.0) -> int:
-    """Run ``diffbake build`` in a child; with ``kill_at``, SIGKILL it ``delay`` s after that stage starts."""
+def _build(recipe: Path, dest: Path, kill_at: str | None = None, delay: float = 0.0, cache: Path | None = None) -> int:
+    """Run ``diffbake build`` in a child; with ``kill_at``, SIGKILL it ``delay`` s after that stage starts (the
+    stage's line must be printed exactly so: a stage after the compile may start with it). ``cache``: the
+    compile cache folder, if not the session's."""
+    env = {**os.environ, **({CACHE_ENV: str(cache)} if cache is not None else {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffbake.cli", "build", str(recipe), "--out", str(dest), "--force"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
         start_new_session=True,  # the kill reaches the compiler it may be running too
     )
     assert proc.stderr is not None
     for line in proc.stderr:
-        if kill_at is not None and line.strip().startswith(kill_at):
+        if kill_at is not None and line.strip().removesuffix(" ...") == kill_at:
             time.sleep(delay)
             os.killpg(proc.pid, signal.SIGKILL)
             break
@@ -91,8 +98,8 @@ def _kill_and_check(recipe: Path, dest: Path, kills: list[tuple[str, float]]) ->
 
 def test_killed_builds_leave_the_destination_absent_or_valid(recipe: Path, tmp_path: Path):
     dest = tmp_path / "out" / "vae"
-    # A first build killed before its manifest exists leaves nothing at the destination.
-    assert _build(recipe, dest, "vae_decoder: compile (AOTInductor)", 0.2) == -signal.SIGKILL
+    # A first build killed while it compiles (an empty compile cache: it must compile) leaves nothing there.
+    assert _build(recipe, dest, "vae_decoder: compile (AOTInductor)", 0.2, cache=tmp_path / "cache") == -signal.SIGKILL
     assert _state(dest) == "absent"
     assert [p.name for p in dest.parent.iterdir()][0].startswith(".vae.partial-")  # the killed build's staging
     assert _build(recipe, dest) == 0

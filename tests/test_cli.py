@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import diffbake.builder.build
+from diffbake.builder.cache import CACHE_ENV
 from diffbake.cli import cli
 from diffbake.errors import BuildError
 
@@ -18,8 +19,10 @@ DEMO = Path(__file__).parent.parent / "recipes" / "tiny-sd.toml"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, str]:
-    """The demo recipe (source tiny:sd) built through the CLI, once."""
+def demo(tmp_path_factory, artifacts) -> tuple[Path, str]:
+    """The demo recipe (source tiny:sd) built through the CLI, once, after the suite's "sd" artifact: the same
+    pipeline at the same shapes from a saved folder, so its packages come from the compile cache."""
+    artifacts("sd")
     out = tmp_path_factory.mktemp("cli") / "tiny-sd"
     result = CliRunner().invoke(cli, ["build", str(DEMO), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -31,9 +34,9 @@ def test_build_prints_each_stage_and_the_artifact(demo):
     for stage in (
         "read source",
         "unet: export",
-        "unet: compile (AOTInductor)",
+        "unet: compile (AOTInductor), found in the compile cache",
         "unet: verify against eager",
-        "vae_decoder: compile (AOTInductor)",
+        "vae_decoder: compile (AOTInductor), found in the compile cache",
         "write manifest",
     ):
         assert f"  {stage} done in " in output
@@ -77,8 +80,9 @@ def test_build_refuses_to_overwrite_without_force(demo):
     )
 
 
-def test_a_failed_build_leaves_the_old_artifact_and_no_debris(demo, tmp_path: Path, monkeypatch):
+def test_a_failed_build_leaves_the_old_artifact_and_no_debris(demo, tmp_path: Path, tmp_path_factory, monkeypatch):
     out, _ = demo
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("empty-cache")))  # so that the build compiles
     victim = Path(shutil.copytree(out, tmp_path / "tiny-sd"))
     before = sorted(p.relative_to(victim).as_posix() for p in victim.rglob("*"))
 

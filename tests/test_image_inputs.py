@@ -24,7 +24,7 @@ def img2img(artifacts):
 
 def test_the_vae_encoder_rebuilds_the_latent_distribution(img2img, saved_pipelines):
     eager = AutoencoderKL.from_pretrained(saved_pipelines("sd-img2img") / "vae")
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     got = img2img.vae.encode(x).latent_dist
     with torch.no_grad():
         want = eager.encode(x).latent_dist
@@ -48,8 +48,8 @@ def test_an_input_image_of_another_size_is_refused(img2img):
     with pytest.raises(InputMismatchError) as e:
         img2img("a cat", image=image(48, 1), num_inference_steps=2)
     assert str(e.value) == (
-        "vae_encoder: input 'x' has shape (1, 3, 48, 48), but this artifact was compiled for (1, 3, 32, 32) "
-        "(1 image(s) per call at 32x32 pixels); pass an input image of 32x32 pixels (or height and width of 32x32 "
+        "vae_encoder: input 'x' has shape (1, 3, 48, 48), but this artifact was compiled for (1, 3, 64, 64) "
+        "(1 image(s) per call at 64x64 pixels); pass an input image of 64x64 pixels (or height and width of 64x64 "
         "where the pipeline takes them and resizes it), or rebuild with [components.vae_encoder] shapes set for "
         "this size"
     )
@@ -85,8 +85,8 @@ def test_inpainting_resizes_an_image_and_a_mask_of_other_sizes(artifacts, saved_
     pipe = diffbake.load(artifacts("sd-inpaint"))
     call = dict(prompt="a cat", image=image(48, 5), mask_image=mask(40), num_inference_steps=2, output_type="np")
     got = pipe(**call, generator=torch.Generator().manual_seed(1)).images
-    want = stock(**call, height=32, width=32, generator=torch.Generator().manual_seed(1)).images
-    assert got.shape == (1, 32, 32, 3) and np.abs(got - want).max() <= 5e-4
+    want = stock(**call, height=64, width=64, generator=torch.Generator().manual_seed(1)).images
+    assert got.shape == (1, 64, 64, 3) and np.abs(got - want).max() <= 5e-4
 
 
 def test_a_decoder_only_recipe_for_img2img_names_the_encoder(workdir, saved_pipelines):
@@ -111,8 +111,8 @@ def test_generate_takes_image_flags(artifacts, tmp_path):
 
     runner = CliRunner()
     source, mask_file, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
-    image(32, 1).save(source)
-    mask(32).save(mask_file)
+    image(64, 1).save(source)
+    mask(64).save(mask_file)
     inpaint = str(artifacts("sd-inpaint"))
     args = ["generate", inpaint, "-p", "a cat", "--image", str(source), "--mask", str(mask_file), "--steps", "2"]
     ok = runner.invoke(cli, [*args, "--strength", "0.7", "--out", str(out)])

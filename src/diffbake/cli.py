@@ -121,14 +121,24 @@ def cli() -> None:
     help="Artifact folder [default: artifacts/<recipe name>].",
 )
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only once the new one is complete).")
-def build(recipe: Path, out: Path | None, force: bool) -> None:
-    """Compile the pipeline a RECIPE (TOML) names into an artifact folder."""
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Compile every package, neither reusing nor keeping compiled packages "
+    "[cache: $DIFFBAKE_COMPILE_CACHE, else ~/.cache/diffbake/compiled].",
+)
+def build(recipe: Path, out: Path | None, force: bool, no_cache: bool) -> None:
+    """Compile the pipeline a RECIPE (TOML) names into an artifact folder.
+
+    A package compiled before from the same exported program, for the same target and with the same settings, is
+    taken from the compile cache instead of compiled again: a rebuild compiles only the components that changed.
+    """
     from diffbake.builder.build import build as run_build
 
     _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"building {recipe}", err=True)
-    dest = run_build(recipe, out, force=force, reporter=_TerminalReporter())
+    dest = run_build(recipe, out, force=force, reporter=_TerminalReporter(), cache=not no_cache)
     from diffbake.format.manifest import read_manifest
 
     manifest = read_manifest(dest)

@@ -71,16 +71,15 @@ def required_cpu_features(cpu_isa: str) -> list[str]:
     return sorted(set(implied) | extra)
 
 
-def compile_package(
-    name: str,
-    exported: Any,
-    path: Path,
-    *,
-    device: str,
-    cpu_isa: str = "native",
-    options: dict[str, Any] | None = None,
-) -> Path:
-    """Compile ``exported`` with AOTInductor into ``path`` (a .pt2 package), then strip and inspect it.
+def inductor_configs(cpu_isa: str = "native", options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every inductor setting of a compile: the recipe's options first, so diffbake's own packaging settings
+    always win, then the CPU target's."""
+    return {**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
+
+
+def compile_package(name: str, exported: Any, path: Path, *, device: str, configs: dict[str, Any]) -> Path:
+    """Compile ``exported`` with AOTInductor and ``configs`` (:func:`inductor_configs`) into ``path`` (a .pt2
+    package), then strip and inspect it.
 
     Raises:
         BuildError: the compile failed (for example no C++ compiler on a CPU build).
@@ -90,12 +89,7 @@ def compile_package(
     import torch._inductor
 
     try:
-        out = torch._inductor.aoti_compile_and_package(
-            exported,
-            package_path=str(path),
-            # The recipe's options first: diffbake's own packaging settings always win.
-            inductor_configs={**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)},
-        )
+        out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=configs)
     except Exception as e:  # inductor raises many unrelated types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BuildError(

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from diffbake import __version__
-from diffbake.builder.aoti import compile_package, required_cpu_features
+from diffbake.builder.aoti import compile_package, inductor_configs, required_cpu_features
+from diffbake.builder.cache import CompileCache
 from diffbake.builder.capture import capture, class_name, pipeline_kwargs, save_config, stand_in_needs
 from diffbake.builder.contract import Point, Range, derive, points_for
 from diffbake.builder.export import FlatCall, NeedsMultiple, dynamic_shapes, export_component
@@ -101,6 +102,7 @@ def build(
     *,
     force: bool = False,
     reporter: Reporter | None = None,
+    cache: bool = True,
 ) -> Path:
     """Build an artifact from a recipe.
 
@@ -109,6 +111,8 @@ def build(
         out: the artifact folder; defaults to ``artifacts/<recipe name>``.
         force: replace an existing artifact at ``out`` (only once the new one is complete).
         reporter: receives each stage; defaults to logging.
+        cache: reuse packages compiled before from the same program for the same target, and keep the new ones
+            (:mod:`diffbake.builder.cache`); False compiles every package.
 
     Returns:
         The artifact folder.
@@ -135,7 +139,7 @@ def build(
     with rep.stage(f"load {info.pipeline_class} ({recipe.dtype})"):
         # The whole pipeline runs at build, where its calls are captured, so it goes to the target device.
         pipe = load_pipeline(info, recipe.dtype).to(recipe.device)
-    return write_artifact(recipe, info, pipe, dest, rep)
+    return write_artifact(recipe, info, pipe, dest, rep, cache=CompileCache() if cache else None)
 
 
 def check_destination(dest: Path, force: bool) -> None:
@@ -171,12 +175,13 @@ def write_artifact(
     *,
     reuse: Reuse | None = None,
     source_extra: dict[str, Any] | None = None,
+    cache: CompileCache | None = None,
 ) -> Path:
     """Every stage after loading the pipeline: per component transforms, export, compile (or reuse), weights,
     verification against eager and self-test; then the eager rest and the manifest, atomically."""
     with Staging(dest) as staging:
         entries = {
-            name: _build_component(comp, pipe, info, recipe, staging.path, rep, reuse)
+            name: _build_component(comp, pipe, info, recipe, staging.path, rep, reuse, cache)
             for name, comp in recipe.components.items()
         }
         with rep.stage("save the eager components"):
@@ -189,10 +194,17 @@ def write_artifact(
 
 
 def _build_component(
-    comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe, root: Path, rep: Reporter, reuse: Reuse | None
+    comp: ComponentRecipe,
+    pipe: Any,
+    info: SourceInfo,
+    recipe: Recipe,
+    root: Path,
+    rep: Reporter,
+    reuse: Reuse | None,
+    cache: CompileCache | None,
 ) -> ComponentEntry:
     with contextlib.ExitStack() as stack:
-        return _build_component_in(comp, pipe, info, recipe, root, rep, reuse, stack)
+        return _build_component_in(comp, pipe, info, recipe, root, rep, reuse, cache, stack)
 
 
 @contextlib.contextmanager
@@ -222,10 +234,29 @@ def inductor_options(comp: ComponentRecipe) -> dict[str, Any]:
     return {k: v for k, v in comp.compiler if k not in ("attention_backend", "tf32")}
 
 
-def _compile(comp: ComponentRecipe, recipe: Recipe, exported: Any, package: Path) -> None:
-    """AOTInductor with the recipe's target and options (those that are torch settings are set around it)."""
-    options = inductor_options(comp)
-    compile_package(comp.name, exported, package, device=_device_type(recipe), cpu_isa=recipe.cpu_isa, options=options)
+def _compile(
+    comp: ComponentRecipe,
+    recipe: Recipe,
+    exported: Any,
+    package: Path,
+    label: str,
+    rep: Reporter,
+    cache: CompileCache | None,
+) -> None:
+    """AOTInductor with the recipe's target and options (those that are torch settings are set around it), or
+    the package the compile cache holds for exactly this program and target."""
+    device = _device_type(recipe)
+    configs = inductor_configs(recipe.cpu_isa, inductor_options(comp))
+    key = cache.key(exported, device=device, inductor_configs=configs) if cache is not None else None
+    cached = cache.lookup(key, device, package.name) if cache is not None and key is not None else None
+    if cached is not None:
+        with rep.stage(f"{label}: compile (AOTInductor), found in the compile cache"):
+            shutil.copyfile(cached, package)
+        return
+    with rep.stage(f"{label}: compile (AOTInductor)"):
+        compile_package(comp.name, exported, package, device=device, configs=configs)
+    if cache is not None and key is not None:
+        cache.store(key, package)
 
 
 def _build_component_in(
@@ -236,6 +267,7 @@ def _build_component_in(
     root: Path,
     rep: Reporter,
     reuse: Reuse | None,
+    cache: CompileCache | None,
     stack: contextlib.ExitStack,
 ) -> ComponentEntry:
     name = comp.name
@@ -259,10 +291,10 @@ def _build_component_in(
     folder.mkdir()
     save_config(module, folder)
     if comp.mode == "regional":
-        return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse)
+        return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse, cache)
     if comp.quantization is not None:
         unwrap_for_export(module)
-    variants, constants = _compile_variants(comp, module, method, plans, recipe, root, folder, rep, reuse)
+    variants, constants = _compile_variants(comp, module, method, plans, recipe, root, folder, rep, reuse, cache)
     entry = _component_entry(comp, module, plans[0], constants, transforms, variants)
     with rep.stage(f"{name}: verify against eager"):
         # Run through the same loader and input guards the runtime uses: the build fails if loading would.
@@ -306,6 +338,7 @@ def _compile_variants(
     folder: Path,
     rep: Reporter,
     reuse: Reuse | None,
+    cache: CompileCache | None,
 ) -> tuple[list[VariantEntry], dict[str, ConstantSpec]]:
     """Export and compile (or, for a rebind, copy) one package per variant; save the weights they share once."""
     name = comp.name
@@ -324,8 +357,7 @@ def _compile_variants(
         plan.exported = None
         package = folder / (PACKAGE_FILE if i == 0 else f"model-{i}.pt2")
         if reuse is None:
-            with rep.stage(f"{label}: compile (AOTInductor)"):
-                _compile(comp, recipe, exported, package)
+            _compile(comp, recipe, exported, package, label, rep, cache)
         else:
             shutil.copy2(reuse.root / package.relative_to(root), package)
         fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
@@ -402,6 +434,7 @@ def _block_package(
     folder: Path,
     rep: Reporter,
     reuse: Reuse | None,
+    cache: CompileCache | None,
 ) -> BlockEntry:
     """Export and compile (or, for a rebind, copy) the package of one group of like blocks."""
     name, root = comp.name, folder.parent
@@ -413,8 +446,7 @@ def _block_package(
         first = module.get_submodule(group.instances[0])
         with rep.stage(f"{label}: export"):
             exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
-        with rep.stage(f"{label}: compile (AOTInductor)"):
-            _compile(comp, recipe, exported, package)
+        _compile(comp, recipe, exported, package, label, rep, cache)
     return BlockEntry(
         package=package.relative_to(root).as_posix(),
         class_name=group.class_name,
@@ -435,6 +467,7 @@ def _build_regional(
     rep: Reporter,
     start: float,
     reuse: Reuse | None,
+    cache: CompileCache | None,
 ) -> ComponentEntry:
     """One package per distinct repeated block; the component's whole state dict is its weights file."""
     name, root = comp.name, folder.parent
@@ -444,7 +477,9 @@ def _build_regional(
         (b.class_name, b.instances) for b in reused.blocks
     ]:
         raise RebindError(f"{name}: the repeated blocks differ from the compiled artifact's; rebuild instead")
-    blocks = [_block_package(comp, module, i, group, recipe, folder, rep, reuse) for i, group in enumerate(groups)]
+    blocks = [
+        _block_package(comp, module, i, group, recipe, folder, rep, reuse, cache) for i, group in enumerate(groups)
+    ]
     with rep.stage(f"{name}: save weights"):
         state = module.state_dict()
         constants = _save_weights(name, state, list(state), folder)
