@@ -57,6 +57,20 @@ shapes = {{ batch = 1, height = 32, width = 48, text_tokens = 32 }}
 [components.vae_decoder]
 shapes = {{ batch = 1, height = 32, width = 48 }}
 """,
+    # Variants sharing one weights file: an exact static size, a dynamic fallback (batch, height and width ranges)
+    # and a no-CFG variant; the runtime picks the exact static one first. Serving merges requests on it.
+    "sd-dynamic": """
+[source]
+model = "{source}"
+[components.unet]
+shapes = [
+  {{ batch = 1, height = 64, width = 64 }},
+  {{ batch = [1, 3], height = [32, 96], width = [32, 96] }},
+  {{ batch = 1, height = 64, width = 64, cfg = false }},
+]
+[components.vae_decoder]
+shapes = {{ batch = [1, 3], height = [32, 96], width = [32, 96] }}
+""",
 }
 
 

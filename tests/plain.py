@@ -18,7 +18,7 @@ def mask(size: int) -> Image.Image:
 
 
 # Artifacts built from another family's saved pipeline: name -> family.
-FAMILY_OF = {"flux-text-encoders": "flux"}
+FAMILY_OF = {"flux-text-encoders": "flux", "sd-dynamic": "sd"}
 
 
 def family(name: str) -> str:

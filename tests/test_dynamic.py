@@ -15,25 +15,11 @@ from diffbake.errors import InputMismatchError
 from diffbake.format.manifest import DimSpec, read_manifest
 from diffbake.runtime.compiled import CompiledVariant
 
-RECIPE = """
-[source]
-model = "{source}"
-[components.unet]
-shapes = [
-  {{ batch = 1, height = 64, width = 64 }},
-  {{ batch = [1, 3], height = [32, 96], width = [32, 96] }},
-  {{ batch = 1, height = 64, width = 64, cfg = false }},
-]
-[components.vae_decoder]
-shapes = {{ batch = [1, 3], height = [32, 96], width = [32, 96] }}
-"""
-
 
 @pytest.fixture(scope="module")
-def dynamic(tmp_path_factory, saved_pipelines) -> Path:
-    folder = tmp_path_factory.mktemp("dynamic")
-    (folder / "sd-dynamic.toml").write_text(RECIPE.format(source=saved_pipelines("sd").as_posix()))
-    return diffbake.build(folder / "sd-dynamic.toml", folder / "sd-dynamic")
+def dynamic(artifacts) -> Path:
+    """Several variants of the UNet: exact 64x64, a dynamic fallback (batch 1..3, 32..96 pixels), no CFG."""
+    return artifacts("sd-dynamic")
 
 
 @pytest.fixture(scope="module")

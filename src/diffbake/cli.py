@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
-from diffbake.errors import DiffbakeError
+from diffbake.errors import DiffbakeError, ServeError
 from diffbake.format.manifest import VariantEntry
 
 # The fresh-process runs of `diffbake bench` (bench.PATHS; the bench module imports the build side).
@@ -665,6 +666,171 @@ def bench(
 
 class CheckFailed(DiffbakeError):
     """``diffbake verify`` found a problem (reported as one line, exit 1)."""
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--revision", default=None, help="Hub commit sha, when ARTIFACT is a repo id.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow loading a Hub build (native code) into this process.")
+@click.option("--device", default=None, help="Device to run on [default: the artifact's].")
+@click.option("--name", default=None, help="Model name clients send [default: the artifact's folder name or repo id].")
+@click.option(
+    "--concurrency",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Pipeline calls in flight at once, on one copy of the weights.",
+)
+@click.option(
+    "--queue-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests that may wait; beyond them a 429 with Retry-After.",
+)
+@click.option(
+    "--max-batch",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per merged call (micro-batching); 1 turns merging off.",
+)
+@click.option(
+    "--max-wait-ms",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long a request may wait for others to merge with.",
+)
+@click.option(
+    "--max-steps", default=100, show_default=True, type=click.IntRange(min=1), help="Largest num_inference_steps."
+)
+@click.option(
+    "--ray", "on_ray", is_flag=True, help="Run replicas on Ray Serve (a local Ray instance, or $RAY_ADDRESS)."
+)
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="Ray Serve replicas.")
+@click.option(
+    "--max-replicas",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Autoscale between --replicas and this many replicas (Ray Serve).",
+)
+@click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(min=0), help="CPUs per Ray replica.")
+@click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(min=0), help="GPUs per Ray replica.")
+def serve(
+    artifact: str,
+    host: str,
+    port: int,
+    revision: str | None,
+    trust_remote_code: bool,
+    device: str | None,
+    name: str | None,
+    concurrency: int,
+    queue_size: int,
+    max_batch: int,
+    max_wait_ms: float,
+    max_steps: int,
+    on_ray: bool,
+    replicas: int,
+    max_replicas: int | None,
+    num_cpus: float,
+    num_gpus: float,
+) -> None:
+    """Serve an ARTIFACT (a folder, or a Hub repo id with --revision) over HTTP with OpenAI's images API.
+
+    \b
+    POST /v1/images/generations  prompt, n, size "WxH", response_format (b64_json), output_format
+                                 (png, jpeg, webp), model, user; and negative_prompt, seed,
+                                 num_inference_steps, guidance_scale
+    GET  /v1/models              the artifact: pipeline, sizes, dtype, device
+    GET  /healthz, /readyz       alive; ready once loaded, checked and warmed up
+    GET  /metrics                Prometheus metrics
+    SIGTERM stops taking requests, finishes those queued and running, and exits 0. Needs the serve
+    extra: pip install 'diffbake[serve]'.
+
+    \b
+    With --ray, the same API runs as a Ray Serve application: --replicas replicas (each loading the
+    artifact once; --max-replicas to autoscale), each reserving --num-cpus and --num-gpus. Needs the
+    ray extra: pip install 'diffbake[ray]'. For an existing cluster, see diffbake.server.rayserve.
+    """
+    try:
+        import uvicorn
+
+        from diffbake.server.app import DrainingServer, create_app
+        from diffbake.server.engine import Engine, EngineOptions
+    except ImportError as e:
+        raise ServeError(f"diffbake serve needs the serve extra ({e}); pip install 'diffbake[serve]'") from e
+
+    options = EngineOptions(
+        artifact=artifact,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        device=device,
+        name=name,
+        concurrency=concurrency,
+        queue_size=queue_size,
+        max_batch=max_batch,
+        max_wait=max_wait_ms / 1000,
+        max_steps=max_steps,
+    )
+    if on_ray:
+        _serve_on_ray(options, host, port, replicas, max_replicas, num_cpus, num_gpus)
+        return
+    _quiet_loading_bars()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("diffbake.server").addHandler(handler)
+    logging.getLogger("diffbake.server").setLevel(logging.INFO)
+    engine = Engine(options)
+    app = create_app(engine)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+
+    def on_load_failure() -> None:
+        server.should_exit = True
+
+    app.state.on_load_failure = on_load_failure
+    click.echo(f"serving {artifact} on http://{host}:{port} (loading; GET /readyz says when ready)", err=True)
+    server.run()
+    if engine.failure:
+        raise ServeError(f"{artifact}: cannot be served: {engine.failure}")
+
+
+def _serve_on_ray(
+    options: Any, host: str, port: int, replicas: int, max_replicas: int | None, num_cpus: float, num_gpus: float
+) -> None:
+    """Deploy on Ray Serve and wait for SIGTERM or SIGINT; then take the application down and exit 0."""
+    import signal
+
+    try:
+        import ray
+        from ray import serve
+
+        from diffbake.server.rayserve import DEPLOYMENT, application
+    except ImportError as e:
+        raise ServeError(f"diffbake serve --ray needs the ray extra ({e}); pip install 'diffbake[ray]'") from e
+    target = application(options, replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local instance has no load balancer to drain: its proxy need not wait Ray's 30 s before stopping.
+        os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "1")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        click.echo(f"deploying {options.artifact} on Ray Serve ({replicas} replica(s))", err=True)
+        try:
+            serve.run(target, name=DEPLOYMENT, route_prefix="/")
+        except RuntimeError as e:
+            raise ServeError(f"{options.artifact}: Ray Serve could not start the replicas: {e}") from e
+        click.echo(f"serving {options.artifact} on http://{host}:{port} (Ray Serve)", err=True)
+        stop.wait()
+        click.echo("stopping", err=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _shapes(variant: VariantEntry) -> str:

@@ -70,3 +70,8 @@ class HubError(DiffbakeError, RuntimeError):
 
 class BenchError(DiffbakeError, RuntimeError):
     """A benchmark could not be made: a measurement process failed, or the artifact named cannot be used."""
+
+
+class ServeError(DiffbakeError, ValueError):
+    """An artifact the images API cannot serve (a pipeline that needs an input image, or takes no prompt), or
+    serving options that do not fit together."""
