@@ -470,3 +470,23 @@ def test_a_class_label_pipeline_round_trips_through_the_hub(hub, artifacts, tmp_
         ).images
 
     np.testing.assert_array_equal(images(out), images(artifact))
+
+
+def test_serve_a_pinned_hub_revision(hub, pushed, tmp_path):
+    import signal
+
+    from servers import free_port, server_process
+
+    port = free_port()
+    home = tmp_path / "server-host"
+    # Without the opt-in the server does not start: the build is native code.
+    refused = _cli(hub, home, "serve", REPO, "--revision", pushed["sha"], "--port", str(port))
+    assert refused.returncode == 1
+    assert "cannot be served: TrustError: " in refused.stderr and "trust_remote_code=True" in refused.stderr
+    cmd = [sys.executable, "-m", "diffbake.cli", "serve", REPO, "--revision", pushed["sha"], "--trust-remote-code"]
+    with server_process([*cmd, "--port", str(port)], port, env=_env(hub, home)) as (proc, client):
+        assert client.get("/v1/models").json()["data"][0]["id"] == REPO
+        response = client.post("/v1/images/generations", json={"prompt": PROMPT, "num_inference_steps": 2})
+        assert response.status_code == 200 and len(response.json()["data"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,24 +30,24 @@ import diffbake
 from diffbake.cli import cli
 from diffbake.server.app import create_app
 from diffbake.server.engine import Engine, EngineOptions
+from servers import free_port, server_process, wait_until
 
 GEN = "/v1/images/generations"
 
 
 @contextmanager
-def running(artifact: Path, **options) -> Iterator[tuple[httpx.Client, Engine]]:
-    """A server in a thread on a free port of 127.0.0.1, ready; stopped (and its requests drained) on exit."""
+def running(artifact: Path, *, wait: bool = True, **options) -> Iterator[tuple[httpx.Client, Engine]]:
+    """A server in a thread on a free port of 127.0.0.1, once it listens and (``wait``) its engine is ready;
+    stopped, its requests drained, on exit."""
     engine = Engine(EngineOptions(artifact=str(artifact), **options))
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while not (server.started and engine.ready):
-        assert engine.failure is None, engine.failure
-        assert time.monotonic() < deadline, "the server did not become ready in 120 s"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
+        up = (lambda: server.started and engine.ready) if wait else (lambda: server.started)
+        wait_until(lambda: engine.failure is not None or up(), 120, "the server")
+        assert engine.failure is None, engine.failure
+        port = server.servers[0].sockets[0].getsockname()[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             yield client, engine
     finally:
@@ -191,9 +189,9 @@ def test_beyond_the_queue_a_429_with_retry_after_and_the_metrics_count_it(sd):
     slow = {"prompt": "a cat", "num_inference_steps": 40}
     with ThreadPoolExecutor(2) as pool:
         running_ = pool.submit(client.post, GEN, json=slow)
-        _wait(lambda: engine._running == 1)  # taken by the worker
+        wait_until(lambda: engine._running == 1)  # taken by the worker
         queued = pool.submit(client.post, GEN, json=slow)
-        _wait(lambda: len(engine._waiting) == 1)  # the queue (size 1) is full
+        wait_until(lambda: len(engine._waiting) == 1)  # the queue (size 1) is full
         refused = client.post(GEN, json=slow)
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
@@ -213,11 +211,11 @@ def test_a_queued_request_whose_client_has_gone_is_dropped(sd):
     before = client.get("/metrics").text
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 40})
-        _wait(lambda: engine._running == 1)
+        wait_until(lambda: engine._running == 1)
         with pytest.raises(httpx.ReadTimeout):
             client.post(GEN, json={"prompt": "gone", "num_inference_steps": 2}, timeout=0.5)
         assert first.result().status_code == 200
-    _wait(lambda: not engine._waiting and not engine._running)
+    wait_until(lambda: not engine._waiting and not engine._running)
     after = client.get("/metrics").text
     assert metric(after, "diffbake_requests_dropped_total") - metric(before, "diffbake_requests_dropped_total") == 1
     # Only the first request ran: one pipeline call.
@@ -225,11 +223,16 @@ def test_a_queued_request_whose_client_has_gone_is_dropped(sd):
     assert metric(after, calls) - metric(before, calls) == 1
 
 
-def _wait(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def test_concurrent_calls_share_one_copy_of_the_weights(artifacts):
+    with running(artifacts("sd"), concurrency=2, warmup=False) as (client, engine):
+        slow = {"prompt": "a cat", "num_inference_steps": 40}
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(client.post, GEN, json={**slow, "seed": i}) for i in range(2)]
+            wait_until(lambda: engine._running == 2, what="two calls in flight at once")
+            assert [f.result().status_code for f in futures] == [200, 200]
+        # Two pipelines (one a replica of the other) hold the same compiled modules: no weight copy.
+        first, second = engine._replicas
+        assert first is not second and first.unet is second.unet and first.vae is second.vae
 
 
 def test_merged_requests_get_the_images_they_get_alone(artifacts):
@@ -305,14 +308,8 @@ def test_readyz_waits_for_the_load(artifacts, monkeypatch):
         return load(*args, **kwargs)
 
     monkeypatch.setattr(diffbake.runtime.load, "load", slow_load)
-    engine = Engine(EngineOptions(artifact=str(artifacts("sd"))))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        _wait(lambda: server.started)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with running(artifacts("sd"), wait=False) as (client, engine):
             assert client.get("/healthz").status_code == 200
             loading = client.get("/readyz")
             assert loading.status_code == 503 and loading.headers["retry-after"] == "5"
@@ -320,50 +317,20 @@ def test_readyz_waits_for_the_load(artifacts, monkeypatch):
             assert refused.status_code == 503
             assert refused.json()["error"]["message"] == "the artifact is still loading; retry shortly"
             gate.set()
-            _wait(lambda: engine.ready)
+            wait_until(lambda: engine.ready)
             assert client.get("/readyz").status_code == 200
     finally:
         gate.set()
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(artifacts, tmp_path: Path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffbake.cli", "serve", str(artifacts("sd")), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            _wait(lambda: _ready(client), timeout=120)
-            with ThreadPoolExecutor(1) as pool:
-                flight = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 60})
-                time.sleep(0.5)  # received and running
-                proc.send_signal(signal.SIGTERM)
-                response = flight.result()
-            assert response.status_code == 200
-            assert len(response.json()["data"]) == 1
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(artifacts):
+    port = free_port()
+    cmd = [sys.executable, "-m", "diffbake.cli", "serve", str(artifacts("sd")), "--port", str(port)]
+    with server_process(cmd, port) as (proc, client), ThreadPoolExecutor(1) as pool:
+        flight = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 60})
+        time.sleep(0.5)  # received and running
+        proc.send_signal(signal.SIGTERM)
+        response = flight.result()
+        assert response.status_code == 200
+        assert len(response.json()["data"]) == 1
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False

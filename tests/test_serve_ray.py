@@ -9,77 +9,31 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from servers import free_port, server_process, wait_until
+
 GEN = "/v1/images/generations"
 REQUEST = {"prompt": "a cat", "num_inference_steps": 2, "seed": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def test_the_cli_serves_on_ray_and_stops_on_sigterm(artifacts):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "diffbake.cli",
-            "serve",
-            str(artifacts("sd")),
-            "--ray",
-            "--replicas",
-            "1",
-            "--num-cpus",
-            "0.5",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            _wait(lambda: _ready(client) or proc.poll() is not None, 180, "the Ray replica")
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            response = client.post(GEN, json=REQUEST)
-            assert response.status_code == 200, response.text
-            assert len(response.json()["data"]) == 1
-            refused = client.post(GEN, json={**REQUEST, "size": "128x128"})
-            assert refused.status_code == 400
-            assert refused.json()["error"]["message"].startswith("size 128x128 is not what this artifact was compiled")
+    port = free_port()
+    cmd = [sys.executable, "-m", "diffbake.cli", "serve", str(artifacts("sd")), "--ray", "--replicas", "1"]
+    with server_process([*cmd, "--num-cpus", "0.5", "--port", str(port)], port) as (proc, client):
+        response = client.post(GEN, json=REQUEST)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 1
+        refused = client.post(GEN, json={**REQUEST, "size": "128x128"})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"].startswith("size 128x128 is not what this artifact was compiled")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -109,17 +63,13 @@ def _states(serve) -> dict[str, int]:
 
 
 def test_a_replica_killed_serving_and_its_successor_killed_loading(artifacts, ray_instance, tmp_path: Path):
-    from diffbake.server.engine import EngineOptions
-    from diffbake.server.rayserve import DEPLOYMENT, application
+    from diffbake.server.rayserve import DEPLOYMENT, app
 
     serve = ray_instance
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        application(EngineOptions(artifact=str(artifacts("sd"))), replicas=2, num_cpus=1),
-        name=DEPLOYMENT,
-        route_prefix="/",
-    )
+    # Through the application builder a Serve config file names (import_path: diffbake.server.rayserve:app).
+    serve.run(app({"artifact": str(artifacts("sd")), "replicas": 2, "num_cpus": 1}), name=DEPLOYMENT, route_prefix="/")
     assert _states(serve) == {"RUNNING": 2}
     first = _replicas()
     assert len(first) == 2
@@ -130,7 +80,7 @@ def test_a_replica_killed_serving_and_its_successor_killed_loading(artifacts, ra
             futures = [pool.submit(client.post, GEN, json={**REQUEST, "seed": i}) for i in range(6)]
             os.kill(first[0][1], signal.SIGKILL)
             old = {actor for actor, _ in first}
-            _wait(lambda: any(a not in old for a, _ in _replicas()), 120, "a replacement replica")
+            wait_until(lambda: any(a not in old for a, _ in _replicas()), 120, "a replacement replica")
             successor = next((a, pid) for a, pid in _replicas() if a not in old)
             loading = _states(serve)
             os.kill(successor[1], signal.SIGKILL)  # still in its constructor: loading the artifact
@@ -143,6 +93,25 @@ def test_a_replica_killed_serving_and_its_successor_killed_loading(artifacts, ra
         assert loading.get("RUNNING", 0) == 1, loading  # the successor was killed before it could serve
         assert statuses.count(200) >= 1
         # Ray Serve brings the deployment back to two replicas, and they serve.
-        _wait(lambda: _states(serve) == {"RUNNING": 2}, 180, "two running replicas")
+        wait_until(lambda: _states(serve) == {"RUNNING": 2}, 180, "two running replicas")
         assert len(_replicas()) == 2
         assert client.post(GEN, json=REQUEST).status_code == 200
+
+
+def test_the_config_file_builder_refuses_what_it_does_not_know():
+    from diffbake.errors import ServeError
+    from diffbake.server.rayserve import app
+
+    with pytest.raises(ServeError) as e:
+        app({"artifact": "artifacts/tiny-sd", "replica": 2})
+    assert str(e.value) == (
+        "unknown argument(s) replica for diffbake.server.rayserve:app; expected artifact, concurrency, device, "
+        "max_batch, max_replicas, max_steps, max_wait, name, num_cpus, num_gpus, queue_size, replicas, revision, "
+        "trust_remote_code, warmup"
+    )
+    with pytest.raises(ServeError) as e:
+        app({"replicas": 2})
+    assert str(e.value) == "diffbake.server.rayserve:app needs args.artifact: a folder or a Hub repo id"
+    with pytest.raises(ServeError) as e:
+        app({"artifact": "artifacts/tiny-sd", "replicas": 3, "max_replicas": 2})
+    assert str(e.value) == ("replicas must be at least 1 and max_replicas at least replicas (found 3 and 2)")

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from diffbake.errors import DiffbakeError
 from diffbake.server.engine import Engine, NotReady, QueueFull
 from diffbake.server.request import RequestError, parse
 
@@ -155,8 +156,11 @@ def create_app(engine: Engine) -> FastAPI:
 def _load(engine: Engine, app: FastAPI) -> None:
     try:
         engine.start()
-    except Exception:
-        logger.exception("the artifact could not be served")
+    except Exception as e:
+        if isinstance(e, DiffbakeError):  # a known refusal: its message says it all
+            logger.error("the artifact cannot be served: %s", e)
+        else:
+            logger.exception("the artifact could not be served")
         if app.state.on_load_failure is not None:
             app.state.on_load_failure()
 
