@@ -25,8 +25,10 @@ import httpx
 
 SETUPS = {
     "one process": [],
-    "one process, micro-batching": ["--max-batch", "4", "--max-wait-ms", "25"],
-    "Ray Serve, 2 replicas": ["--ray", "--replicas", "2", "--num-cpus", "1"],
+    "one process + micro-batching": ["--max-batch", "4", "--max-wait-ms", "25"],
+    # Merges only what queued while a call ran: no added wait when the server is idle.
+    "one process + micro-batching, no wait": ["--max-batch", "4", "--max-wait-ms", "0"],
+    "Ray Serve x2 replicas": ["--ray", "--replicas", "2", "--num-cpus", "1"],
 }
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, of: " + ", ".join(SETUPS))
+    parser.add_argument("--setups", default="|".join(SETUPS), help="separated by '|', of: " + "; ".join(SETUPS))
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here too")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -113,7 +115,7 @@ def main() -> None:
         "steps": args.steps,
         "setups": {},
     }
-    for name in args.setups.split(","):
+    for name in args.setups.split("|"):
         proc, url = _start(args.artifact, SETUPS[name], queue=max(levels) * 2)
         try:
             report["setups"][name] = [_load(url, args.requests, c, args.steps) for c in levels]

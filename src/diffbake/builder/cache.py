@@ -109,7 +109,11 @@ def program_digest(exported: Any) -> str | None:
     from torch._export.serde.serialize import serialize
 
     try:
-        document = json.loads(serialize(exported).exported_program)
+        # The graph only: serializing the weights too would copy every one of them into memory.
+        artifact = serialize(
+            exported, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False
+        )
+        document = json.loads(artifact.exported_program)
     except Exception as e:  # the serializer raises many types for programs it cannot write
         logger.info("compile cache: not used for this program, which torch cannot serialize (%s)", e)
         return None

@@ -83,9 +83,9 @@ class Engine:
         self._waiting: list[Job] = []
         self._replicas: list[Any] = []
         self._running = 0
-        self._threads: list[threading.Thread] = []
         self._seconds_per_call = 1.0  # a running estimate, for Retry-After
         self._text_tokens: int | None = None
+        self._default_guidance: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -120,6 +120,9 @@ class Engine:
             _check_servable(pipe, self.catalogue)
             takes_length = "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters
             self._text_tokens = self.catalogue.text_tokens() if takes_length else None
+            # Compiled only without classifier-free guidance: a request that leaves the scale to the pipeline gets
+            # what the artifact runs (1.0) rather than the pipeline's default, which would need the guided batch.
+            self._default_guidance = 1.0 if self.catalogue.guided == [False] else None
             self._replicas = [pipe] + [replicate(pipe) for _ in range(o.concurrency - 1)]
             for replica in self._replicas:
                 replica.set_progress_bar_config(disable=True)
@@ -129,10 +132,8 @@ class Engine:
         except Exception as e:
             self.failure = f"{type(e).__name__}: {e}"
             raise
-        self._threads = [threading.Thread(target=self._dispatch, name="diffbake-dispatch", daemon=True)]
         self._free = threading.Semaphore(o.concurrency)
-        for t in self._threads:
-            t.start()
+        threading.Thread(target=self._dispatch, name="diffbake-dispatch", daemon=True).start()
         self._ready.set()
         self.metrics.ready.set(1)
 
@@ -151,12 +152,13 @@ class Engine:
                 self._lock.wait(remaining if remaining is not None else 0.5)
 
     def _warm_up(self) -> None:
+        """One call per replica at the default size: the first call's one-time costs are paid before /readyz says
+        ready, and a call that cannot run stops the start."""
         assert self.catalogue is not None
         width, height = self.catalogue.default_size()
-        guidance = True if True in self.catalogue.guided else None
         request = ImageRequest(
             prompt="warm-up",
-            n=self.catalogue.default_count(width, height, guidance),
+            n=self.catalogue.default_count(width, height, None),
             width=width,
             height=height,
             output_format="png",
@@ -167,7 +169,10 @@ class Engine:
             negative_prompt=None,
         )
         for replica in self._replicas:
-            self._call(replica, [Job(request)])
+            job = Job(request)
+            self._call(replica, [job])
+            if job.future.exception() is not None:
+                raise ServeError(f"{self.catalogue.name}: the warm-up call failed: {job.future.exception()}")
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -286,8 +291,9 @@ class Engine:
         kwargs: dict[str, Any] = {"prompt": prompts, "height": r.height, "width": r.width, "generator": generators}
         if r.num_inference_steps is not None:
             kwargs["num_inference_steps"] = r.num_inference_steps
-        if r.guidance_scale is not None:
-            kwargs["guidance_scale"] = r.guidance_scale
+        guidance_scale = r.guidance_scale if r.guidance_scale is not None else self._default_guidance
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
         if r.negative_prompt is not None:
             kwargs["negative_prompt"] = negatives
         if self._text_tokens is not None:
