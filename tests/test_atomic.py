@@ -31,6 +31,7 @@ STAGES = [
     "load StableDiffusionPipeline",
     "vae_decoder: float32 eager reference",
     "vae_decoder: export",
+    "vae_decoder: look up the compile cache",
     "vae_decoder: compile (AOTInductor)",
     "vae_decoder: compile (AOTInductor), found in the compile cache",
     "vae_decoder: save weights",

@@ -34,6 +34,7 @@ def test_build_prints_each_stage_and_the_artifact(demo):
     for stage in (
         "read source",
         "unet: export",
+        "unet: look up the compile cache",
         "unet: compile (AOTInductor), found in the compile cache",
         "unet: verify against eager",
         "vae_decoder: compile (AOTInductor), found in the compile cache",

@@ -80,7 +80,7 @@ class Catalogue:
 
     def default_count(self, width: int, height: int, guidance: bool | None) -> int:
         """The fewest images per call served at this size (1 where a variant admits it)."""
-        counts = [n for n in range(1, 65) if self.serves(width, height, n, guidance)]
+        counts = self.counts(width, height, guidance)
         return counts[0] if counts else 1
 
     def serves(self, width: int, height: int, n: int, guidance: bool | None) -> bool:

@@ -253,7 +253,6 @@ class Engine:
         assert self.catalogue is not None
         r = first.request
         best, taken, total = [first], [first], r.n
-        guidance = None if r.guidance_scale is None or self.catalogue.guided == [None] else r.guidance_scale > 1
         if self.options.max_batch > 1:
             for job in self._waiting:
                 if job is first or job.request.batch_key != r.batch_key:
@@ -261,7 +260,7 @@ class Engine:
                 if total + job.request.n > self.options.max_batch:
                     break
                 taken, total = [*taken, job], total + job.request.n
-                if self.catalogue.serves(r.width, r.height, total, guidance):
+                if self.catalogue.serves(r.width, r.height, total, r.guidance):
                     best = taken
         return best, sum(j.request.n for j in best)
 

@@ -57,6 +57,8 @@ class ImageRequest:
     num_inference_steps: int | None
     guidance_scale: float | None
     negative_prompt: str | None
+    # Whether the call runs classifier-free guidance, where the artifact compiled that choice (see _guidance).
+    guidance: bool | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -150,6 +152,7 @@ def parse(body: Any, catalogue: Catalogue, *, max_steps: int) -> ImageRequest:
         num_inference_steps=steps,
         guidance_scale=None if guidance_scale is None else float(guidance_scale),
         negative_prompt=negative,
+        guidance=guidance,
     )
 
 
