@@ -81,7 +81,7 @@ def test_flux_text_tokens_default_to_512():
             GOOD.replace(
                 "shapes = { batch = 2, height = 64, width = 96 }\n[components.vae", "shape = 1\n[components.vae"
             ),
-            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, mode, fuse_qkv, channels_last, quantization, compiler",
+            "r.toml: unknown key 'shape' in [components.unet]; known keys: shapes, cfg, mode, fuse_qkv, channels_last, quantization, compiler, step_cache",
         ),
         (
             GOOD + "[components.image_encoder]\nshapes = { batch = 1, height = 64, width = 64 }\n",

@@ -122,3 +122,126 @@ def test_a_regional_artifact_rebinds_to_new_weights(regional, saved_pipelines, t
         for p in (diffbake.load(out, self_test=True), DiffusionPipeline.from_pretrained(tmp_path / "finetune"))
     )
     assert np.abs(got - want).max() <= 5e-4
+
+
+def _with_first_block_cache(pipe, threshold: float, call: dict) -> np.ndarray:
+    from diffusers import FirstBlockCacheConfig
+
+    from diffbake.runtime.caches import enable_step_cache
+
+    if hasattr(pipe.transformer, "diffbake_components"):
+        enable_step_cache(pipe, FirstBlockCacheConfig(threshold=threshold))
+    else:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("threshold", [0.2, 100.0])
+def test_first_block_cache_on_a_regional_artifact_matches_eager_with_the_same_cache(
+    regional, saved_pipelines, monkeypatch, threshold
+):
+    blocks: list[str] = []
+    run = CompiledBlock.__call__
+
+    def spy(self, *args, **kwargs):
+        blocks.append(self.where)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompiledBlock, "__call__", spy)
+    call = {**CALLS["flux"], "num_inference_steps": 6}
+    loaded = diffbake.load(regional["flux"])
+    got = _with_first_block_cache(loaded, threshold, call)
+    want = _with_first_block_cache(DiffusionPipeline.from_pretrained(saved_pipelines("flux")), threshold, call)
+    assert np.abs(got - want).max() <= 5e-4
+    head = "transformer: block 'transformer_blocks.0'"
+    assert blocks.count(head) == 6  # the first block runs every step: it decides
+    tail = len(blocks) - blocks.count(head)
+    if threshold == 100.0:
+        assert tail == 1  # only the first step runs the other block; every later step reuses its residual
+    # The cache's state starts afresh with each call: the same call again gives the same image.
+    again = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(again, got)
+
+
+def test_a_full_graph_artifact_refuses_step_caches(artifacts, regional, tmp_path):
+    from click.testing import CliRunner
+    from diffusers import FirstBlockCacheConfig
+
+    from diffbake.cli import cli
+
+    with pytest.raises(InputMismatchError) as e:
+        diffbake.load(artifacts("flux")).transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    assert str(e.value) == (
+        "transformer: diffusers' step caches (First Block Cache, MagCache, TaylorSeer, FasterCache) skip or reuse "
+        "the work of the model's repeated blocks, but this artifact runs the whole model as one compiled call, with "
+        'no block to skip; rebuild it with mode = "regional" in its recipe section, whose blocks each run their own '
+        "compiled package and take the caches as the eager model does"
+    )
+    runner = CliRunner()
+    args = ["generate", "-p", "a cat", "--steps", "3", "--out", str(tmp_path / "x.png")]
+    ok = runner.invoke(cli, [args[0], str(regional["flux"]), *args[1:], "--cache", "first-block:0.2"])
+    assert ok.exit_code == 0, ok.output
+    refused = runner.invoke(cli, [args[0], str(artifacts("flux")), *args[1:], "--cache", "first-block:0.2"])
+    assert refused.exit_code == 1
+    assert "error: transformer: diffusers' step caches (First Block Cache," in refused.output
+    bad = runner.invoke(cli, [args[0], str(regional["flux"]), *args[1:], "--cache", "taylor:3"])
+    assert bad.exit_code == 2
+    assert "'taylor:3' is not a step cache; expected one of first-block:THRESHOLD (e.g. first-block:0.08)" in (
+        " ".join(bad.output.split())
+    )
+
+
+def test_a_recipe_turns_the_cache_on_at_load(regional, saved_pipelines, tmp_path):
+    from diffusers import FirstBlockCacheConfig
+
+    recipe = tmp_path / "flux-fbc.toml"
+    text = RECIPES["flux"] + 'step_cache = {{ method = "first_block", threshold = 100.0 }}\n'
+    recipe.write_text(text.format(source=saved_pipelines("flux").as_posix()))
+    artifact = diffbake.build(recipe, tmp_path / "flux-fbc")  # the block packages come from the compile cache
+    assert read_manifest(artifact).components["transformer"].step_cache == {"method": "first_block", "threshold": 100.0}
+    loaded = diffbake.load(artifact)
+    assert loaded.transformer.is_cache_enabled
+    call = {**CALLS["flux"], "num_inference_steps": 4}
+    got = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines("flux"))
+    stock.transformer.enable_cache(FirstBlockCacheConfig(threshold=100.0))
+    want = stock(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.abs(got - want).max() <= 5e-4
+    # The user may turn it off, as in diffusers.
+    loaded.transformer.disable_cache()
+    plain = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.abs(plain - got).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            'mode = "full"\nstep_cache = { method = "first_block", threshold = 0.1 }',
+            "r.toml: [components.transformer] step_cache: diffusers' step caches skip the model's repeated blocks, "
+            "which a full-graph build compiles into one call; set mode = 'regional' in this section, or remove "
+            "step_cache",
+        ),
+        (
+            'mode = "regional"\nstep_cache = { method = "taylorseer", threshold = 0.1 }',
+            "r.toml: [components.transformer] step_cache method = 'taylorseer' is not supported; expected one of: "
+            "first_block",
+        ),
+        (
+            'mode = "regional"\nstep_cache = { method = "first_block", threshold = 0 }',
+            "r.toml: [components.transformer] step_cache threshold must be a positive number (e.g. 0.08), found "
+            "an integer 0",
+        ),
+    ],
+)
+def test_step_cache_recipe_errors(tmp_path, section, message):
+    from diffbake.builder.recipe import load_recipe
+    from diffbake.errors import RecipeError
+
+    (tmp_path / "r.toml").write_text(
+        '[source]\nmodel = "tiny:flux"\n[components.transformer]\n'
+        f"shapes = {{ batch = 1, height = 32, width = 48 }}\n{section}\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "r.toml")
+    assert str(e.value) == message.replace("r.toml", str(tmp_path / "r.toml"))

@@ -295,6 +295,13 @@ def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str
     "--strength", type=click.FloatRange(0, 1), help="How much of the image to repaint [default: the pipeline's]."
 )
 @click.option("--control-scale", type=float, help="ControlNet conditioning scale [default: the pipeline's].")
+@click.option(
+    "--cache",
+    "step_cache",
+    default=None,
+    help="A diffusers step cache on the denoiser, e.g. first-block:0.08 (First Block Cache at that threshold); "
+    "needs a regional build.",
+)
 @click.option("--revision", default=None, help="For a Hub repo id: the commit sha to load.")
 @click.option(
     "--trust-remote-code", is_flag=True, help="For a Hub repo id: run its native code (needed, with --revision)."
@@ -323,6 +330,7 @@ def generate(
     control_file: Path | None,
     strength: float | None,
     control_scale: float | None,
+    step_cache: str | None,
     revision: str | None,
     trust_remote_code: bool,
     out: Path,
@@ -333,9 +341,14 @@ def generate(
     flag is refused where the artifact's pipeline takes no such input."""
     import torch
 
+    from diffbake.runtime.caches import enable_step_cache, parse_step_cache
     from diffbake.runtime.load import compiled_call, load
     from diffbake.runtime.serving import loaded_artifact
 
+    try:
+        cache_config = parse_step_cache(step_cache) if step_cache is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cache") from e
     _quiet_loading_bars()
     start = time.perf_counter()
     source = str(artifact) if not artifact.exists() else artifact  # a repo id is not a path
@@ -354,6 +367,8 @@ def generate(
     kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
     files = {"image": image_file, "mask": mask_file, "control": control_file}
     kwargs.update(_image_flags(type(pipe), files, {"strength": strength, "control-scale": control_scale}))
+    if cache_config is not None:
+        enable_step_cache(pipe, cache_config)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     start = time.perf_counter()
     images = pipe(generator=generator, **kwargs).images

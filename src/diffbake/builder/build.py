@@ -294,6 +294,11 @@ def _build_component_in(
     folder = root / name
     folder.mkdir()
     save_config(module, folder)
+    if comp.step_cache and not hasattr(module, "enable_cache"):
+        raise RecipeError(
+            f"{name}: step_cache: {type(module).__name__} takes no diffusers step cache (it has no enable_cache); "
+            "remove step_cache from its recipe section"
+        )
     if comp.mode == "regional":
         return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse, cache)
     if comp.quantization is not None:
@@ -405,6 +410,7 @@ def _component_entry(
         returns=plan.returns,
         attributes=plan.attributes,
         mixins=plan.mixins,
+        step_cache=dict(comp.step_cache) or None,
         **regional,
     )
 

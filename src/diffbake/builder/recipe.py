@@ -25,6 +25,7 @@ Example::
     channels_last = true
     quantization = { method = "int8_dynamic", exclude = ["*proj_out*"], min_features = 256 }
     mode = "full"               # or "regional": one package per distinct repeated block
+    step_cache = { method = "first_block", threshold = 0.08 }     # regional only: diffusers' cache, on at load
     compiler = { preset = "max-autotune", conv_1x1_as_mm = true }   # inductor options (an allow-list)
 
     [components.vae_decoder]
@@ -42,7 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import RecipeError
-from diffbake.format.components import BUILTIN_MODELS, BUILTIN_PREFIXES, KNOWN_COMPONENTS, VAE_DECODER
+from diffbake.format.components import (
+    BUILTIN_MODELS,
+    BUILTIN_PREFIXES,
+    KNOWN_COMPONENTS,
+    STEP_CACHES,
+    VAE_DECODER,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,7 +63,8 @@ _TOP_KEYS = ("source", "target", "components")
 _SOURCE_KEYS = ("model", "revision")
 _TARGET_KEYS = ("device", "dtype", "cpu_isa", "allow_emulated")
 CPU_ISAS = ("native", "avx2", "avx512")
-_COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization", "compiler")
+_COMPONENT_KEYS = ("shapes", "cfg", "mode", "fuse_qkv", "channels_last", "quantization", "compiler", "step_cache")
+_STEP_CACHE_KEYS = ("method", "threshold")
 
 # [components.X.compiler]: the inductor options a recipe may set, as in the diffusers performance guides.
 # name -> (type, devices it has an effect on). Anything else is refused: diffbake sets the packaging options itself.
@@ -166,6 +174,7 @@ class ComponentRecipe:
     quantization: Quantization | None = None
     mode: str = "full"  # "regional": compile one package per distinct repeated block, run the rest eager
     compiler: tuple[tuple[str, Any], ...] = ()  # inductor options (preset expanded), in name order
+    step_cache: tuple[tuple[str, Any], ...] = ()  # method and threshold of the cache turned on at load
 
     @property
     def transformed(self) -> bool:
@@ -297,7 +306,30 @@ def _component(v: _Validator, name: str, table: Any, device: str) -> ComponentRe
                 "without ranges, or use mode = 'full'"
             )
     compiler = _compiler(v, v.table(table, "compiler", section=section), section, device)
-    return ComponentRecipe(name, tuple(variants), quantization=quant, mode=mode, compiler=compiler, **flags)
+    step_cache = _step_cache(v, v.table(table, "step_cache", section=section), section, mode)
+    return ComponentRecipe(
+        name, tuple(variants), quantization=quant, mode=mode, compiler=compiler, step_cache=step_cache, **flags
+    )
+
+
+def _step_cache(v: _Validator, table: dict, section: str, mode: str) -> tuple[tuple[str, Any], ...]:
+    if not table:
+        return ()
+    label = f"{section} step_cache"
+    v.keys(table, _STEP_CACHE_KEYS, label)
+    if mode != "regional":
+        raise RecipeError(
+            f"{v.where}: {label}: diffusers' step caches skip the model's repeated blocks, which a full-graph build "
+            "compiles into one call; set mode = 'regional' in this section, or remove step_cache"
+        )
+    method = v.choice(table, "method", label, tuple(STEP_CACHES), default="")
+    threshold = table.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold > 0:
+        raise RecipeError(
+            f"{v.where}: {label} threshold must be a positive number (e.g. 0.08), found {_typename(threshold)} "
+            f"{threshold!r}"
+        )
+    return (("method", method), ("threshold", float(threshold)))
 
 
 def _variants(v: _Validator, name: str, table: dict[str, Any], section: str, cfg: bool | None) -> list[Variant]:

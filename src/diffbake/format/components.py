@@ -114,3 +114,8 @@ BUILTIN_PREFIXES = ("tiny:", "random:")
 def denoiser_of(components: dict[str, object]) -> str | None:
     """The attribute of a pipeline's denoiser, from the names of its components (a pipeline's model index)."""
     return next((name for name in DENOISERS if components.get(name) is not None), None)
+
+
+# diffusers' step caches an artifact may turn on (a recipe's step_cache, ``diffbake generate --cache``): method ->
+# (its config class in diffusers, the one number it takes). The command line spells the method with "-".
+STEP_CACHES = {"first_block": ("FirstBlockCacheConfig", "threshold")}

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError, IntegrityError
-from diffbake.format.components import KNOWN_COMPONENTS
+from diffbake.format.components import KNOWN_COMPONENTS, STEP_CACHES
 
 FORMAT_NAME = "diffbake-artifact"
 # 3: call contracts captured from the pipeline (constants, affine dimensions, output class, attributes read).
@@ -179,6 +179,9 @@ class ComponentEntry:
     # methods it called (CacheMixin for Flux's cache_context).
     attributes: dict[str, Any] = field(default_factory=dict)
     mixins: list[str] = field(default_factory=list)
+    # diffusers' step cache the recipe turns on at load ({"method": "first_block", "threshold": 0.08}); regional
+    # components only, whose blocks the cache's hooks wrap.
+    step_cache: dict[str, Any] | None = None
 
     @property
     def packages(self) -> list[str]:
@@ -534,6 +537,7 @@ def _check_component(m: Manifest, name: str, c: ComponentEntry) -> None:
     _need(c.mode in ("full", "regional"), f"{where}.mode: {c.mode!r} is not 'full' or 'regional'")
     _need(bool(c.variants), f"{where}.variants: none")
     _need(c.mode == "full" or (len(c.variants) == 1 and bool(c.blocks)), f"{where}: a regional build has blocks")
+    _need(c.step_cache is None or _step_cache_ok(c), f"{where}.step_cache: a regional build's method and threshold")
     _listed(m, c.weights, f"{where}.weights")
     _listed(m, c.config, f"{where}.config")
     names = [c.method, *c.attributes, *c.mixins]
@@ -582,6 +586,18 @@ def _check_variant(v: VariantEntry, vw: str) -> None:
     _need(
         all(v.dims[d].admits(n) for d, n in v.self_test.sizes.items()),
         f"{vw}.self_test.sizes: outside the variant's dims",
+    )
+
+
+def _step_cache_ok(c: ComponentEntry) -> bool:
+    cache = c.step_cache or {}
+    threshold = cache.get("threshold")
+    return (
+        c.mode == "regional"
+        and set(cache) == {"method", "threshold"}
+        and cache["method"] in STEP_CACHES
+        and isinstance(threshold, float)
+        and threshold > 0
     )
 
 

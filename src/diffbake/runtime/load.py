@@ -28,6 +28,7 @@ from diffbake.format.manifest import (
 )
 from diffbake.format.packages import inspect_package
 from diffbake.hub.fetch import check_remote, fetch, is_repo_id
+from diffbake.runtime.caches import enable_recorded_step_cache
 from diffbake.runtime.compiled import CompiledComponent, LoadedArtifact
 from diffbake.runtime.guards import resolve_device, torch_dtype
 from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
@@ -160,6 +161,7 @@ def load(
         for line in run_self_test(root, manifest, modules):
             report("self-test", line)
     pipe = _assemble(root, manifest, modules, device)
+    enable_recorded_step_cache(pipe, manifest)
     report("pipeline", f"{manifest.pipeline_class} loaded in {time.perf_counter() - start:.2f} s")
     return pipe
 

@@ -123,6 +123,15 @@ class CompiledModel(ModelMixin, ConfigMixin):
     def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
         self._not_applicable("VAE tiling (enable_vae_tiling)")
 
+    def enable_cache(self, *args: Any, **kwargs: Any) -> None:
+        # diffusers' CacheMixin would look for the model's block lists, find none in a stand-in, and do nothing.
+        raise InputMismatchError(
+            f"{self._label}: diffusers' step caches (First Block Cache, MagCache, TaylorSeer, FasterCache) skip or "
+            "reuse the work of the model's repeated blocks, but this artifact runs the whole model as one compiled "
+            'call, with no block to skip; rebuild it with mode = "regional" in its recipe section, whose blocks '
+            "each run their own compiled package and take the caches as the eager model does"
+        )
+
     @property
     def _label(self) -> str:
         return " and ".join(self.programs)
