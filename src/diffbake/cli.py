@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -771,10 +770,8 @@ def serve(
     ray extra: pip install 'diffbake[ray]'. For an existing cluster, see diffbake.server.rayserve.
     """
     try:
-        import uvicorn
-
-        from diffbake.server.app import DrainingServer, create_app
-        from diffbake.server.engine import Engine, EngineOptions
+        from diffbake.server.app import run
+        from diffbake.server.engine import EngineOptions
     except ImportError as e:
         raise ServeError(f"diffbake serve needs the serve extra ({e}); pip install 'diffbake[serve]'") from e
 
@@ -791,61 +788,20 @@ def serve(
         max_steps=max_steps,
     )
     if on_ray:
-        _serve_on_ray(options, host, port, replicas, max_replicas, num_cpus, num_gpus)
+        try:
+            from diffbake.server import rayserve
+        except ImportError as e:
+            raise ServeError(f"diffbake serve --ray needs the ray extra ({e}); pip install 'diffbake[ray]'") from e
+        placement = dict(replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+        rayserve.run(options, host, port, report=lambda line: click.echo(line, err=True), **placement)
         return
     _quiet_loading_bars()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("diffbake.server").addHandler(handler)
     logging.getLogger("diffbake.server").setLevel(logging.INFO)
-    engine = Engine(options)
-    app = create_app(engine)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-
-    def on_load_failure() -> None:
-        server.should_exit = True
-
-    app.state.on_load_failure = on_load_failure
     click.echo(f"serving {artifact} on http://{host}:{port} (loading; GET /readyz says when ready)", err=True)
-    server.run()
-    if engine.failure:
-        raise ServeError(f"{artifact}: cannot be served: {engine.failure}")
-
-
-def _serve_on_ray(
-    options: Any, host: str, port: int, replicas: int, max_replicas: int | None, num_cpus: float, num_gpus: float
-) -> None:
-    """Deploy on Ray Serve and wait for SIGTERM or SIGINT; then take the application down and exit 0."""
-    import signal
-
-    try:
-        import ray
-        from ray import serve
-
-        from diffbake.server.rayserve import DEPLOYMENT, application
-    except ImportError as e:
-        raise ServeError(f"diffbake serve --ray needs the ray extra ({e}); pip install 'diffbake[ray]'") from e
-    target = application(options, replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus, num_gpus=num_gpus)
-    if not os.environ.get("RAY_ADDRESS"):
-        # A local instance has no load balancer to drain: its proxy need not wait Ray's 30 s before stopping.
-        os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        click.echo(f"deploying {options.artifact} on Ray Serve ({replicas} replica(s))", err=True)
-        try:
-            serve.run(target, name=DEPLOYMENT, route_prefix="/")
-        except RuntimeError as e:
-            raise ServeError(f"{options.artifact}: Ray Serve could not start the replicas: {e}") from e
-        click.echo(f"serving {options.artifact} on http://{host}:{port} (Ray Serve)", err=True)
-        stop.wait()
-        click.echo("stopping", err=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    run(options, host, port)
 
 
 def _shapes(variant: VariantEntry) -> str:

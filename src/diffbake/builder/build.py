@@ -279,6 +279,11 @@ def _build_component_in(
     attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
     module.to(recipe.device).eval()
+    if comp.step_cache and not hasattr(module, "enable_cache"):  # before any capture or compile
+        raise RecipeError(
+            f"{name}: step_cache: {type(module).__name__} takes no diffusers step cache (it has no enable_cache); "
+            "remove step_cache from its recipe section"
+        )
     with rep.stage(f"{name}: capture the pipeline's calls"):
         plans = _plans(comp, pipe, info, recipe)
     with rep.stage(f"{name}: float32 eager reference"):
@@ -294,11 +299,6 @@ def _build_component_in(
     folder = root / name
     folder.mkdir()
     save_config(module, folder)
-    if comp.step_cache and not hasattr(module, "enable_cache"):
-        raise RecipeError(
-            f"{name}: step_cache: {type(module).__name__} takes no diffusers step cache (it has no enable_cache); "
-            "remove step_cache from its recipe section"
-        )
     if comp.mode == "regional":
         return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse, cache)
     if comp.quantization is not None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from diffbake import __version__
 from diffbake.errors import DiffbakeError
-from diffbake.format.host import cpu_features, host_facts
+from diffbake.format.host import cache_folder, cpu_features, host_facts
 from diffbake.format.packages import inspect_package
 
 logger = logging.getLogger(__name__)
@@ -38,19 +38,11 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "DIFFBAKE_COMPILE_CACHE"
 
 
-def default_folder() -> Path:
-    """$DIFFBAKE_COMPILE_CACHE, else diffbake/compiled under the user's cache folder."""
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffbake" / "compiled"
-
-
 class CompileCache:
     """Compiled packages by key, in one folder."""
 
     def __init__(self, folder: Path | None = None) -> None:
-        self.folder = Path(folder) if folder is not None else default_folder()
+        self.folder = Path(folder) if folder is not None else cache_folder(CACHE_ENV, "compiled")
 
     def key(self, exported: Any, *, device: str, inductor_configs: dict[str, Any]) -> str | None:
         """The key of compiling ``exported`` with ``inductor_configs`` for ``device``; None when the program cannot

@@ -116,6 +116,6 @@ def denoiser_of(components: dict[str, object]) -> str | None:
     return next((name for name in DENOISERS if components.get(name) is not None), None)
 
 
-# diffusers' step caches an artifact may turn on (a recipe's step_cache, ``diffbake generate --cache``): method ->
-# (its config class in diffusers, the one number it takes). The command line spells the method with "-".
-STEP_CACHES = {"first_block": ("FirstBlockCacheConfig", "threshold")}
+# diffusers' step caches an artifact may turn on (a recipe's step_cache, ``diffbake generate --cache``), each set by
+# a threshold: method -> its config class in diffusers. The command line spells the method with "-".
+STEP_CACHES = {"first_block": "FirstBlockCacheConfig"}

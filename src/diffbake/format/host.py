@@ -7,7 +7,9 @@ build) cannot be caught, so this check runs before any compiled code is loaded.
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 from typing import Any
 
 from diffbake.errors import CompatibilityError
@@ -84,6 +86,15 @@ def cpu_features() -> frozenset[str] | None:
     except OSError:
         pass
     return None
+
+
+def cache_folder(env: str, name: str) -> Path:
+    """Where diffbake keeps ``name`` on this host (verification stamps, Hub builds, compiled packages): the folder
+    ``$env`` names, else diffbake/``name`` under $XDG_CACHE_HOME or ~/.cache."""
+    chosen = os.environ.get(env)
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffbake" / name
 
 
 def host_facts(device: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 from diffbake.errors import IntegrityError
+from diffbake.format.host import cache_folder
 from diffbake.format.manifest import MANIFEST_FILE, Manifest, check_seal, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -103,12 +104,8 @@ def _stats(root: Path, manifest: Manifest) -> dict[str, list[int]]:
 
 
 def stamp_path(root: Path) -> Path:
-    folder = (
-        os.environ.get(STAMP_ENV)
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffbake/stamps"
-    )
     key = hashlib.sha256(f"{platform.node()}\0{root.resolve()}".encode()).hexdigest()[:32]
-    return Path(folder) / f"{key}.json"
+    return cache_folder(STAMP_ENV, "stamps") / f"{key}.json"
 
 
 def _read_stamp(root: Path) -> dict[str, list[int]] | None:

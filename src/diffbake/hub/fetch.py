@@ -34,7 +34,7 @@ from diffbake.errors import (
     IntegrityError,
     TrustError,
 )
-from diffbake.format.host import check_compatibility
+from diffbake.format.host import cache_folder, check_compatibility
 from diffbake.format.integrity import record_stamp, verify_files
 from diffbake.format.manifest import MANIFEST_FILE, Manifest, parse_manifest, sealed
 
@@ -251,10 +251,7 @@ def fetch(
 
 
 def cache_dir() -> Path:
-    folder = os.environ.get(CACHE_ENV)
-    if folder:
-        return Path(folder)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffbake" / "hub"
+    return cache_folder(CACHE_ENV, "hub")
 
 
 def _where(repo_id: str, revision: str) -> str:

@@ -15,32 +15,31 @@ from diffbake.format.components import COMPONENTS, STEP_CACHES
 from diffbake.runtime.serving import loaded_artifact
 
 
-def step_cache_config(method: str, value: float) -> Any:
+def step_cache_config(method: str, threshold: float) -> Any:
     """The diffusers config of a step cache method of :data:`~diffbake.format.components.STEP_CACHES`."""
     import diffusers
 
-    class_name, field = STEP_CACHES[method]
-    return getattr(diffusers, class_name)(**{field: value})
+    return getattr(diffusers, STEP_CACHES[method])(threshold=threshold)
 
 
 def parse_step_cache(spec: str) -> Any:
-    """A diffusers cache config from ``METHOD:VALUE`` (``first-block:0.08``: First Block Cache at threshold 0.08).
+    """A diffusers cache config from ``METHOD:THRESHOLD`` (``first-block:0.08``: First Block Cache at 0.08).
 
     Raises:
-        ValueError: an unknown method, or a value that is not a positive number.
+        ValueError: an unknown method, or a threshold that is not a positive number.
     """
     name, colon, value = spec.partition(":")
     method = name.replace("-", "_")
-    known = ", ".join(f"{m.replace('_', '-')}:{field.upper()}" for m, (_, field) in STEP_CACHES.items())
     if method not in STEP_CACHES or not colon:
+        known = ", ".join(f"{m.replace('_', '-')}:THRESHOLD" for m in STEP_CACHES)
         raise ValueError(f"{spec!r} is not a step cache; expected one of {known} (e.g. first-block:0.08)")
     try:
-        number = float(value)
+        threshold = float(value)
     except ValueError:
-        number = -1.0
-    if not number > 0:
-        raise ValueError(f"{spec!r}: the {STEP_CACHES[method][1]} must be a positive number (e.g. {name}:0.08)")
-    return step_cache_config(method, number)
+        threshold = -1.0
+    if not threshold > 0:
+        raise ValueError(f"{spec!r}: the threshold must be a positive number (e.g. {name}:0.08)")
+    return step_cache_config(method, threshold)
 
 
 def enable_step_cache(pipe: Any, config: Any) -> None:

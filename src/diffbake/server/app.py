@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,8 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from diffbake.errors import DiffbakeError
-from diffbake.server.engine import Engine, NotReady, QueueFull
+from diffbake.errors import DiffbakeError, ServeError
+from diffbake.server.engine import Engine, EngineOptions, NotReady, QueueFull
 from diffbake.server.request import RequestError, parse
 
 logger = logging.getLogger(__name__)
@@ -33,12 +34,11 @@ def _error(error: RequestError, headers: dict[str, str] | None = None) -> JSONRe
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def add_routes(app: FastAPI, engine_of: Any) -> None:
-    """The API's routes; ``engine_of(request)`` returns the engine that serves the request."""
+def add_routes(app: FastAPI, engine: Engine) -> None:
+    """The API's routes, served by ``engine``."""
 
     @app.post(GENERATIONS)
     async def generations(request: Request) -> Response:
-        engine: Engine = engine_of(request)
         start = time.perf_counter()
         response = await _generate(engine, request)
         engine.metrics.requests.labels(status=str(response.status_code)).inc()
@@ -46,8 +46,7 @@ def add_routes(app: FastAPI, engine_of: Any) -> None:
         return response
 
     @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        engine: Engine = engine_of(request)
+    async def models() -> Response:
         if engine.catalogue is None:
             return _not_ready(engine)
         return JSONResponse({"object": "list", "data": [engine.catalogue.as_model()]})
@@ -57,15 +56,13 @@ def add_routes(app: FastAPI, engine_of: Any) -> None:
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
-    async def readyz(request: Request) -> Response:
-        engine: Engine = engine_of(request)
+    async def readyz() -> Response:
         if engine.ready:
             return JSONResponse({"status": "ready", "model": engine.catalogue.name if engine.catalogue else None})
         return _not_ready(engine)
 
     @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        engine: Engine = engine_of(request)
+    async def metrics() -> Response:
         return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -131,29 +128,27 @@ async def _generate(engine: Engine, request: Request) -> Response:
 def api(engine: Engine, **fastapi: Any) -> FastAPI:
     """The API's routes on ``engine``, in a new FastAPI app (``fastapi``: its options, such as a lifespan)."""
     app = FastAPI(title="diffbake", **fastapi)
-    app.state.engine = engine
-    add_routes(app, lambda request: request.app.state.engine)
+    add_routes(app, engine)
     return app
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None) -> FastAPI:
     """The one-process app: the load (with every check, then a warm-up call) runs in the background once the
     server starts, so ``/healthz`` answers at once and ``/readyz`` only when requests can be served; at shutdown
-    (SIGTERM) it stops taking requests and finishes those queued and running."""
+    (SIGTERM) it stops taking requests and finishes those queued and running. ``on_load_failure`` is called if the
+    artifact cannot be served."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=_load, args=(engine, app), name="diffbake-load", daemon=True)
+        loader = threading.Thread(target=_load, args=(engine, on_load_failure), name="diffbake-load", daemon=True)
         loader.start()
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = api(engine, lifespan=lifespan)
-    app.state.on_load_failure = None
-    return app
+    return api(engine, lifespan=lifespan)
 
 
-def _load(engine: Engine, app: FastAPI) -> None:
+def _load(engine: Engine, on_load_failure: Callable[[], None] | None) -> None:
     try:
         engine.start()
     except Exception as e:
@@ -161,8 +156,27 @@ def _load(engine: Engine, app: FastAPI) -> None:
             logger.error("the artifact cannot be served: %s", e)
         else:
             logger.exception("the artifact could not be served")
-        if app.state.on_load_failure is not None:
-            app.state.on_load_failure()
+        if on_load_failure is not None:
+            on_load_failure()
+
+
+def run(options: EngineOptions, host: str, port: int) -> None:
+    """Serve in this process until SIGTERM or SIGINT (then drain and return).
+
+    Raises:
+        ServeError: the artifact could not be served (the server stops as soon as its load fails).
+    """
+    engine = Engine(options)
+    server: DrainingServer | None = None
+
+    def stop() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    server = DrainingServer(uvicorn.Config(create_app(engine, stop), host=host, port=port, log_level="warning"))
+    server.run()
+    if engine.failure:
+        raise ServeError(f"{options.artifact}: cannot be served: {engine.failure}")
 
 
 class DrainingServer(uvicorn.Server):

@@ -22,6 +22,11 @@ config names the application builder :func:`app` and its arguments::
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -108,3 +113,42 @@ def app(args: dict[str, Any]) -> Any:
     if "artifact" not in args:
         raise ServeError("diffbake.server.rayserve:app needs args.artifact: a folder or a Hub repo id")
     return application(EngineOptions(**args), **placement)
+
+
+def run(
+    options: EngineOptions,
+    host: str,
+    port: int,
+    *,
+    report: Callable[[str], None],
+    **placement: Any,
+) -> None:
+    """Deploy :func:`application` (``placement``: its replicas, CPUs, GPUs) on a local Ray instance, or the cluster
+    $RAY_ADDRESS names, serving on ``host``:``port``; wait for SIGTERM or SIGINT, then take it down.
+
+    Raises:
+        ServeError: Ray Serve could not start the replicas.
+    """
+    import ray
+
+    target = application(options, **placement)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local instance has no load balancer to drain: its proxy need not wait Ray's 30 s before stopping.
+        os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "1")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        report(f"deploying {options.artifact} on Ray Serve")
+        try:
+            serve.run(target, name=DEPLOYMENT, route_prefix="/")
+        except RuntimeError as e:
+            raise ServeError(f"{options.artifact}: Ray Serve could not start the replicas: {e}") from e
+        report(f"serving {options.artifact} on http://{host}:{port} (Ray Serve)")
+        stop.wait()
+        report("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
