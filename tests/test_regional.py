@@ -163,6 +163,63 @@ def test_first_block_cache_on_a_regional_artifact_matches_eager_with_the_same_ca
     np.testing.assert_array_equal(again, got)
 
 
+def _block_level_caches() -> dict:
+    from diffusers import MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return {
+        # MagCache: the first block decides from precomputed magnitude ratios, the last one records the residual.
+        "mag": MagCacheConfig(threshold=100.0, num_inference_steps=6, mag_ratios=FLUX_MAG_RATIOS),
+        # TaylorSeer's lite mode: whole blocks are skipped on predicted steps, proj_out's output is extrapolated.
+        "taylorseer-lite": TaylorSeerCacheConfig(
+            cache_interval=2, disable_cache_before_step=2, taylor_factors_dtype=torch.float32, use_lite_mode=True
+        ),
+    }
+
+
+@pytest.mark.parametrize("method", ["mag", "taylorseer-lite"])
+def test_block_level_caches_on_a_regional_artifact_match_eager_with_the_same_cache(
+    regional, saved_pipelines, monkeypatch, method
+):
+    blocks: list[str] = []
+    run = CompiledBlock.__call__
+
+    def spy(self, *args, **kwargs):
+        blocks.append(self.where)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompiledBlock, "__call__", spy)
+    call = {**CALLS["flux"], "num_inference_steps": 6}
+    loaded, stock = diffbake.load(regional["flux"]), DiffusionPipeline.from_pretrained(saved_pipelines("flux"))
+    for pipe in (loaded, stock):
+        pipe.transformer.enable_cache(_block_level_caches()[method])
+    got, want = (p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock))
+    assert np.abs(got - want).max() <= 5e-4
+    tail = blocks.count("transformer: block 'single_transformer_blocks.0'")
+    assert 0 < tail < 6  # the last block was skipped on some steps, and ran on others
+    again = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(again, got)  # the cache's state starts afresh with each call
+
+
+def test_a_cache_hooking_inside_a_compiled_block_is_refused(regional):
+    from diffusers import TaylorSeerCacheConfig
+
+    loaded = diffbake.load(regional["flux"])
+    call = {**CALLS["flux"], "generator": torch.Generator().manual_seed(0), "output_type": "np"}
+    plain = loaded(**call).images
+    with pytest.raises(InputMismatchError) as e:
+        loaded.transformer.enable_cache(TaylorSeerCacheConfig())  # by default it hooks each block's attention
+    assert str(e.value) == (
+        "transformer: TaylorSeerCacheConfig hooks 'single_transformer_blocks.0.attn' and 1 more, inside the "
+        "compiled block 'single_transformer_blocks.0', which runs as one compiled call and never calls its "
+        "submodules, so the cache would do nothing; use a cache that hooks whole blocks (FirstBlockCacheConfig, "
+        "MagCacheConfig, or TaylorSeerCacheConfig(use_lite_mode=True) or with cache_identifiers naming whole blocks)"
+    )
+    assert not loaded.transformer.is_cache_enabled  # nothing was left half on
+    call["generator"] = torch.Generator().manual_seed(0)
+    np.testing.assert_array_equal(loaded(**call).images, plain)
+
+
 def test_a_full_graph_artifact_refuses_step_caches(artifacts, regional, tmp_path):
     from click.testing import CliRunner
     from diffusers import FirstBlockCacheConfig

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from diffbake.errors import ArtifactError
+from diffbake.errors import ArtifactError, InputMismatchError
 from diffbake.format.manifest import (
     BlockEntry,
     ComponentEntry,
@@ -127,5 +127,41 @@ def load_regional(
             # user_managed: the package reads the block's own parameters in place; nothing is copied.
             runner.bind({n: state[n].detach() for n in names})
             block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, describe(entry.variants[0]))
+    if hasattr(module, "enable_cache"):
+        module.enable_cache = _block_level_only(entry.name, module, module.enable_cache)
     module.diffbake_components = {entry.name: component}
     return module
+
+
+def _block_level_only(component: str, module: torch.nn.Module, enable_cache: Any) -> Any:
+    """``module.enable_cache`` that refuses a cache hooking modules inside a compiled block.
+
+    A compiled block runs as one call and never calls its submodules, so a hook on one of them (TaylorSeer's
+    default hooks each block's attention) would never run: the cache would silently do nothing.
+    """
+    blocks = tuple(fqn for fqn, sub in module.named_modules() if isinstance(sub.forward, CompiledBlock))
+
+    def hooked() -> set[str]:
+        return {
+            fqn
+            for fqn, sub in module.named_modules()
+            if getattr(getattr(sub, "_diffusers_hook", None), "hooks", None)
+            and any(fqn.startswith(f"{block}.") for block in blocks)
+        }
+
+    def checked(config: Any) -> None:
+        before = hooked()
+        enable_cache(config)
+        inside = sorted(hooked() - before)
+        if inside:
+            module.disable_cache()
+            block = next(b for b in blocks if inside[0].startswith(f"{b}."))
+            more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+            raise InputMismatchError(
+                f"{component}: {type(config).__name__} hooks {inside[0]!r}{more}, inside the compiled block "
+                f"{block!r}, which runs as one compiled call and never calls its submodules, so the cache would do "
+                "nothing; use a cache that hooks whole blocks (FirstBlockCacheConfig, MagCacheConfig, or "
+                "TaylorSeerCacheConfig(use_lite_mode=True) or with cache_identifiers naming whole blocks)"
+            )
+
+    return checked
