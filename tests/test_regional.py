@@ -193,7 +193,9 @@ def test_block_level_caches_on_a_regional_artifact_match_eager_with_the_same_cac
     loaded, stock = diffbake.load(regional["flux"]), DiffusionPipeline.from_pretrained(saved_pipelines("flux"))
     for pipe in (loaded, stock):
         pipe.transformer.enable_cache(_block_level_caches()[method])
-    got, want = (p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock))
+    got, want = (
+        p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
+    )
     assert np.abs(got - want).max() <= 5e-4
     tail = blocks.count("transformer: block 'single_transformer_blocks.0'")
     assert 0 < tail < 6  # the last block was skipped on some steps, and ran on others
