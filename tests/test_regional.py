@@ -250,6 +250,55 @@ def test_a_full_graph_artifact_refuses_step_caches(artifacts, regional, tmp_path
     )
 
 
+def test_bench_measures_a_step_cache_on_a_regional_artifact(regional, artifacts, workdir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
+    recipe = regional["flux"].parent / "flux.toml"
+    args = ["bench", str(recipe), "--artifact", str(regional["flux"]), "--out", str(tmp_path / "report")]
+    args += ["--paths", "artifact", "--steps", "4", "--repeats", "1", "--warmup", "0", "--image-repeats", "1"]
+    result = CliRunner().invoke(cli, [*args, "--cache", "first-block:100"])
+    assert result.exit_code == 0, result.output
+    cache = json.loads((tmp_path / "report" / "bench.json").read_text())["cache"]
+    # Two compiled blocks a step: without the cache both run on all 4 steps; with a threshold no step reaches, the
+    # first block runs every step and the second only on the first step.
+    assert cache["plain"]["block_calls_per_image"] == 8
+    assert cache["cached"]["block_calls_per_image"] == 5
+    assert cache["skipped_fraction"] == 3 / 8
+    assert cache["max_abs_error"] > 1e-3  # reusing a residual changes the image
+    assert cache["image_speedup"] > 0 and cache["denoiser_speedup"] > 0
+    md = (tmp_path / "report" / "bench.md").read_text()
+    assert "## Step cache (whole images, fresh process)" in md
+    assert "Step cache first-block:100, 4 steps: 38 % of the compiled block calls skipped (5 of 8 ran)" in md
+    ladder = json.loads((tmp_path / "report" / "bench.json").read_text())["ladder"]
+    assert [r["step"] for r in ladder] == [
+        "float32 eager",
+        "+ AOT compile (regional)",
+        "+ step cache first-block:100 (mean step over an image)",
+    ]
+    assert "(image vs no cache)" in result.output  # the terminal's ladder table
+
+    # A full-graph artifact has no block to skip: refused before anything is built or run.
+    full = CliRunner().invoke(
+        cli,
+        ["bench", str(workdir / "flux.toml"), "--artifact", str(artifacts("flux"))]
+        + ["--paths", "artifact", "--no-ladder", "--out", str(tmp_path / "full"), "--cache", "first-block:0.1"],
+    )
+    assert full.exit_code == 1
+    assert (
+        f"error: {workdir / 'flux.toml'}: the step cache rung needs a regional transformer (diffusers' step caches "
+        'skip its repeated blocks, which a full-graph build compiles into one call); set mode = "regional" in '
+        "[components.transformer], or run without the cache"
+    ) in " ".join(full.output.split())
+    assert not (tmp_path / "full").exists()
+    bad = CliRunner().invoke(cli, [*args, "--cache", "first-block:0"])
+    assert bad.exit_code == 2
+    assert "'first-block:0': the threshold must be a positive number" in " ".join(bad.output.split())
+
+
 def test_a_recipe_turns_the_cache_on_at_load(regional, saved_pipelines, tmp_path):
     from diffusers import FirstBlockCacheConfig
 

@@ -616,6 +616,13 @@ def pull(
     help="Fresh-process runs to make, comma-separated.",
 )
 @click.option("--no-ladder", is_flag=True, help="Skip the optimization ladder.")
+@click.option(
+    "--cache",
+    "step_cache",
+    default=None,
+    help="Also measure whole images with a diffusers step cache, e.g. first-block:0.08: blocks skipped, speedup "
+    "and error against the artifact without it (needs a regional denoiser).",
+)
 @click.option("--timeout", default=3600, show_default=True, type=click.IntRange(min=1), help="Seconds per run.")
 def bench(
     recipe: Path,
@@ -628,6 +635,7 @@ def bench(
     image_repeats: int,
     paths: str,
     no_ladder: bool,
+    step_cache: str | None,
     timeout: int,
 ) -> None:
     """Measure a RECIPE's artifact against eager diffusers and torch.compile, with the optimization ladder.
@@ -639,8 +647,10 @@ def bench(
     latency, the whole-image latency and peak memory. The ladder adds the recipe's
     optimizations one at a time (float32 eager, dtype, QKV fusion, channels_last,
     quantization, AOT compile) with each one's latency and error against float32.
-    The denoiser step's FLOP/s is compared with the measured matmul peak. Writes
-    bench.json, bench.md and bench.png into --out.
+    The denoiser step's FLOP/s is compared with the measured matmul peak. With
+    --cache, the regional artifact's whole images are measured without and with a
+    diffusers step cache (blocks skipped, speedup, error). Writes bench.json,
+    bench.md and bench.png into --out.
     """
     from diffbake.bench.bench import bench as run_bench
     from diffbake.bench.bench import table
@@ -653,6 +663,13 @@ def bench(
         )
     if "compile_warm" in chosen and "compile_cold" not in chosen:
         raise click.BadParameter("compile_warm reuses the cache compile_cold fills; ask for both", param_hint="--paths")
+    if step_cache is not None:
+        from diffbake.runtime.caches import parse_step_cache
+
+        try:
+            parse_step_cache(step_cache)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--cache") from None
     _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"benchmarking {recipe}", err=True)
@@ -667,6 +684,7 @@ def bench(
         image_repeats=image_repeats,
         paths=chosen,
         ladder=not no_ladder,
+        cache=step_cache,
         timeout=timeout,
         reporter=_TerminalReporter(),
     )

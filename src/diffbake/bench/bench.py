@@ -11,7 +11,10 @@ Every figure comes from one run, with the same inputs (the compiled size, one pr
   channels_last, quantization, AOT compile), each rung's latency and error against float32 eager;
 - how close to the hardware: the denoiser step's FLOPs (``torch.utils.flop_counter``) per second, against the
   device's measured matmul peak in the recipe's dtype;
-- the artifact's size and build time.
+- the artifact's size and build time;
+- with ``cache``, the step cache rung: whole images from the regional artifact without and with a diffusers step
+  cache (First Block Cache at a threshold), the fraction of compiled block calls it skipped, the speedup, and the
+  cached images' error against the uncached ones.
 
 Results go to a folder: ``bench.json`` (everything), ``bench.md`` (a report), ``bench.png`` (a chart).
 """
@@ -60,6 +63,7 @@ def bench(
     paths: tuple[str, ...] = PATHS,
     ladder: bool = True,
     prompt: str = PROMPT,
+    cache: str | None = None,
     timeout: float = 3600,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
@@ -75,6 +79,7 @@ def bench(
         image_repeats: timed whole images after the first.
         paths: which fresh-process runs to make, from :data:`PATHS`.
         ladder: also run the optimization ladder.
+        cache: a step cache (``first-block:0.08``) to measure on the artifact, whose denoiser must be regional.
 
     Raises:
         RecipeError: the recipe is invalid, or targets a device this host lacks.
@@ -96,6 +101,8 @@ def bench(
     ):
         if isinstance(n, bool) or not isinstance(n, int) or n < least:
             raise ValueError(f"{name} must be an integer of at least {least}, not {n!r}")
+    if cache is not None:
+        _check_cache(recipe, recipe_path, cache)
     out_dir = Path(out) if out is not None else Path("artifacts") / f"{recipe.name}-bench"
     dest = Path(artifact) if artifact is not None else Path("artifacts") / recipe.name
 
@@ -121,6 +128,9 @@ def bench(
         if ladder:
             with rep.stage("ladder: float32 eager, each optimization in turn, then the artifact (fresh process)"):
                 runs["ladder"] = _child("ladder", common, scratch, timeout, env={})
+        if cache is not None:
+            with rep.stage(f"step cache {cache}: whole images without and with it (fresh process)"):
+                runs["cache"] = _child("cache", {**common, "cache": cache}, scratch, timeout, env={})
         inductor_cache = scratch / "inductor-cache"
         for path in paths:
             env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)} if path.startswith("compile") else {}
@@ -133,6 +143,22 @@ def bench(
     write_report(report, out_dir)
     report["out"] = str(out_dir)
     return report
+
+
+def _check_cache(recipe: Any, recipe_path: Path, cache: str) -> None:
+    """Refuse a step cache the recipe's artifact could not take, before anything is built."""
+    from diffbake.builder.sources import inspect_source
+    from diffbake.runtime.caches import parse_step_cache
+
+    parse_step_cache(cache)  # ValueError: not a step cache
+    denoiser = inspect_source(recipe).denoiser
+    comp = recipe.components.get(denoiser)
+    if comp is None or comp.mode != "regional":
+        raise BenchError(
+            f"{recipe_path}: the step cache rung needs a regional {denoiser} (diffusers' step caches skip its "
+            f"repeated blocks, which a full-graph build compiles into one call); set mode = \"regional\" in "
+            f"[components.{denoiser}], or run without the cache"
+        )
 
 
 def _artifact(recipe: Any, recipe_path: Path, dest: Path, *, explicit: bool, rebuild: bool, rep: Reporter) -> dict:
@@ -265,6 +291,26 @@ def _report(
         base = ladder_run["ladder"][0]["step_median_s"]
         for rung in ladder_run["ladder"]:
             ladder.append({**rung, "speedup_vs_float32": base / rung["step_median_s"]})
+    cache = runs.get("cache")
+    if cache:
+        cache = {k: v for k, v in cache.items() if not k.startswith("t_") and k not in ("mode", "files")}
+        cache["peak_rss_mb"] = runs["cache"]["peak_rss_mb"]
+        if ladder:
+            # The cache acts across steps: its rung is the mean denoiser step over a whole image, and its error is
+            # the image's against the artifact's without the cache (the first step, all the ladder compares, is
+            # never skipped).
+            mean_step = cache["cached"]["denoiser_s_per_image"] / cache["steps"]
+            ladder.append(
+                {
+                    "step": f"+ step cache {cache['cache']} (mean step over an image)",
+                    "step_median_s": mean_step,
+                    "step_s": [mean_step],
+                    "speedup_vs_float32": base / mean_step,
+                    "max_abs_error": None,
+                    "relative_error": None,
+                    "image_max_abs_error_vs_no_cache": cache["max_abs_error"],
+                }
+            )
 
     summary: dict[str, float] = {}
     art = paths.get("artifact")
@@ -317,6 +363,7 @@ def _report(
         },
         "paths": paths,
         "ladder": ladder,
+        "cache": cache,
         "flops": {"per_step": flops, "matmul_peak": peak},
         "summary": summary,
     }
@@ -369,11 +416,32 @@ def table(report: dict[str, Any]) -> list[str]:
         lines.append("")
         rows = [("ladder (denoiser step)", "latency", "speedup", "error vs float32")]
         for r in report["ladder"]:
-            rows.append(
-                (r["step"], _ms(r["step_median_s"]), f"{r['speedup_vs_float32']:.2f}x", f"{r['max_abs_error']:.1e}")
-            )
+            rows.append((r["step"], _ms(r["step_median_s"]), f"{r['speedup_vs_float32']:.2f}x", _error(r)))
         lines += _columns(rows)
+    if report.get("cache"):
+        lines += ["", *_cache_lines(report["cache"])]
     return lines
+
+
+def _error(rung: dict[str, Any]) -> str:
+    if rung["max_abs_error"] is None:  # the cache rung: its image against the artifact's without the cache
+        return f"{rung['image_max_abs_error_vs_no_cache']:.1e} (image vs no cache)"
+    return f"{rung['max_abs_error']:.1e}"
+
+
+def _cache_lines(c: dict[str, Any]) -> list[str]:
+    plain, cached = c["plain"], c["cached"]
+    return [
+        f"Step cache {c['cache']}, {c['steps']} steps: {100 * c['skipped_fraction']:.0f} % of the compiled block "
+        f"calls skipped ({cached['block_calls_per_image']} of {plain['block_calls_per_image']} ran); whole image "
+        f"{plain['image_median_s']:.3f} s -> {cached['image_median_s']:.3f} s ({c['image_speedup']:.2f}x), "
+        f"denoiser per image {plain['denoiser_s_per_image']:.3f} s -> {cached['denoiser_s_per_image']:.3f} s "
+        f"({c['denoiser_speedup']:.2f}x); image error against the artifact without the cache: max "
+        f"{c['max_abs_error']:.2e}, mean {c['mean_abs_error']:.2e} (pixels in [0, 1]).",
+        "How much a cache skips depends on the weights: random weights change differently from step to step than "
+        "trained ones, so read a random:* model's figures as the mechanism's cost and reach, not as a trained "
+        "model's speedup.",
+    ]
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
@@ -430,10 +498,13 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         for r in report["ladder"]:
-            lines.append(
-                f"| {r['step']} | {_ms(r['step_median_s'])} | {r['speedup_vs_float32']:.2f}x | "
-                f"{r['max_abs_error']:.2e} | {r['relative_error']:.2e} |"
-            )
+            if r["max_abs_error"] is None:
+                errors = f"{_error(r)} | - |"
+            else:
+                errors = f"{r['max_abs_error']:.2e} | {r['relative_error']:.2e} |"
+            lines.append(f"| {r['step']} | {_ms(r['step_median_s'])} | {r['speedup_vs_float32']:.2f}x | {errors}")
+    if report.get("cache"):
+        lines += ["", "## Step cache (whole images, fresh process)", "", *_cache_lines(report["cache"])]
     f = report["flops"]
     if f["per_step"]:
         peak = f["matmul_peak"]

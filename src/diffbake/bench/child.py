@@ -255,6 +255,71 @@ def np_save(path: str, array: Any) -> None:
     np.save(path, array)
 
 
+# -- the step cache rung: the regional artifact with and without a diffusers step cache ---------------------------
+
+
+def run_cache(spec: dict) -> dict:
+    """Whole images from the artifact without, then with, the step cache ``spec["cache"]`` (``first-block:0.08``):
+    each image's latency, the denoiser's time within it, how many compiled block calls ran, and the cached images'
+    error against the uncached ones (same seed). A cache helps only across steps, so it is measured over whole
+    images, not on one denoiser call."""
+    from diffbake.runtime.caches import enable_step_cache, parse_step_cache
+    from diffbake.runtime.load import load
+    from diffbake.runtime.regional import CompiledBlock
+    from diffbake.runtime.serving import loaded_artifact
+
+    pipe = load(spec["artifact"], device=spec.get("device"))
+    denoiser = getattr(pipe, loaded_artifact(pipe).manifest.denoiser)
+    if getattr(denoiser, "is_cache_enabled", False):
+        denoiser.disable_cache()  # the recipe's own cache: the first half measures the artifact without one
+    calls = [0]
+    for block in denoiser.modules():
+        if isinstance(block.forward, CompiledBlock):
+            block.forward = _counted(block.forward, calls)
+    spent = [0.0]
+    started: list[float] = []
+    denoiser.register_forward_pre_hook(lambda *_: started.append(_now(pipe.device)))
+    denoiser.register_forward_hook(lambda *_: spent.__setitem__(0, spent[0] + _now(pipe.device) - started.pop()))
+
+    def measure() -> tuple[dict, Any]:
+        _image(pipe, spec)  # warm-up: the first image pays one-time costs (allocations, the cache's set-up)
+        runs, image = [], None
+        for _ in range(max(spec["image_repeats"], 1)):
+            calls[0], spent[0] = 0, 0.0
+            start = _now(pipe.device)
+            image = _image(pipe, spec)
+            runs.append((_now(pipe.device) - start, spent[0], calls[0]))
+        return {
+            "image_median_s": statistics.median(r[0] for r in runs),
+            "denoiser_s_per_image": statistics.median(r[1] for r in runs),
+            "block_calls_per_image": runs[-1][2],
+        }, image
+
+    plain, plain_image = measure()
+    enable_step_cache(pipe, parse_step_cache(spec["cache"]))
+    cached, cached_image = measure()
+    error = abs(cached_image - plain_image)
+    return {
+        "cache": spec["cache"],
+        "steps": spec["steps"],
+        "plain": plain,
+        "cached": cached,
+        "skipped_fraction": 1 - cached["block_calls_per_image"] / max(plain["block_calls_per_image"], 1),
+        "image_speedup": plain["image_median_s"] / cached["image_median_s"],
+        "denoiser_speedup": plain["denoiser_s_per_image"] / cached["denoiser_s_per_image"],
+        "max_abs_error": float(error.max()),
+        "mean_abs_error": float(error.mean()),
+    }
+
+
+def _counted(forward: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    return counted
+
+
 # -- the ladder: float32 eager, then each optimization added in turn --------------------------------------------
 
 
@@ -381,6 +446,7 @@ MODES: dict[str, Callable[[dict], dict]] = {
     "compile": run_compile,
     "artifact": run_artifact,
     "ladder": run_ladder,
+    "cache": run_cache,
     "save": run_save,
 }
 
