@@ -623,6 +623,7 @@ def pull(
     help="Also measure whole images with a diffusers step cache, e.g. first-block:0.08: blocks skipped, speedup "
     "and error against the artifact without it (needs a regional denoiser).",
 )
+@click.option("--cuda-graphs", is_flag=True, help="Load the artifact with CUDA graphs (CUDA recipes).")
 @click.option("--timeout", default=3600, show_default=True, type=click.IntRange(min=1), help="Seconds per run.")
 def bench(
     recipe: Path,
@@ -636,6 +637,7 @@ def bench(
     paths: str,
     no_ladder: bool,
     step_cache: str | None,
+    cuda_graphs: bool,
     timeout: int,
 ) -> None:
     """Measure a RECIPE's artifact against eager diffusers and torch.compile, with the optimization ladder.
@@ -685,6 +687,7 @@ def bench(
         paths=chosen,
         ladder=not no_ladder,
         cache=step_cache,
+        cuda_graphs=cuda_graphs,
         timeout=timeout,
         reporter=_TerminalReporter(),
     )

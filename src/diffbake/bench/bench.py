@@ -64,6 +64,7 @@ def bench(
     ladder: bool = True,
     prompt: str = PROMPT,
     cache: str | None = None,
+    cuda_graphs: bool = False,
     timeout: float = 3600,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def bench(
         paths: which fresh-process runs to make, from :data:`PATHS`.
         ladder: also run the optimization ladder.
         cache: a step cache (``first-block:0.08``) to measure on the artifact, whose denoiser must be regional.
+        cuda_graphs: load the artifact with ``cuda_graphs=True`` (a CUDA recipe's static shapes replay as graphs).
 
     Raises:
         RecipeError: the recipe is invalid, or targets a device this host lacks.
@@ -103,6 +105,11 @@ def bench(
             raise ValueError(f"{name} must be an integer of at least {least}, not {n!r}")
     if cache is not None:
         _check_cache(recipe, recipe_path, cache)
+    if cuda_graphs and recipe.device != "cuda":
+        raise BenchError(
+            f"{recipe_path}: CUDA graphs replay CUDA kernels, and this recipe targets {recipe.device!r}; "
+            'run without --cuda-graphs, or use a recipe with device = "cuda"'
+        )
     out_dir = Path(out) if out is not None else Path("artifacts") / f"{recipe.name}-bench"
     dest = Path(artifact) if artifact is not None else Path("artifacts") / recipe.name
 
@@ -119,6 +126,7 @@ def bench(
             "image_repeats": image_repeats,
             "prompt": prompt,
             "seed": 0,
+            "cuda_graphs": cuda_graphs,
         }
         runs: dict[str, dict] = {}
         if recipe.is_builtin and any(p != "artifact" for p in paths):
@@ -156,7 +164,7 @@ def _check_cache(recipe: Any, recipe_path: Path, cache: str) -> None:
     if comp is None or comp.mode != "regional":
         raise BenchError(
             f"{recipe_path}: the step cache rung needs a regional {denoiser} (diffusers' step caches skip its "
-            f"repeated blocks, which a full-graph build compiles into one call); set mode = \"regional\" in "
+            f'repeated blocks, which a full-graph build compiles into one call); set mode = "regional" in '
             f"[components.{denoiser}], or run without the cache"
         )
 
@@ -353,7 +361,7 @@ def _report(
             "model": recipe.model,
             "dtype": recipe.dtype,
             "call": compiled_call(manifest),
-            **{k: common[k] for k in ("steps", "repeats", "warmup", "image_repeats", "prompt", "seed")},
+            **{k: common[k] for k in ("steps", "repeats", "warmup", "image_repeats", "prompt", "seed", "cuda_graphs")},
         },
         "build": {
             **build_info,
@@ -465,7 +473,8 @@ def markdown(report: dict[str, Any]) -> str:
         + (f" ({h['cpu_precision']} on this CPU)" if h.get("cpu_precision") not in (None, s["dtype"]) else "")
         + f", {h['device']} ({h['gpu'] or h['cpu']}, {h['threads']} threads), "
         f"torch {h['torch']}, diffusers {h['diffusers']}.",
-        f"Each call: {json.dumps(s['call'])}, {s['steps']} steps, seed {s['seed']}, prompt {s['prompt']!r}.",
+        f"Each call: {json.dumps(s['call'])}, {s['steps']} steps, seed {s['seed']}, prompt {s['prompt']!r}"
+        + ("; the artifact replays CUDA graphs." if s.get("cuda_graphs") else "."),
         f"Denoiser step: median (and fastest) of {s['repeats']} calls after {s['warmup']} warm-up, on the first "
         f"step's inputs; whole image: median of {s['image_repeats']}. Start-up overhead: the first image less a "
         "steady one (imports, loading, compiling, warm-up).",

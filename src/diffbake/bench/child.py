@@ -111,7 +111,7 @@ def run_artifact(spec: dict) -> dict:
     from diffbake.runtime.load import load
     from diffbake.runtime.serving import loaded_artifact
 
-    pipe = load(spec["artifact"], device=spec.get("device"))
+    pipe = load(spec["artifact"], device=spec.get("device"), cuda_graphs=spec.get("cuda_graphs", False))
     return _measure(pipe, spec, loaded_artifact(pipe).manifest.denoiser)
 
 
@@ -268,7 +268,7 @@ def run_cache(spec: dict) -> dict:
     from diffbake.runtime.regional import CompiledBlock
     from diffbake.runtime.serving import loaded_artifact
 
-    pipe = load(spec["artifact"], device=spec.get("device"))
+    pipe = load(spec["artifact"], device=spec.get("device"), cuda_graphs=spec.get("cuda_graphs", False))
     denoiser = getattr(pipe, loaded_artifact(pipe).manifest.denoiser)
     if getattr(denoiser, "is_cache_enabled", False):
         denoiser.disable_cache()  # the recipe's own cache: the first half measures the artifact without one
@@ -399,7 +399,10 @@ def _compiled_denoiser(spec: dict, name: str) -> Any:
     from diffbake.runtime.packages import unpack_dir
 
     manifest = read_manifest(spec["artifact"])
-    return load_component(spec["artifact"], manifest, name, spec.get("device") or manifest.device, unpack_dir(None))
+    device = spec.get("device") or manifest.device
+    return load_component(
+        spec["artifact"], manifest, name, device, unpack_dir(None), cuda_graphs=spec.get("cuda_graphs", False)
+    )
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
