@@ -202,6 +202,8 @@ def test_replicas_in_threads_match_sequential_runs_on_one_weight_copy(artifacts)
     start = _rss()
     replicas = [diffbake.replicate(pipe) for _ in range(3)]
     grown = _rss() - start
+    # Each replica has its own tokenizer: a call sets a fast tokenizer's padding, which two threads would mix.
+    assert all(r.tokenizer is not pipe.tokenizer and r.unet is pipe.unet for r in replicas)
     assert grown < weights / 4, f"3 replicas grew RSS by {grown} bytes; the weights are {weights} bytes"
 
     pipes = [pipe, *replicas]

@@ -67,7 +67,12 @@ def replicate(pipe: Any) -> Any:
     """
     compiled_components(pipe)  # refuses a pipeline that diffbake did not load
     components = dict(pipe.components)
-    components["scheduler"] = copy.deepcopy(pipe.scheduler)  # timesteps and step index are per request
+    for name, value in components.items():
+        if value is not None and not isinstance(value, torch.nn.Module):
+            # Small and stateful, so per replica: a scheduler's timesteps and step index, and a fast tokenizer's
+            # padding and truncation settings, which each call sets (a pipeline tokenizes with padding to the
+            # longest prompt, then to max_length: two threads on one tokenizer mix the two).
+            components[name] = copy.deepcopy(value)
     # Constructor options kept in the pipeline's config (requires_safety_checker, force_zeros_for_empty_prompt).
     params = inspect.signature(type(pipe).__init__).parameters
     options = {k: v for k, v in pipe.config.items() if k in params and k not in components}
