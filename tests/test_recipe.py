@@ -377,14 +377,6 @@ def test_range_ends_must_fit_the_family():
             'mode = "partial"',
             "r.toml: [components.unet] mode = 'partial' is not supported; expected one of: full, regional",
         ),
-        (
-            'mode = "regional"\nfuse_qkv = true',
-            "r.toml: [components.unet] mode = 'regional' does not support fuse_qkv yet; use mode = 'full' for them",
-        ),
-        (
-            'mode = "regional"\nquantization = { method = "int8_dynamic" }',
-            "r.toml: [components.unet] mode = 'regional' does not support quantization yet; use mode = 'full' for them",
-        ),
     ],
 )
 def test_bad_modes(extra, message):

@@ -163,6 +163,95 @@ def test_first_block_cache_on_a_regional_artifact_matches_eager_with_the_same_ca
     np.testing.assert_array_equal(again, got)
 
 
+# The regional recipes with QKV fusion, and (Flux) int8 quantization of the blocks' linears on top.
+TRANSFORMED = {
+    "sd": RECIPES["sd"] + "fuse_qkv = true\n",
+    "flux": RECIPES["flux"] + 'fuse_qkv = true\nquantization = {{ method = "int8_weight_only" }}\n',
+}
+
+
+@pytest.fixture(scope="module")
+def transformed(tmp_path_factory, saved_pipelines):
+    folder = tmp_path_factory.mktemp("regional-transformed")
+    built = {}
+    for family, recipe in TRANSFORMED.items():
+        (folder / f"{family}.toml").write_text(recipe.format(source=saved_pipelines(family).as_posix()))
+        built[family] = diffbake.build(folder / f"{family}.toml", folder / family)
+    return built
+
+
+def _eager_with_transforms(artifact, saved_pipelines, family):
+    """The stock pipeline with the recipe's transforms applied as the build applies them (eager torchao)."""
+    from diffbake.builder.build import LogReporter, apply_transforms
+    from diffbake.builder.recipe import load_recipe
+
+    recipe = load_recipe(artifact.parent / f"{family}.toml")
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines(family))
+    name, _ = BLOCKS[family]
+    apply_transforms(recipe.components[name], getattr(stock, name).eval(), LogReporter())
+    return stock
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_regional_with_fused_and_quantized_blocks_matches_eager_with_the_same_transforms(
+    transformed, saved_pipelines, family
+):
+    loaded = diffbake.load(transformed[family], self_test=True)
+    stock = _eager_with_transforms(transformed[family], saved_pipelines, family)
+    got, want = (
+        p(**CALLS[family], generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
+    )
+    assert np.abs(got - want).max() <= 5e-4  # the same int8 weights and dequantization, compiled or eager
+
+
+def test_regional_weights_hold_what_the_blocks_read_once(transformed, regional):
+    # Fused: each block instance stores its fused projection, and not the unfused ones it no longer reads, so the
+    # weights file holds as many numbers as the unfused artifact's.
+    fused = read_manifest(transformed["sd"]).components["unet"]
+    plain = read_manifest(regional["sd"]).components["unet"]
+    instances = [fqn for b in fused.blocks for fqn in b.instances]
+    for fqn in instances:
+        assert f"{fqn}.attn1.to_qkv.weight" in fused.constants and f"{fqn}.attn1.to_q.weight" not in fused.constants
+    assert sum(np.prod(c.shape) for c in fused.constants.values()) == sum(
+        np.prod(c.shape) for c in plain.constants.values()
+    )
+    loaded = diffbake.load(transformed["sd"]).unet
+    block = loaded.get_submodule(instances[0])
+    assert hasattr(block.attn1, "to_qkv") and not hasattr(block.attn1, "to_q")
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+    # Quantized: the blocks' linears are int8 data and scales; the model outside the blocks stays float32.
+    flux = read_manifest(transformed["flux"]).components["transformer"]
+    assert flux.transforms["quantization"]["scope"] == "repeated blocks"
+    qkv = "transformer_blocks.0.attn.to_qkv.parametrizations.weight.original0"
+    assert flux.constants[qkv].dtype == "int8"
+    assert "transformer_blocks.0.attn.to_q.weight" not in flux.constants
+    assert flux.constants["x_embedder.weight"].dtype == "float32"
+    loaded = diffbake.load(transformed["flux"]).transformer
+    assert loaded.x_embedder.weight.dtype == torch.float32
+    assert not hasattr(loaded.transformer_blocks[0].attn, "to_q")
+
+
+def test_a_fused_regional_artifact_rebinds_to_new_weights(transformed, saved_pipelines, tmp_path, monkeypatch):
+    import diffbake.builder.build
+
+    monkeypatch.setattr(diffbake.builder.build, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
+    pipe = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    pipe.save_pretrained(tmp_path / "finetune")
+    out = diffbake.rebind(transformed["sd"], weights=tmp_path / "finetune", out=tmp_path / "rebound")
+    pipe.unet.fuse_qkv_projections()
+    loaded = diffbake.load(transformed["sd"])
+    diffbake.set_weights(loaded, out)  # in place, into the fused tensors the blocks read
+    got, want = (
+        p(**CALLS["sd"], generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, pipe)
+    )
+    assert np.abs(got - want).max() <= 5e-4
+
+
 def _block_level_caches() -> dict:
     from diffusers import MagCacheConfig, TaylorSeerCacheConfig
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS

@@ -299,10 +299,10 @@ def _build_component_in(
     folder = root / name
     folder.mkdir()
     save_config(module, folder)
-    if comp.mode == "regional":
-        return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse, cache)
     if comp.quantization is not None:
         unwrap_for_export(module)
+    if comp.mode == "regional":
+        return _build_regional(comp, module, method, plans[0], transforms, recipe, folder, rep, start, reuse, cache)
     variants, constants = _compile_variants(comp, module, method, plans, recipe, root, folder, rep, reuse, cache)
     entry = _component_entry(comp, module, plans[0], constants, transforms, variants)
     with rep.stage(f"{name}: verify against eager"):
@@ -479,7 +479,9 @@ def _build_regional(
     reuse: Reuse | None,
     cache: CompileCache | None,
 ) -> ComponentEntry:
-    """One package per distinct repeated block; the component's whole state dict is its weights file."""
+    """One package per distinct repeated block. The weights file holds what runs: the state of the module outside
+    the blocks (it runs eager), and for each block instance the constants its package reads (after QKV fusion,
+    the fused projections only; after quantization, the quantized data and scales)."""
     name, root = comp.name, folder.parent
     groups = capture_blocks(name, module, lambda: plan.flat(module, method)(*plan.points[0]))
     reused = reuse.manifest.components[name] if reuse is not None else None
@@ -491,7 +493,7 @@ def _build_regional(
         _block_package(comp, module, i, group, recipe, folder, rep, reuse, cache) for i, group in enumerate(groups)
     ]
     with rep.stage(f"{name}: save weights"):
-        state = module.state_dict()
+        state = _regional_state(module, root, blocks, recipe)
         constants = _save_weights(name, state, list(state), folder)
     if reused is not None:
         _same_constants(name, reused.constants, constants)
@@ -505,6 +507,19 @@ def _build_regional(
         checked = _self_test(runner, checked, plan, recipe, comp)
         del regional, runner
     return replace(entry, variants=[checked], build_seconds=round(time.perf_counter() - start, 2))
+
+
+def _regional_state(module: Any, root: Path, blocks: list[BlockEntry], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """The eager module's state outside the blocks, and each block instance's package constants by full name."""
+    instances = [f"{fqn}." for b in blocks for fqn in b.instances]
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith(tuple(instances))}
+    for block in blocks:
+        package = Package(root / block.package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine())
+        names = [n.removeprefix("block.") for n in package.constant_names()]
+        for fqn in block.instances:
+            own = module.get_submodule(fqn).state_dict()
+            state.update({f"{fqn}.{n}": own[n] for n in names})
+    return state
 
 
 class _RegionalRunner:
@@ -811,7 +826,7 @@ def apply_transforms(comp: ComponentRecipe, module: torch.nn.Module, rep: Report
         channels_last(module)
     if comp.quantization is not None:
         with rep.stage(f"{comp.name}: quantize ({comp.quantization.method})"):
-            done["quantization"] = quantize(comp.name, module, comp.quantization)
+            done["quantization"] = quantize(comp.name, module, comp.quantization, blocks_only=comp.mode == "regional")
     return done
 
 

@@ -294,12 +294,6 @@ def _component(v: _Validator, name: str, table: Any, device: str) -> ComponentRe
     if mode == "regional":
         if name == VAE_DECODER:
             raise RecipeError(f"{where}: {section} mode = 'regional': the VAE has no repeated blocks; remove the key")
-        unsupported = [k for k in ("quantization", "fuse_qkv") if table.get(k)]
-        if unsupported:
-            raise RecipeError(
-                f"{where}: {section} mode = 'regional' does not support {' and '.join(unsupported)} yet; "
-                "use mode = 'full' for them"
-            )
         if len(variants) > 1 or variants[0].shapes.dynamic:
             raise RecipeError(
                 f"{where}: {section} mode = 'regional' compiles one static shape; give one shapes table "

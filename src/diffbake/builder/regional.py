@@ -61,11 +61,11 @@ def flatten_arguments(where: str, signature: inspect.Signature, arguments: dict[
     return names, values
 
 
-def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -> list[BlockGroup]:
-    """Run ``run()`` (a forward of ``module``) and group the repeated blocks it calls by class and shapes.
+def repeated_blocks(name: str, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The instances of the classes a diffusers model lists in ``_repeated_blocks``, by qualified name.
 
     Raises:
-        BuildError: the model declares no repeated blocks, or one was never called.
+        BuildError: the model declares none.
     """
     classes = set(getattr(module, "_repeated_blocks", None) or ())
     blocks = {fqn: sub for fqn, sub in module.named_modules() if type(sub).__name__ in classes}
@@ -74,6 +74,16 @@ def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -
             f"{name}: {type(module).__name__} declares no repeated blocks (_repeated_blocks) to compile regionally; "
             "use mode = 'full'"
         )
+    return blocks
+
+
+def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -> list[BlockGroup]:
+    """Run ``run()`` (a forward of ``module``) and group the repeated blocks it calls by class and shapes.
+
+    Raises:
+        BuildError: the model declares no repeated blocks, or one was never called.
+    """
+    blocks = repeated_blocks(name, module)
     calls: dict[str, tuple[list, list]] = {}
     arity: dict[str, int] = {}
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from diffbake.builder.recipe import QUANT_METHODS, Quantization
+from diffbake.builder.regional import repeated_blocks
 from diffbake.errors import BuildError, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ def channels_last(module: torch.nn.Module) -> None:
     module.to(memory_format=torch.channels_last)
 
 
-def quantize(name: str, module: torch.nn.Module, q: Quantization) -> dict[str, Any]:
+def quantize(name: str, module: torch.nn.Module, q: Quantization, blocks_only: bool = False) -> dict[str, Any]:
     """Quantize the linears that match, in place. Returns what was done, for the manifest.
+
+    ``blocks_only`` (a regional build): only linears inside the repeated blocks, whose compiled packages carry the
+    quantized kernels; the rest of the model runs eager, in the plain dtype, with no torchao at run time.
 
     Raises:
         BuildError: no linear matched the patterns and size limit, or torchao failed.
@@ -55,25 +59,28 @@ def quantize(name: str, module: torch.nn.Module, q: Quantization) -> dict[str, A
     # set_inductor_config=False: torchao would otherwise change global inductor settings for the whole process.
     config = getattr(tq, QUANT_METHODS[q.method])(set_inductor_config=False)
     chosen: list[str] = []
+    blocks = tuple(f"{fqn}." for fqn in repeated_blocks(name, module)) if blocks_only else ("",)
 
     def wanted(mod: torch.nn.Module, fqn: str) -> bool:
-        ok = _matches(mod, fqn, q)
+        ok = _matches(mod, fqn, q) and fqn.startswith(blocks)
         if ok:
             chosen.append(fqn)
         return ok
 
-    _refuse_crashing_shapes(name, module, q)
+    _refuse_crashing_shapes(name, module, q, blocks)
     try:
         tq.quantize_(module, config, filter_fn=wanted)
     except Exception as e:  # torchao raises many unrelated types
         raise BuildError(f"{name}: torchao {q.method} quantization failed ({type(e).__name__}: {e})") from e
     if not chosen:
         raise BuildError(
-            f"{name}: quantization {q.method} matched no linear layer (include {list(q.include)}, exclude "
-            f"{list(q.exclude)}, min_features {q.min_features}); widen the patterns or lower min_features"
+            f"{name}: quantization {q.method} matched no linear layer{' of a repeated block' if blocks_only else ''} "
+            f"(include {list(q.include)}, exclude {list(q.exclude)}, min_features {q.min_features}); widen the "
+            "patterns or lower min_features"
         )
     logger.info("%s: %s quantized %d linear layers", name, q.method, len(chosen))
-    return {**q.to_dict(), "layers": len(chosen), "config": _jsonable(config_to_dict(config))}
+    done = {**q.to_dict(), "layers": len(chosen), "config": _jsonable(config_to_dict(config))}
+    return {**done, "scope": "repeated blocks"} if blocks_only else done
 
 
 def _matches(mod: torch.nn.Module, fqn: str, q: Quantization) -> bool:
@@ -85,7 +92,7 @@ def _matches(mod: torch.nn.Module, fqn: str, q: Quantization) -> bool:
     )
 
 
-def _refuse_crashing_shapes(name: str, module: torch.nn.Module, q: Quantization) -> None:
+def _refuse_crashing_shapes(name: str, module: torch.nn.Module, q: Quantization, within: tuple[str, ...]) -> None:
     """int8_weight_only in half precision on the CPU: torch 2.13's AOTInductor kernel for it (``_weight_int8pack_mm``)
     crashes the process when a linear's in_features is not a multiple of 16 (measured: 16, 32, 48 run; 8, 24, 40
     segfault; float32 is not affected). Refuse such a build with the layers and the fix instead of crashing."""
@@ -94,7 +101,11 @@ def _refuse_crashing_shapes(name: str, module: torch.nn.Module, q: Quantization)
         return
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
         return
-    bad = [fqn for fqn, mod in module.named_modules() if _matches(mod, fqn, q) and mod.in_features % 16]
+    bad = [
+        fqn
+        for fqn, mod in module.named_modules()
+        if _matches(mod, fqn, q) and fqn.startswith(within) and mod.in_features % 16
+    ]
     if bad:
         raise BuildError(
             f"{name}: int8_weight_only in {str(weight.dtype).removeprefix('torch.')} on the CPU crashes torch "

@@ -1,5 +1,12 @@
 """Loading a regionally compiled component: the eager module, with each repeated block's forward running the
-package compiled for its group, bound to that block's own parameters (no copy)."""
+package compiled for its group, bound to that block's own constants (no copy).
+
+The weights file holds what runs: the module's state outside the blocks, and each block instance's package
+constants. Without transforms those are the block's own parameters, assigned to the module as usual. With QKV
+fusion the module is fused (diffusers' ``fuse_qkv_projections``, as at build) and the unfused projections, which
+no compiled block reads, are not stored and are removed from the blocks; with quantization the blocks' packages
+read the quantized data and scales, and the float linears they replace are removed as well.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +30,28 @@ from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
 
 class CompiledBlock:
-    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its weights."""
+    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its constants
+    (which it holds: the package reads them in place)."""
 
-    def __init__(self, component: str, fqn: str, block: torch.nn.Module, entry: BlockEntry, runner: Any, built: str):
+    def __init__(
+        self,
+        component: str,
+        fqn: str,
+        block: torch.nn.Module,
+        entry: BlockEntry,
+        runner: Any,
+        built: str,
+        constants: dict[str, torch.Tensor],
+        device: torch.device,
+    ):
         self.where = f"{component}: block {fqn!r}"
+        self.constants = constants
         self.built = built
         self.entry = entry
         self.signature = inspect.signature(type(block).forward)
         self.block = block
         self.runner = runner
-        self.device = next(iter(block.parameters())).device
+        self.device = device
         self.names = [spec.name for spec in entry.inputs]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -58,28 +77,33 @@ class CompiledBlock:
 
 
 class RegionalComponent:
-    """A regionally compiled component: the eager module whose repeated blocks run compiled code that reads the
-    module's own parameters in place, so binding other weights is copying them into those parameters."""
+    """A regionally compiled component: the eager module whose repeated blocks run compiled code. Every tensor of
+    the weights file is in use, read in place (by the eager module, or by a block's package), so binding other
+    weights is copying them into those tensors."""
 
-    def __init__(self, module: torch.nn.Module, entry: ComponentEntry, device: torch.device):
+    def __init__(
+        self, module: torch.nn.Module, entry: ComponentEntry, device: torch.device, tensors: dict[str, torch.Tensor]
+    ):
         self.module = module
         self.entry = entry
         self.name = entry.name
         self.device = device
+        self.tensors = tensors
         self.loaded_from: LoadedArtifact | None = None
 
     def check_state(self, weights: dict[str, torch.Tensor]) -> None:
-        """Check that ``weights`` (passed through :func:`check_weights`) is this module's state dict."""
+        """Check that ``weights`` (passed through :func:`check_weights`) holds every tensor this component reads."""
         require_same_names(
-            f"{self.name}: {self.entry.weights} does not hold the state dict of {self.entry.class_name} with this "
-            "config",
-            expected=self.module.state_dict(),
+            f"{self.name}: {self.entry.weights} does not hold the tensors of this regional {self.entry.class_name}",
+            expected=self.tensors,
             found=weights,
         )
 
     def bind(self, weights: dict[str, torch.Tensor], loaded_from: LoadedArtifact | None = None) -> None:
-        """Copy checked ``weights`` into the module's parameters, which the compiled blocks read in place."""
-        self.module.load_state_dict(weights, strict=True)
+        """Copy checked ``weights`` into the tensors the module and the compiled blocks read in place."""
+        with torch.no_grad():
+            for key, tensor in self.tensors.items():
+                tensor.copy_(weights[key])
         if loaded_from is not None:
             self.loaded_from = loaded_from
 
@@ -92,7 +116,7 @@ def load_regional(
     artifact: str | Path, entry: ComponentEntry, device: str, unpack: Path | None = None, concurrency: int = 1
 ) -> torch.nn.Module:
     """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
-    block's forward replaced by its group's compiled package bound to that block's own weights (no copy)."""
+    block's forward replaced by its group's compiled package bound to that block's constants (no copy)."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -102,35 +126,67 @@ def load_regional(
     config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
     with torch.device("meta"):
         module = getattr(diffusers, entry.class_name).from_config(config)
+    if entry.transforms.get("fuse_qkv"):
+        module.fuse_qkv_projections()  # the structure the blocks were compiled with (no weight exists yet)
     weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
     check_weights(entry, weights)
-    component = RegionalComponent(module, entry, torch.device(resolve_device(device)))
-    component.check_state(weights)
-    module.load_state_dict(weights, strict=True, assign=True)
+    blocks = {fqn: block_entry for block_entry in entry.blocks for fqn in block_entry.instances}
+    for fqn in blocks:
+        try:
+            module.get_submodule(fqn)
+        except AttributeError:
+            raise ArtifactError(
+                f"{entry.name}: block {fqn!r} is not part of {entry.class_name}; rebuild the artifact"
+            ) from None
+    inside = tuple(f"{fqn}." for fqn in blocks)
+    state = module.state_dict()
+    require_same_names(
+        f"{entry.name}: {entry.weights} does not hold the state of {entry.class_name} outside its compiled blocks",
+        expected=[k for k in state if not k.startswith(inside)],
+        found=[k for k in weights if not k.startswith(inside)],
+    )
+    # Assigned, not copied: the module's parameters are the loaded tensors, as the blocks' constants are.
+    module.load_state_dict({k: v for k, v in weights.items() if k in state}, strict=False, assign=True)
     module.eval().requires_grad_(False)
     unpack = unpack or resolve_unpack_dir()
-    for block_entry in entry.blocks:
-        for fqn in block_entry.instances:
-            try:
-                block = module.get_submodule(fqn)
-            except AttributeError:
-                raise ArtifactError(
-                    f"{entry.name}: block {fqn!r} is not part of {entry.class_name}; rebuild the artifact"
-                ) from None
-            runner = open_package(artifact / block_entry.package, torch.device(device), unpack, concurrency)
-            names = runner.constant_names()
-            state = {f"block.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
-            if not set(names) <= set(state):
-                raise ArtifactError(
-                    f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact"
-                )
-            # user_managed: the package reads the block's own parameters in place; nothing is copied.
-            runner.bind({n: state[n].detach() for n in names})
-            block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, describe(entry.variants[0]))
+    target = torch.device(resolve_device(device))
+    for fqn, block_entry in blocks.items():
+        block = module.get_submodule(fqn)
+        runner = open_package(artifact / block_entry.package, torch.device(device), unpack, concurrency)
+        constants = {n: weights.get(f"{fqn}.{n.removeprefix('block.')}") for n in runner.constant_names()}
+        if any(t is None for t in constants.values()):
+            raise ArtifactError(f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact")
+        # user_managed: the package reads these tensors in place; its CompiledBlock keeps them alive.
+        runner.bind(constants)
+        built = describe(entry.variants[0])
+        block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, built, constants, target)
+        _drop_unloaded(block)
+    left = [k for k, t in module.state_dict().items() if t.is_meta]
+    if left:
+        raise ArtifactError(
+            f"{entry.name}: {entry.weights} holds no value for {left[:3]} (and {len(left)} in all); rebuild the "
+            "artifact"
+        )
+    component = RegionalComponent(module, entry, target, weights)
     if hasattr(module, "enable_cache"):
         module.enable_cache = _block_level_only(entry.name, module, module.enable_cache)
     module.diffbake_components = {entry.name: component}
     return module
+
+
+def _drop_unloaded(block: torch.nn.Module) -> None:
+    """Remove what the weights file left on the meta device inside a compiled block: the tensors the compiled code
+    replaced (unfused projections, the float weights of quantized linears), and the submodules left empty."""
+    emptied: set[str] = set()
+    for fqn, sub in reversed(list(block.named_modules())):  # children before their parents
+        for table in (sub._parameters, sub._buffers):
+            for key in [k for k, t in table.items() if t is not None and t.is_meta]:
+                del table[key]
+                emptied.add(fqn)
+        if fqn and fqn in emptied and next(iter([*sub.parameters(), *sub.buffers()]), None) is None:
+            parent, _, child = fqn.rpartition(".")
+            delattr(block.get_submodule(parent) if parent else block, child)
+            emptied.add(parent)
 
 
 def _block_level_only(component: str, module: torch.nn.Module, enable_cache: Any) -> Any:
