@@ -87,6 +87,54 @@ def _unet_step_flops(artifact: Path) -> int:
     return counter.get_total_flops()
 
 
+def test_bench_measures_openvino_beside_the_artifact(run):
+    result, out, artifact = run
+    report = json.loads((out / "bench.json").read_text())
+    openvino = report["openvino"]
+    assert openvino["openvino_version"].startswith("20")
+    steps = openvino["steps"]
+    assert set(steps) == {"eager", "openvino", "artifact"}
+    for name, step in steps.items():
+        assert len(step["step_s"]) == 3 and step["step_median_s"] > 0, name
+    # A float32 recipe: eager is the reference itself, and the artifact and OpenVINO compute the same step.
+    assert steps["eager"]["max_abs_error_vs_float32"] == 0.0
+    assert steps["artifact"]["max_abs_error_vs_float32"] < 1e-4
+    assert steps["openvino"]["max_abs_error_vs_float32"] < 1e-3
+    assert steps["openvino"]["precision"] == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    assert steps["openvino"]["convert_s"] > 0
+    # The UNet's inputs on the first call: the CFG batch of latents, the timestep, the text embeddings.
+    assert openvino["inputs"] == [[2, 4, 32, 32], [], [2, 77, 32]]
+    assert report["summary"]["step_openvino_over_artifact"] == (
+        steps["openvino"]["step_median_s"] / steps["artifact"]["step_median_s"]
+    )
+    md = (out / "bench.md").read_text()
+    assert "## Against OpenVINO (the denoiser step, one fresh process)" in md
+    assert "- denoiser step, OpenVINO / artifact (one process): **" in md
+    assert "OpenVINO " in result.output and "diffbake artifact" in result.output
+
+
+def test_bench_says_why_openvino_is_skipped(artifacts, workdir, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a)
+    )
+    args = ["bench", str(workdir / "sd.toml"), "--artifact", str(artifacts("sd")), "--paths", "artifact"]
+    args += ["--no-ladder", "--steps", "1", "--repeats", "1", "--warmup", "0", "--image-repeats", "0"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    skipped = "openvino is not installed (pip install openvino, or diffbake[openvino])"
+    assert json.loads((tmp_path / "a" / "bench.json").read_text())["openvino"] == {"skipped": skipped}
+    assert f"OpenVINO: skipped, {skipped}." in (tmp_path / "a" / "bench.md").read_text()
+    assert "step_openvino_over_artifact" not in json.loads((tmp_path / "a" / "bench.json").read_text())["summary"]
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, [*args, "--no-openvino", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["openvino"] == {"skipped": "not asked for (--no-openvino)"}
+
+
 def test_bench_errors(run, artifacts, workdir, tmp_path):
     runner = CliRunner()
     missing = runner.invoke(cli, ["bench", str(tmp_path / "nope.toml")])
@@ -101,6 +149,13 @@ def test_bench_errors(run, artifacts, workdir, tmp_path):
     gpu.write_text((workdir / "sd.toml").read_text() + '[target]\ndevice = "cuda"\n')
     refused = runner.invoke(cli, ["bench", str(gpu), "--out", str(tmp_path / "o")])
     assert refused.exit_code == 1 and "this host has no CUDA GPU" in refused.output
+    assert not (tmp_path / "o").exists()
+    graphs = runner.invoke(cli, ["bench", str(workdir / "sd.toml"), "--cuda-graphs", "--out", str(tmp_path / "o")])
+    assert graphs.exit_code == 1
+    assert (
+        f"{workdir / 'sd.toml'}: CUDA graphs replay CUDA kernels, and this recipe targets 'cpu'; run without "
+        '--cuda-graphs, or use a recipe with device = "cuda"'
+    ) in " ".join(graphs.output.split())
     assert not (tmp_path / "o").exists()
 
     # An artifact built from another recipe is not measured in its place, nor replaced without --rebuild.

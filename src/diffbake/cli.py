@@ -624,6 +624,11 @@ def pull(
     "and error against the artifact without it (needs a regional denoiser).",
 )
 @click.option("--cuda-graphs", is_flag=True, help="Load the artifact with CUDA graphs (CUDA recipes).")
+@click.option(
+    "--no-openvino",
+    is_flag=True,
+    help="Skip OpenVINO's denoiser step (measured on CPU recipes where openvino is installed).",
+)
 @click.option("--timeout", default=3600, show_default=True, type=click.IntRange(min=1), help="Seconds per run.")
 def bench(
     recipe: Path,
@@ -638,6 +643,7 @@ def bench(
     no_ladder: bool,
     step_cache: str | None,
     cuda_graphs: bool,
+    no_openvino: bool,
     timeout: int,
 ) -> None:
     """Measure a RECIPE's artifact against eager diffusers and torch.compile, with the optimization ladder.
@@ -649,7 +655,9 @@ def bench(
     latency, the whole-image latency and peak memory. The ladder adds the recipe's
     optimizations one at a time (float32 eager, dtype, QKV fusion, channels_last,
     quantization, AOT compile) with each one's latency and error against float32.
-    The denoiser step's FLOP/s is compared with the measured matmul peak. With
+    The denoiser step's FLOP/s is compared with the measured matmul peak. On a CPU
+    with openvino installed, OpenVINO's step is measured beside eager's and the
+    artifact's in one process. With
     --cache, the regional artifact's whole images are measured without and with a
     diffusers step cache (blocks skipped, speedup, error). Writes bench.json,
     bench.md and bench.png into --out.
@@ -688,6 +696,7 @@ def bench(
         ladder=not no_ladder,
         cache=step_cache,
         cuda_graphs=cuda_graphs,
+        openvino=not no_openvino,
         timeout=timeout,
         reporter=_TerminalReporter(),
     )

@@ -12,6 +12,8 @@ Every figure comes from one run, with the same inputs (the compiled size, one pr
 - how close to the hardware: the denoiser step's FLOPs (``torch.utils.flop_counter``) per second, against the
   device's measured matmul peak in the recipe's dtype;
 - the artifact's size and build time;
+- on a CPU, OpenVINO (what a CPU user would pick instead) where it is installed: the eager denoiser converted
+  with ``openvino.convert_model``, its step against eager and the artifact's in the same process;
 - with ``cache``, the step cache rung: whole images from the regional artifact without and with a diffusers step
   cache (First Block Cache at a threshold), the fraction of compiled block calls it skipped, the speedup, and the
   cached images' error against the uncached ones.
@@ -65,6 +67,7 @@ def bench(
     prompt: str = PROMPT,
     cache: str | None = None,
     cuda_graphs: bool = False,
+    openvino: bool = True,
     timeout: float = 3600,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def bench(
         ladder: also run the optimization ladder.
         cache: a step cache (``first-block:0.08``) to measure on the artifact, whose denoiser must be regional.
         cuda_graphs: load the artifact with ``cuda_graphs=True`` (a CUDA recipe's static shapes replay as graphs).
+        openvino: on a CPU recipe, also measure OpenVINO's step where ``openvino`` is installed.
 
     Raises:
         RecipeError: the recipe is invalid, or targets a device this host lacks.
@@ -136,6 +140,12 @@ def bench(
         if ladder:
             with rep.stage("ladder: float32 eager, each optimization in turn, then the artifact (fresh process)"):
                 runs["ladder"] = _child("ladder", common, scratch, timeout, env={})
+        openvino_run = _openvino_plan(recipe) if openvino else {"skipped": "not asked for (--no-openvino)"}
+        if openvino_run is None:
+            with rep.stage("OpenVINO: convert the eager denoiser, its step against eager and the artifact's"):
+                runs["openvino"] = _child("openvino", common, scratch, timeout, env={})
+        else:
+            runs["openvino"] = openvino_run
         if cache is not None:
             with rep.stage(f"step cache {cache}: whole images without and with it (fresh process)"):
                 runs["cache"] = _child("cache", {**common, "cache": cache}, scratch, timeout, env={})
@@ -151,6 +161,17 @@ def bench(
     write_report(report, out_dir)
     report["out"] = str(out_dir)
     return report
+
+
+def _openvino_plan(recipe: Any) -> dict | None:
+    """None where the OpenVINO run applies; else why it is skipped, for the report."""
+    import importlib.util
+
+    if recipe.device != "cpu":
+        return {"skipped": f"OpenVINO is measured on CPU recipes; this one targets {recipe.device}"}
+    if importlib.util.find_spec("openvino") is None:
+        return {"skipped": "openvino is not installed (pip install openvino, or diffbake[openvino])"}
+    return None
 
 
 def _check_cache(recipe: Any, recipe_path: Path, cache: str) -> None:
@@ -336,6 +357,13 @@ def _report(
                 if paths[other]["image_median_s"] and art["image_median_s"]:
                     summary[f"image_{other}_over_artifact"] = paths[other]["image_median_s"] / art["image_median_s"]
 
+    openvino = runs.get("openvino")
+    if openvino and "steps" in openvino:
+        openvino = {k: v for k, v in openvino.items() if not k.startswith("t_") and k not in ("mode", "files")}
+        steps = openvino["steps"]
+        summary["step_openvino_over_artifact"] = steps["openvino"]["step_median_s"] / steps["artifact"]["step_median_s"]
+        summary["step_eager_over_openvino"] = steps["eager"]["step_median_s"] / steps["openvino"]["step_median_s"]
+
     files = manifest.files
     import diffusers
 
@@ -371,6 +399,7 @@ def _report(
         },
         "paths": paths,
         "ladder": ladder,
+        "openvino": openvino,
         "cache": cache,
         "flops": {"per_step": flops, "matmul_peak": peak},
         "summary": summary,
@@ -426,9 +455,29 @@ def table(report: dict[str, Any]) -> list[str]:
         for r in report["ladder"]:
             rows.append((r["step"], _ms(r["step_median_s"]), f"{r['speedup_vs_float32']:.2f}x", _error(r)))
         lines += _columns(rows)
+    if report.get("openvino"):
+        lines += ["", *_openvino_lines(report["openvino"])]
     if report.get("cache"):
         lines += ["", *_cache_lines(report["cache"])]
     return lines
+
+
+OPENVINO_LABELS = {"eager": "eager (recipe dtype)", "openvino": "OpenVINO", "artifact": "diffbake artifact"}
+
+
+def _openvino_lines(o: dict[str, Any]) -> list[str]:
+    if "skipped" in o:
+        return [f"OpenVINO: skipped, {o['skipped']}."]
+    steps = o["steps"]
+    rows = [("denoiser step, one process", "latency", "error vs float32")]
+    for key, label in OPENVINO_LABELS.items():
+        rows.append((label, _ms(steps[key]["step_median_s"]), f"{steps[key]['max_abs_error_vs_float32']:.1e}"))
+    return [
+        *_columns(rows),
+        f"OpenVINO {o['openvino_version'].split('-')[0]}: convert_model of the float32 eager denoiser, "
+        f"{steps['openvino']['precision']['INFERENCE_PRECISION_HINT']} inference precision, latency hint; converted "
+        f"and compiled in {steps['openvino']['convert_s']:.1f} s.",
+    ]
 
 
 def _error(rung: dict[str, Any]) -> str:
@@ -512,6 +561,12 @@ def markdown(report: dict[str, Any]) -> str:
             else:
                 errors = f"{r['max_abs_error']:.2e} | {r['relative_error']:.2e} |"
             lines.append(f"| {r['step']} | {_ms(r['step_median_s'])} | {r['speedup_vs_float32']:.2f}x | {errors}")
+    if report.get("openvino"):
+        lines += ["", "## Against OpenVINO (the denoiser step, one fresh process)", ""]
+        if "skipped" in report["openvino"]:
+            lines += _openvino_lines(report["openvino"])
+        else:
+            lines += ["```", *_openvino_lines(report["openvino"]), "```"]
     if report.get("cache"):
         lines += ["", "## Step cache (whole images, fresh process)", "", *_cache_lines(report["cache"])]
     f = report["flops"]
@@ -545,6 +600,10 @@ def _describe_ratio(key: str) -> str:
     if what == "startup":
         return f"start-up overhead (first image less a steady image), {LABELS[other]} / artifact"
     noun = {"step": "denoiser step", "image": "whole image"}[what]
+    if other == "eager_over_openvino":
+        return "denoiser step, eager (recipe dtype) / OpenVINO (one process)"
+    if other == "openvino":
+        return "denoiser step, OpenVINO / artifact (one process)"
     return f"{noun}, {LABELS[other]} / artifact"
 
 

@@ -255,6 +255,107 @@ def np_save(path: str, array: Any) -> None:
     np.save(path, array)
 
 
+# -- OpenVINO: what a CPU user would pick instead ----------------------------------------------------------------
+
+
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def run_openvino(spec: dict) -> dict:
+    """The denoiser step three ways in one process, on the first call's inputs: eager in the recipe's dtype,
+    OpenVINO (``openvino.convert_model`` of the float32 eager denoiser, compiled for the CPU with the latency hint
+    and the recipe's dtype as inference precision), and the artifact's compiled denoiser; each one's error against
+    float32 eager. One process, so the three share the same CPU state (clocks, caches, threads)."""
+    import numpy as np
+    import openvino
+    from torch.utils._pytree import tree_flatten
+
+    from diffbake.builder.sources import load_pipeline
+
+    recipe, info = _recipe({**spec, "source_folder": None})
+    name = info.denoiser
+    pipe = load_pipeline(info, "float32")
+    module = getattr(pipe, name).eval()
+    args, kwargs = _first_call(pipe, module, spec)
+    del pipe
+    device = torch.device("cpu")
+    with torch.no_grad():
+        reference = _first_tensor(module(*args, **kwargs)).float()
+        start = time.perf_counter()
+        flat = _TensorCall(module, args, kwargs)
+        converted = openvino.convert_model(flat, example_input=tuple(flat.inputs))
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[recipe.dtype]}
+        compiled_ov = openvino.Core().compile_model(converted, "CPU", config)
+        convert_s = time.perf_counter() - start
+    inputs = [t.numpy() for t in flat.inputs]
+    times, out = _timed(lambda: compiled_ov(inputs)[0], spec, device)
+    ov_out = torch.from_numpy(np.asarray(out)).float()
+    paths = {"openvino": {"step_s": times, "convert_s": convert_s, "_out": ov_out, "precision": config}}
+    compiled_ov = converted = flat = None  # free OpenVINO's copy of the weights before the next two
+
+    dtype = getattr(torch, recipe.dtype)
+    module.to(dtype)
+    cast_args, cast_kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+    times, out = _timed(lambda: module(*cast_args, **cast_kwargs), spec, device)
+    paths["eager"] = {"step_s": times, "_out": _first_tensor(out).float()}
+    module = None
+    compiled = _compiled_denoiser(spec, name)
+    times, out = _timed(lambda: compiled(*cast_args, **cast_kwargs), spec, device)
+    paths["artifact"] = {"step_s": times, "_out": _first_tensor(out).float()}
+    for entry in paths.values():
+        got = entry.pop("_out")
+        entry["step_median_s"] = statistics.median(entry["step_s"])
+        entry["max_abs_error_vs_float32"] = (got - reference).abs().max().item()
+    leaves = tree_flatten((args, kwargs))[0]
+    return {
+        "openvino_version": openvino.__version__,
+        "inputs": [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)],
+        "steps": paths,
+    }
+
+
+class _TensorCall(torch.nn.Module):
+    """``module(*args, **kwargs)`` with every tensor of the call as a positional input (the rest fixed), returning
+    its first output tensor: the plain signature a converter takes."""
+
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        from torch.utils._pytree import tree_flatten
+
+        super().__init__()
+        self.module = module
+        self.leaves, self.spec = tree_flatten((args, kwargs))
+        self.where = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+        self.inputs = [self.leaves[i] for i in self.where]
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from torch.utils._pytree import tree_unflatten
+
+        leaves = list(self.leaves)
+        for i, tensor in zip(self.where, tensors, strict=True):
+            leaves[i] = tensor
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return _first_tensor(self.module(*args, **kwargs))
+
+
+def _first_call(pipe: Any, module: torch.nn.Module, spec: dict) -> tuple[tuple, dict]:
+    """The inputs of the pipeline's first call of ``module`` (the pipeline is stopped there)."""
+    captured: dict[str, Any] = {}
+    capture = _capture(captured)
+
+    def capture_and_stop(module: Any, args: tuple, kwargs: dict) -> None:
+        capture(module, args, kwargs)
+        raise _Captured  # the first call's inputs are all that is needed of the pipeline
+
+    hook = module.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
+    try:
+        _image(pipe, spec)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    return captured["args"], captured["kwargs"]
+
+
 # -- the step cache rung: the regional artifact with and without a diffusers step cache ---------------------------
 
 
@@ -338,21 +439,8 @@ def run_ladder(spec: dict) -> dict:
     pipe = load_pipeline(info, "float32")
     pipe.to(recipe.device)
     module = getattr(pipe, name).eval()
-    captured: dict[str, Any] = {}
-    capture = _capture(captured)
-
-    def capture_and_stop(module: Any, args: tuple, kwargs: dict) -> None:
-        capture(module, args, kwargs)
-        raise _Captured  # the first call's inputs are all the ladder needs of the pipeline
-
-    hook = module.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
-    try:
-        _image(pipe, spec)
-    except _Captured:
-        pass
-    hook.remove()
+    args, kwargs = _first_call(pipe, module, spec)
     del pipe  # the rest of the float32 pipeline
-    args, kwargs = captured["args"], captured["kwargs"]
     device = torch.device(recipe.device)
     rungs: list[dict] = []
 
@@ -376,7 +464,7 @@ def run_ladder(spec: dict) -> dict:
         channels_last(module)
         rung("+ channels_last", lambda: module(*args, **kwargs))
     if comp is not None and comp.quantization is not None:
-        quantize(name, module, comp.quantization)
+        quantize(name, module, comp.quantization, blocks_only=comp.mode == "regional")
         rung(f"+ {comp.quantization.method} (torchao)", lambda: module(*args, **kwargs))
     module = None  # free the eager weights before the compiled component binds its own
     if comp is not None:
@@ -390,7 +478,7 @@ def run_ladder(spec: dict) -> dict:
 
 
 class _Captured(Exception):
-    """Raised by the ladder's hook to stop the pipeline at its first denoiser call."""
+    """Raised by a hook to stop the pipeline at its first denoiser call."""
 
 
 def _compiled_denoiser(spec: dict, name: str) -> Any:
@@ -450,6 +538,7 @@ MODES: dict[str, Callable[[dict], dict]] = {
     "artifact": run_artifact,
     "ladder": run_ladder,
     "cache": run_cache,
+    "openvino": run_openvino,
     "save": run_save,
 }
 
