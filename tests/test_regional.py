@@ -40,14 +40,18 @@ BLOCKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def regional(tmp_path_factory, saved_pipelines):
-    folder = tmp_path_factory.mktemp("regional")
+def _build_all(folder, recipes: dict[str, str], saved_pipelines) -> dict:
+    """family -> artifact, each built from its recipe (kept beside it as FAMILY.toml) on the saved tiny pipeline."""
     built = {}
-    for family, recipe in RECIPES.items():
+    for family, recipe in recipes.items():
         (folder / f"{family}.toml").write_text(recipe.format(source=saved_pipelines(family).as_posix()))
         built[family] = diffbake.build(folder / f"{family}.toml", folder / family)
     return built
+
+
+@pytest.fixture(scope="module")
+def regional(tmp_path_factory, saved_pipelines):
+    return _build_all(tmp_path_factory.mktemp("regional"), RECIPES, saved_pipelines)
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
@@ -102,67 +106,6 @@ def test_inspect_shows_the_block_groups(regional):
     assert "    block FluxSingleTransformerBlock x1: package " in result.output
 
 
-def test_a_regional_artifact_rebinds_to_new_weights(regional, saved_pipelines, tmp_path, monkeypatch):
-    import diffbake.builder.build
-
-    monkeypatch.setattr(diffbake.builder.build, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
-    pipe = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    pipe.save_pretrained(tmp_path / "finetune")
-    out = diffbake.rebind(regional["sd"], weights=tmp_path / "finetune", out=tmp_path / "rebound")
-    old, new = read_manifest(regional["sd"]), read_manifest(out)
-    assert [new.files[b.package].sha256 for b in new.components["unet"].blocks] == [
-        old.files[b.package].sha256 for b in old.components["unet"].blocks
-    ]
-    got, want = (
-        p(**CALLS["sd"], generator=torch.Generator().manual_seed(0), output_type="np").images
-        for p in (diffbake.load(out, self_test=True), DiffusionPipeline.from_pretrained(tmp_path / "finetune"))
-    )
-    assert np.abs(got - want).max() <= 5e-4
-
-
-def _with_first_block_cache(pipe, threshold: float, call: dict) -> np.ndarray:
-    from diffusers import FirstBlockCacheConfig
-
-    from diffbake.runtime.caches import enable_step_cache
-
-    if hasattr(pipe.transformer, "diffbake_components"):
-        enable_step_cache(pipe, FirstBlockCacheConfig(threshold=threshold))
-    else:
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    return pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
-
-
-@pytest.mark.parametrize("threshold", [0.2, 100.0])
-def test_first_block_cache_on_a_regional_artifact_matches_eager_with_the_same_cache(
-    regional, saved_pipelines, monkeypatch, threshold
-):
-    blocks: list[str] = []
-    run = CompiledBlock.__call__
-
-    def spy(self, *args, **kwargs):
-        blocks.append(self.where)
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(CompiledBlock, "__call__", spy)
-    call = {**CALLS["flux"], "num_inference_steps": 6}
-    loaded = diffbake.load(regional["flux"])
-    got = _with_first_block_cache(loaded, threshold, call)
-    want = _with_first_block_cache(DiffusionPipeline.from_pretrained(saved_pipelines("flux")), threshold, call)
-    assert np.abs(got - want).max() <= 5e-4
-    head = "transformer: block 'transformer_blocks.0'"
-    assert blocks.count(head) == 6  # the first block runs every step: it decides
-    tail = len(blocks) - blocks.count(head)
-    if threshold == 100.0:
-        assert tail == 1  # only the first step runs the other block; every later step reuses its residual
-    # The cache's state starts afresh with each call: the same call again gives the same image.
-    again = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
-    np.testing.assert_array_equal(again, got)
-
-
 # The regional recipes with QKV fusion, and (Flux) int8 quantization of the blocks' linears on top.
 TRANSFORMED = {
     "sd": RECIPES["sd"] + "fuse_qkv = true\n",
@@ -172,21 +115,17 @@ TRANSFORMED = {
 
 @pytest.fixture(scope="module")
 def transformed(tmp_path_factory, saved_pipelines):
-    folder = tmp_path_factory.mktemp("regional-transformed")
-    built = {}
-    for family, recipe in TRANSFORMED.items():
-        (folder / f"{family}.toml").write_text(recipe.format(source=saved_pipelines(family).as_posix()))
-        built[family] = diffbake.build(folder / f"{family}.toml", folder / family)
-    return built
+    return _build_all(tmp_path_factory.mktemp("regional-transformed"), TRANSFORMED, saved_pipelines)
 
 
-def _eager_with_transforms(artifact, saved_pipelines, family):
-    """The stock pipeline with the recipe's transforms applied as the build applies them (eager torchao)."""
+def _eager_with_transforms(artifact, source, family):
+    """The stock pipeline from ``source`` with the transforms of the artifact's recipe, applied as the build
+    applies them (eager torchao)."""
     from diffbake.builder.build import LogReporter, apply_transforms
     from diffbake.builder.recipe import load_recipe
 
     recipe = load_recipe(artifact.parent / f"{family}.toml")
-    stock = DiffusionPipeline.from_pretrained(saved_pipelines(family))
+    stock = DiffusionPipeline.from_pretrained(source)
     name, _ = BLOCKS[family]
     apply_transforms(recipe.components[name], getattr(stock, name).eval(), LogReporter())
     return stock
@@ -197,7 +136,7 @@ def test_regional_with_fused_and_quantized_blocks_matches_eager_with_the_same_tr
     transformed, saved_pipelines, family
 ):
     loaded = diffbake.load(transformed[family], self_test=True)
-    stock = _eager_with_transforms(transformed[family], saved_pipelines, family)
+    stock = _eager_with_transforms(transformed[family], saved_pipelines(family), family)
     got, want = (
         p(**CALLS[family], generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
     )
@@ -232,31 +171,41 @@ def test_regional_weights_hold_what_the_blocks_read_once(transformed, regional):
     assert not hasattr(loaded.transformer_blocks[0].attn, "to_q")
 
 
-def test_a_fused_regional_artifact_rebinds_to_new_weights(transformed, saved_pipelines, tmp_path, monkeypatch):
+@pytest.mark.parametrize("built", ["regional", "transformed"])
+def test_a_regional_artifact_rebinds_to_new_weights(built, request, saved_pipelines, tmp_path, monkeypatch):
     import diffbake.builder.build
 
+    artifact = request.getfixturevalue(built)["sd"]  # plain, or with QKV fusion
     monkeypatch.setattr(diffbake.builder.build, "compile_package", lambda *a, **k: pytest.fail("rebind compiled"))
     pipe = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
-    g = torch.Generator().manual_seed(12)
+    g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in pipe.unet.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     pipe.save_pretrained(tmp_path / "finetune")
-    out = diffbake.rebind(transformed["sd"], weights=tmp_path / "finetune", out=tmp_path / "rebound")
-    pipe.unet.fuse_qkv_projections()
-    loaded = diffbake.load(transformed["sd"])
-    diffbake.set_weights(loaded, out)  # in place, into the fused tensors the blocks read
-    got, want = (
-        p(**CALLS["sd"], generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, pipe)
+    out = diffbake.rebind(artifact, weights=tmp_path / "finetune", out=tmp_path / "rebound")
+    old, new = read_manifest(artifact), read_manifest(out)
+    assert [new.files[b.package].sha256 for b in new.components["unet"].blocks] == [
+        old.files[b.package].sha256 for b in old.components["unet"].blocks
+    ]
+    switched = diffbake.load(artifact)
+    diffbake.set_weights(switched, out)  # in place, into the tensors the blocks read (the fused ones, if fused)
+    want, *got = (
+        p(**CALLS["sd"], generator=torch.Generator().manual_seed(0), output_type="np").images
+        for p in (_eager_with_transforms(artifact, tmp_path / "finetune", "sd"), diffbake.load(out), switched)
     )
-    assert np.abs(got - want).max() <= 5e-4
+    for image in got:
+        assert np.abs(image - want).max() <= 5e-4
 
 
-def _block_level_caches() -> dict:
-    from diffusers import MagCacheConfig, TaylorSeerCacheConfig
+def _step_caches() -> dict:
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
     return {
+        # First Block Cache: the first block decides from how much its output moved since the last step.
+        "first-block:0.2": FirstBlockCacheConfig(threshold=0.2),
+        "first-block:100": FirstBlockCacheConfig(threshold=100.0),
         # MagCache: the first block decides from precomputed magnitude ratios, the last one records the residual.
         "mag": MagCacheConfig(threshold=100.0, num_inference_steps=6, mag_ratios=FLUX_MAG_RATIOS),
         # TaylorSeer's lite mode: whole blocks are skipped on predicted steps, proj_out's output is extrapolated.
@@ -266,10 +215,12 @@ def _block_level_caches() -> dict:
     }
 
 
-@pytest.mark.parametrize("method", ["mag", "taylorseer-lite"])
-def test_block_level_caches_on_a_regional_artifact_match_eager_with_the_same_cache(
+@pytest.mark.parametrize("method", ["first-block:0.2", "first-block:100", "mag", "taylorseer-lite"])
+def test_step_caches_on_a_regional_artifact_match_eager_with_the_same_cache(
     regional, saved_pipelines, monkeypatch, method
 ):
+    from diffbake.runtime.caches import enable_step_cache
+
     blocks: list[str] = []
     run = CompiledBlock.__call__
 
@@ -280,14 +231,20 @@ def test_block_level_caches_on_a_regional_artifact_match_eager_with_the_same_cac
     monkeypatch.setattr(CompiledBlock, "__call__", spy)
     call = {**CALLS["flux"], "num_inference_steps": 6}
     loaded, stock = diffbake.load(regional["flux"]), DiffusionPipeline.from_pretrained(saved_pipelines("flux"))
-    for pipe in (loaded, stock):
-        pipe.transformer.enable_cache(_block_level_caches()[method])
+    enable_step_cache(loaded, _step_caches()[method])
+    stock.transformer.enable_cache(_step_caches()[method])
     got, want = (
         p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
     )
     assert np.abs(got - want).max() <= 5e-4
+    head = blocks.count("transformer: block 'transformer_blocks.0'")
     tail = blocks.count("transformer: block 'single_transformer_blocks.0'")
-    assert 0 < tail < 6  # the last block was skipped on some steps, and ran on others
+    if method.startswith("first-block"):
+        assert head == 6  # the first block runs every step: it decides
+    if method == "first-block:100":
+        assert tail == 1  # only the first step runs the other block; every later step reuses its residual
+    if method in ("mag", "taylorseer-lite"):
+        assert 0 < tail < 6  # the last block was skipped on some steps, and ran on others
     again = loaded(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
     np.testing.assert_array_equal(again, got)  # the cache's state starts afresh with each call
 

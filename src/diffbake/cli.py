@@ -233,6 +233,22 @@ def _pipeline_flags(pipeline: type, given: dict, images: int | None, compiled: d
     return out
 
 
+def _step_cache_option(help: str) -> Callable:
+    """``--cache METHOD:THRESHOLD``, checked when the command line is parsed (a usage error, exit 2)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from diffbake.runtime.caches import parse_step_cache
+
+        if value is not None:
+            try:
+                parse_step_cache(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from None
+        return value
+
+    return click.option("--cache", "step_cache", default=None, callback=check, help=help)
+
+
 def _image_file(flag: str, help: str) -> Callable:
     """An image file option of generate (``--image`` arrives as ``image_file``)."""
     path = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -294,12 +310,9 @@ def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str
     "--strength", type=click.FloatRange(0, 1), help="How much of the image to repaint [default: the pipeline's]."
 )
 @click.option("--control-scale", type=float, help="ControlNet conditioning scale [default: the pipeline's].")
-@click.option(
-    "--cache",
-    "step_cache",
-    default=None,
-    help="A diffusers step cache on the denoiser, e.g. first-block:0.08 (First Block Cache at that threshold); "
-    "needs a regional build.",
+@_step_cache_option(
+    "A diffusers step cache on the denoiser, e.g. first-block:0.08 (First Block Cache at that threshold); needs a "
+    "regional build."
 )
 @click.option("--revision", default=None, help="For a Hub repo id: the commit sha to load.")
 @click.option(
@@ -344,10 +357,7 @@ def generate(
     from diffbake.runtime.load import compiled_call, load
     from diffbake.runtime.serving import loaded_artifact
 
-    try:
-        cache_config = parse_step_cache(step_cache) if step_cache is not None else None
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--cache") from e
+    cache_config = parse_step_cache(step_cache) if step_cache is not None else None  # checked by the option
     _quiet_loading_bars()
     start = time.perf_counter()
     source = str(artifact) if not artifact.exists() else artifact  # a repo id is not a path
@@ -616,12 +626,9 @@ def pull(
     help="Fresh-process runs to make, comma-separated.",
 )
 @click.option("--no-ladder", is_flag=True, help="Skip the optimization ladder.")
-@click.option(
-    "--cache",
-    "step_cache",
-    default=None,
-    help="Also measure whole images with a diffusers step cache, e.g. first-block:0.08: blocks skipped, speedup "
-    "and error against the artifact without it (needs a regional denoiser).",
+@_step_cache_option(
+    "Also measure whole images with a diffusers step cache, e.g. first-block:0.08: blocks skipped, speedup and "
+    "error against the artifact without it (needs a regional denoiser)."
 )
 @click.option("--cuda-graphs", is_flag=True, help="Load the artifact with CUDA graphs (CUDA recipes).")
 @click.option(
@@ -673,13 +680,6 @@ def bench(
         )
     if "compile_warm" in chosen and "compile_cold" not in chosen:
         raise click.BadParameter("compile_warm reuses the cache compile_cold fills; ask for both", param_hint="--paths")
-    if step_cache is not None:
-        from diffbake.runtime.caches import parse_step_cache
-
-        try:
-            parse_step_cache(step_cache)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--cache") from None
     _quiet_loading_bars()
     start = time.perf_counter()
     click.echo(f"benchmarking {recipe}", err=True)
