@@ -144,6 +144,10 @@ def test_regional_with_fused_and_quantized_blocks_matches_eager_with_the_same_tr
 
 
 def test_regional_weights_hold_what_the_blocks_read_once(transformed, regional):
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
     # Fused: each block instance stores its fused projection, and not the unfused ones it no longer reads, so the
     # weights file holds as many numbers as the unfused artifact's.
     fused = read_manifest(transformed["sd"]).components["unet"]
@@ -166,6 +170,9 @@ def test_regional_weights_hold_what_the_blocks_read_once(transformed, regional):
     assert flux.constants[qkv].dtype == "int8"
     assert "transformer_blocks.0.attn.to_q.weight" not in flux.constants
     assert flux.constants["x_embedder.weight"].dtype == "float32"
+    layers = flux.transforms["quantization"]["layers"]
+    shown = CliRunner().invoke(cli, ["inspect", str(transformed["flux"])])
+    assert f"transforms: fuse_qkv, int8_weight_only on {layers} linear layers of the repeated blocks" in shown.output
     loaded = diffbake.load(transformed["flux"]).transformer
     assert loaded.x_embedder.weight.dtype == torch.float32
     assert not hasattr(loaded.transformer_blocks[0].attn, "to_q")

@@ -843,7 +843,8 @@ def _describe_transforms(t: dict) -> str:
     done = [k for k in ("fuse_qkv", "channels_last") if t.get(k)]
     q = t.get("quantization")
     if q:
-        done.append(f"{q['method']} on {q['layers']} linear layers")
+        where = f" of the {q['scope']}" if q.get("scope") else ""
+        done.append(f"{q['method']} on {q['layers']} linear layers{where}")
     return ", ".join(done) or "none"
 
 
