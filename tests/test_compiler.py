@@ -20,7 +20,8 @@ RECIPE = """
 model = "{source}"
 [components.vae_decoder]
 shapes = {{ batch = 1, height = 64, width = 64 }}
-compiler = {{ conv_1x1_as_mm = true, epilogue_fusion = false, shape_padding = false, attention_backend = "math" }}
+compiler = {{ conv_1x1_as_mm = true, epilogue_fusion = false, shape_padding = false, layout_optimization = false, \
+attention_backend = "math" }}
 """
 
 
@@ -52,8 +53,9 @@ def test_presets_and_options_parse():
         (
             "{ freezing = true }",
             "r.toml: [components.unet] compiler: unknown option 'freezing'; known: preset, conv_1x1_as_mm, "
-            "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, coordinate_descent_tuning, "
-            "coordinate_descent_check_all_directions, triton.unique_kernel_names, tf32, attention_backend",
+            "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, layout_optimization, "
+            "coordinate_descent_tuning, coordinate_descent_check_all_directions, triton.unique_kernel_names, tf32, "
+            "attention_backend",
         ),
         (
             "{ coordinate_descent_tuning = true }",
@@ -98,10 +100,11 @@ def test_options_reach_the_compile_are_recorded_and_still_match_eager(
     (tmp_path / "r.toml").write_text(RECIPE.format(source=saved_pipelines("sd").as_posix()))
     art = diffbake.build(tmp_path / "r.toml", tmp_path / "art")
     assert len(seen) == 1
-    assert {k: seen[0][k] for k in ("conv_1x1_as_mm", "epilogue_fusion", "shape_padding")} == {
+    assert {k: seen[0][k] for k in ("conv_1x1_as_mm", "epilogue_fusion", "shape_padding", "layout_optimization")} == {
         "conv_1x1_as_mm": True,
         "epilogue_fusion": False,
         "shape_padding": False,
+        "layout_optimization": False,
     }
     assert seen[0]["aot_inductor.package_constants_in_so"] is False  # diffbake's own settings stay
     # Scoped to the compile: the process-wide config is untouched.
@@ -112,6 +115,7 @@ def test_options_reach_the_compile_are_recorded_and_still_match_eager(
         "attention_backend": "math",
         "conv_1x1_as_mm": True,
         "epilogue_fusion": False,
+        "layout_optimization": False,
         "shape_padding": False,
     }
     # The attention backend decides the compiled kernel: the VAE's attention is one fused kernel by default on the
