@@ -322,7 +322,7 @@ def _report(
             ladder.append({**rung, "speedup_vs_float32": base / rung["step_median_s"]})
     cache = runs.get("cache")
     if cache:
-        cache = {k: v for k, v in cache.items() if not k.startswith("t_") and k not in ("mode", "files")}
+        cache = _measured(cache)
         cache["peak_rss_mb"] = runs["cache"]["peak_rss_mb"]
         if ladder:
             # The cache acts across steps: its rung is the mean denoiser step over a whole image, and its error is
@@ -359,7 +359,7 @@ def _report(
 
     openvino = runs.get("openvino")
     if openvino and "steps" in openvino:
-        openvino = {k: v for k, v in openvino.items() if not k.startswith("t_") and k not in ("mode", "files")}
+        openvino = _measured(openvino)
         steps = openvino["steps"]
         summary["step_openvino_over_artifact"] = steps["openvino"]["step_median_s"] / steps["artifact"]["step_median_s"]
         summary["step_eager_over_openvino"] = steps["eager"]["step_median_s"] / steps["openvino"]["step_median_s"]
@@ -404,6 +404,11 @@ def _report(
         "flops": {"per_step": flops, "matmul_peak": peak},
         "summary": summary,
     }
+
+
+def _measured(run: dict) -> dict:
+    """A child's result without its bookkeeping (time stamps, mode, scratch files), for the report."""
+    return {k: v for k, v in run.items() if not k.startswith("t_") and k not in ("mode", "files")}
 
 
 def _cpu_name() -> str:

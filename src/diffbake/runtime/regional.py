@@ -30,8 +30,7 @@ from diffbake.runtime.packages import unpack_dir as resolve_unpack_dir
 
 
 class CompiledBlock:
-    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its constants
-    (which it holds: the package reads them in place)."""
+    """Replaces one block instance's ``forward``: checks the inputs, runs the group's package on its constants."""
 
     def __init__(
         self,
@@ -41,11 +40,9 @@ class CompiledBlock:
         entry: BlockEntry,
         runner: Any,
         built: str,
-        constants: dict[str, torch.Tensor],
         device: torch.device,
     ):
         self.where = f"{component}: block {fqn!r}"
-        self.constants = constants
         self.built = built
         self.entry = entry
         self.signature = inspect.signature(type(block).forward)
@@ -91,16 +88,10 @@ class RegionalComponent:
         self.tensors = tensors
         self.loaded_from: LoadedArtifact | None = None
 
-    def check_state(self, weights: dict[str, torch.Tensor]) -> None:
-        """Check that ``weights`` (passed through :func:`check_weights`) holds every tensor this component reads."""
-        require_same_names(
-            f"{self.name}: {self.entry.weights} does not hold the tensors of this regional {self.entry.class_name}",
-            expected=self.tensors,
-            found=weights,
-        )
-
     def bind(self, weights: dict[str, torch.Tensor], loaded_from: LoadedArtifact | None = None) -> None:
-        """Copy checked ``weights`` into the tensors the module and the compiled blocks read in place."""
+        """Copy ``weights`` into the tensors the module and the compiled blocks read in place. Their names are
+        this component's: :func:`check_weights` checked them against a manifest whose constants are the loaded
+        one's (``set_weights`` takes only a rebind of the same compiled code)."""
         with torch.no_grad():
             for key, tensor in self.tensors.items():
                 tensor.copy_(weights[key])
@@ -156,10 +147,11 @@ def load_regional(
         constants = {n: weights.get(f"{fqn}.{n.removeprefix('block.')}") for n in runner.constant_names()}
         if any(t is None for t in constants.values()):
             raise ArtifactError(f"{entry.name}: {block_entry.package} does not fit block {fqn!r}; rebuild the artifact")
-        # user_managed: the package reads these tensors in place; its CompiledBlock keeps them alive.
+        # user_managed: the package reads these tensors in place; the component's tensors (all of ``weights``)
+        # keep them alive as long as the module.
         runner.bind(constants)
         built = describe(entry.variants[0])
-        block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, built, constants, target)
+        block.forward = CompiledBlock(entry.name, fqn, block, block_entry, runner, built, target)
         _drop_unloaded(block)
     left = [k for k, t in module.state_dict().items() if t.is_meta]
     if left:

@@ -117,9 +117,7 @@ def _read_compiled(root: Path, manifest: Manifest, components: dict[str, Any], d
     out = {}
     for name, entry in manifest.components.items():
         weights = load_file(root / entry.weights, device=str(torch.device(device)))
-        check_weights(entry, weights)
-        if hasattr(components[name], "check_state"):  # regional: the weights are the eager module's state
-            components[name].check_state(weights)
+        check_weights(entry, weights)  # the names, shapes and dtypes _same_code found equal to the loaded ones
         out[name] = weights
     return out
 
