@@ -51,9 +51,9 @@ def test_presets_and_options_parse():
     ("compiler", "message"),
     [
         (
-            "{ freezing = true }",
-            "r.toml: [components.unet] compiler: unknown option 'freezing'; known: preset, conv_1x1_as_mm, "
-            "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, layout_optimization, "
+            "{ cpp_wrapper = true }",
+            "r.toml: [components.unet] compiler: unknown option 'cpp_wrapper'; known: preset, conv_1x1_as_mm, "
+            "epilogue_fusion, shape_padding, aggressive_fusion, max_autotune, layout_optimization, freezing, "
             "coordinate_descent_tuning, coordinate_descent_check_all_directions, triton.unique_kernel_names, tf32, "
             "attention_backend",
         ),

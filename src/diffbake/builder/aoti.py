@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import BuildError
-from diffbake.format.host import CPU_TARGETS, cpu_features
+from diffbake.format.host import CPU_TARGETS, ONEDNN_ISA, cpu_features
 from diffbake.format.packages import entry_kind, inspect_package
 
 INDUCTOR_CONFIGS: dict[str, Any] = {
@@ -51,16 +51,20 @@ def isa_configs(cpu_isa: str) -> dict[str, Any]:
     return {"cpp.march": march, "cpp.simdlen": simdlen}
 
 
-def required_cpu_features(cpu_isa: str) -> list[str]:
+def required_cpu_features(cpu_isa: str, prepacked: bool = False) -> list[str]:
     """The CPU extensions code compiled for ``cpu_isa`` may use, as /proc/cpuinfo names them.
 
     A named target implies its -march level's extensions plus those the vector kernels inductor picks for that
     width are compiled with (on a build host with AMX, its AVX-512 kernels are built with AMX, VNNI and BF16
-    enabled, so those are required too). A native build may use anything the build host has.
+    enabled, so those are required too). A native build may use anything the build host has. Weights
+    ``prepacked`` (compiler freezing) are in layouts oneDNN chose by the build host's :data:`ONEDNN_ISA`: all
+    of those are required too (and the loader refuses a CPU with more of them).
     """
     host = cpu_features() or frozenset()
     if cpu_isa == "native":
         return sorted(host)
+    if prepacked:
+        return sorted(set(required_cpu_features(cpu_isa)) | (host & ONEDNN_ISA))
     import torch._inductor.config
     from torch._inductor import cpu_vec_isa
 
@@ -74,7 +78,12 @@ def required_cpu_features(cpu_isa: str) -> list[str]:
 def inductor_configs(cpu_isa: str = "native", options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every inductor setting of a compile: the recipe's options first, so diffbake's own packaging settings
     always win, then the CPU target's."""
-    return {**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
+    configs = {**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
+    if configs.get("freezing"):
+        # Freezing folds the weights into the code and prepacks them in oneDNN's layouts (opaque tensors that
+        # no weights file can hold): they can only live in the package.
+        configs["aot_inductor.package_constants_in_so"] = True
+    return configs
 
 
 def compile_package(name: str, exported: Any, path: Path, *, device: str, configs: dict[str, Any]) -> Path:
@@ -89,7 +98,9 @@ def compile_package(name: str, exported: Any, path: Path, *, device: str, config
     import torch._inductor
 
     try:
-        out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=configs)
+        # Without grad: inductor applies freezing (when asked) only to graphs compiled so; nothing else changes.
+        with torch.no_grad():
+            out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=configs)
     except Exception as e:  # inductor raises many unrelated types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BuildError(

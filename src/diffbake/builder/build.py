@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -247,6 +248,8 @@ def _compile(
     the package the compile cache holds for exactly this program and target."""
     device = _device_type(recipe)
     configs = inductor_configs(recipe.cpu_isa, inductor_options(comp))
+    if comp.frozen:
+        cache = None  # its package holds the weights, which the cache's key leaves out
     key = cached = None
     if cache is not None:
         # Serializing the graph for its key takes a second or two on a real UNet (1974 nodes): a stage of its own.
@@ -369,10 +372,14 @@ def _compile_variants(
             _compile(comp, recipe, exported, package, label, rep, cache)
         else:
             shutil.copy2(reuse.root / package.relative_to(root), package)
-        fqns = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine()).constant_names()
+        if comp.frozen:  # the package holds the weights, folded and prepacked: the weights file holds none
+            fqns, source = [], {}
+        else:
+            opened = Package(package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine())
+            fqns, source = opened.constant_names(), exported
         if constants is None:
             with rep.stage(f"{name}: save weights"):
-                constants = _save_weights(name, exported, fqns, folder)
+                constants = _save_weights(name, source, fqns, folder)
             if reused is not None:
                 _same_constants(name, reused.constants, constants)
         elif set(fqns) != set(constants):
@@ -849,6 +856,11 @@ def _save_weights(name: str, source: Any, names: list[str], folder: Path) -> dic
         seen.add(t.data_ptr())
         tensors[key] = t.cpu()
     save_file(tensors, str(folder / WEIGHTS_FILE))
+    # safetensors 0.8 writes the file private (0600); give it the mode every other file of the artifact gets, so
+    # that a serving user other than the one who built it can read it.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~mask)
     return specs
 
 
@@ -929,5 +941,5 @@ def _host(recipe: Recipe) -> Host:
         **host_facts(_device_type(recipe)),
         dtype=recipe.dtype,
         cpu_isa=recipe.cpu_isa,
-        cpu_features=required_cpu_features(recipe.cpu_isa),
+        cpu_features=required_cpu_features(recipe.cpu_isa, prepacked=any(c.frozen for c in recipe.components.values())),
     )

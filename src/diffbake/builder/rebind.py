@@ -55,6 +55,7 @@ def rebind(
     src = Path(artifact)
     with rep.stage(f"check {src}"):
         manifest = read_manifest(src)
+        manifest.require_rebindable("rebind")
         verify_files(src, manifest)  # the compiled code to reuse must be exactly what was built
         # The rebind runs that code to check the new weights, and its manifest keeps the compiling host's facts:
         # both hold only where the code fits this host.

@@ -43,6 +43,15 @@ ISA_FEATURES = frozenset(
 )
 
 
+# Extensions by which oneDNN picks its kernels, and with them the blocked layouts it packs weights in. Weights
+# prepacked at build (the compiler option ``freezing``) are only read right by a CPU with exactly the build
+# host's set: torch's prepacked linear does not reorder its weight again.
+ONEDNN_ISA = frozenset(
+    {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512_fp16"}
+    | {"avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"}
+)
+
+
 # Extensions that run each half precision natively (/proc/cpuinfo names; x86, then aarch64). Without one torch
 # emulates it: on an AVX2-only AMD EPYC a 256-channel 3x3 convolution took 16.6 s in bfloat16 against 0.086 s
 # in float32 (190x), a 2048x2048 linear 6x.
@@ -175,6 +184,14 @@ def check_compatibility(manifest: Manifest, device: str) -> None:
         raise CompatibilityError(
             f"cpu_features: this artifact's code (cpu_isa {built.cpu_isa!r}) uses {', '.join(missing)}, which "
             f"this CPU lacks; {_ISA_REMEDY}"
+        )
+    frozen = [name for name, entry in manifest.components.items() if entry.frozen]
+    extra = sorted((have & ONEDNN_ISA) - set(built.cpu_features))
+    if frozen and extra:
+        raise CompatibilityError(
+            f"cpu_features: the weights of {', '.join(frozen)} are prepacked (compiler freezing) in the layouts "
+            f"oneDNN chose for the build host's CPU, which lacks {', '.join(extra)}; on this CPU oneDNN would pick "
+            "kernels that read other layouts; rebuild the artifact on a CPU like this one, or without freezing"
         )
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
-from diffbake.errors import ArtifactError, ArtifactNotFoundError, IntegrityError
+from diffbake.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, RebindError
 from diffbake.format.components import KNOWN_COMPONENTS, STEP_CACHES
 
 FORMAT_NAME = "diffbake-artifact"
@@ -184,6 +184,12 @@ class ComponentEntry:
     step_cache: dict[str, Any] | None = None
 
     @property
+    def frozen(self) -> bool:
+        """Built with the compiler option ``freezing``: each package holds the weights, folded into its code and
+        prepacked for the build host's CPU; the weights file holds none and nothing is bound at load."""
+        return bool(self.compiler.get("freezing"))
+
+    @property
     def packages(self) -> list[str]:
         """Every compiled package of this component: its variants' (full) or its blocks' (regional)."""
         return [v.package for v in self.variants if v.package] + [b.package for b in self.blocks]
@@ -232,6 +238,20 @@ class Manifest:
     @property
     def dtype(self) -> str:
         return self.host.dtype
+
+    def require_rebindable(self, action: str) -> None:
+        """The one rule on swapping weights: a frozen component's weights are compiled into its packages.
+
+        Raises:
+            RebindError: naming ``action``, the frozen components and the fix.
+        """
+        frozen = [name for name, entry in self.components.items() if entry.frozen]
+        if frozen:
+            raise RebindError(
+                f"{action}: {', '.join(frozen)} {'was' if len(frozen) == 1 else 'were'} built with compiler "
+                "freezing, which compiles the weights into the package, so no other weights can be bound to it; "
+                "build the recipe with the new weights instead, or build without freezing to swap weights"
+            )
 
     def to_json(self) -> str:
         return json.dumps(seal(asdict(self)), indent=2, sort_keys=False, allow_nan=False) + "\n"

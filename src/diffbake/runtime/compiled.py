@@ -69,7 +69,10 @@ class CompiledComponent:
         self.variants = [CompiledVariant(self, artifact, v) for v in entry.variants]
         # Exact static variants first, then dynamic ones, each in recipe order.
         self._order = sorted(self.variants, key=lambda v: v.entry.dynamic)
-        self.bind(weights)
+        if entry.frozen:
+            self.weights = weights  # none: each package holds its own, folded into its code
+        else:
+            self.bind(weights)
 
     def bind(self, weights: dict[str, torch.Tensor], loaded_from: LoadedArtifact | None = None) -> None:
         """Bind ``weights`` to every variant: a pointer swap, no copy; every pipeline sharing this component sees it.
@@ -116,11 +119,12 @@ class CompiledVariant:
         # The component binds its weights before the first call: a code-only package called without them crashes
         # the process, so the package must expect exactly the constants the manifest lists.
         self.runner = open_package(artifact / entry.package, self.device, component.unpack, component.concurrency)
-        require_same_names(
-            f"{self.name}: {entry.package} expects constants that the manifest does not list",
-            expected=self.runner.constant_names(),
-            found=component.entry.constants,
-        )
+        if not component.entry.frozen:
+            require_same_names(
+                f"{self.name}: {entry.package} expects constants that the manifest does not list",
+                expected=self.runner.constant_names(),
+                found=component.entry.constants,
+            )
         # CUDA graphs replay fixed shapes; a dynamic variant's shapes change from call to call, so it runs as is.
         self.replay = self._new_replay() if component.cuda_graphs and not entry.dynamic else None
         if component.cuda_graphs and entry.dynamic:

@@ -95,6 +95,7 @@ def set_weights(pipe: Any, artifact: str | Path, *, verify: str = "full") -> Non
         ArtifactError, CompatibilityError: as for :func:`diffbake.load`; nothing was changed.
     """
     loaded = loaded_artifact(pipe)
+    loaded.manifest.require_rebindable("set_weights")
     root = Path(artifact)
     manifest = read_manifest(root)
     check_compatibility(manifest, torch.device(loaded.device).type)

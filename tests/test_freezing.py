@@ -1,0 +1,188 @@
+"""The compiler option ``freezing``: weights folded into the package and prepacked for the build host's CPU.
+
+One build of the tiny SD pipeline (float32, so any CI CPU runs it natively) with a frozen, channels_last UNet and a
+plain VAE decoder; the refusals are checked without compiling.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import diffbake
+import diffbake.format.host
+from diffbake.errors import CompatibilityError, RebindError, RecipeError
+from diffbake.format.manifest import read_manifest
+
+RECIPE = """
+[source]
+model = "{source}"
+[components.unet]
+shapes = {{ batch = 1, height = 64, width = 64 }}
+channels_last = true
+compiler = {{ freezing = true }}
+[components.vae_decoder]
+shapes = {{ batch = 1, height = 64, width = 64 }}
+"""
+
+REFUSED = (
+    "set_weights: unet was built with compiler freezing, which compiles the weights into the package, so no other "
+    "weights can be bound to it; build the recipe with the new weights instead, or build without freezing to swap "
+    "weights"
+)
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory, saved_pipelines) -> Path:
+    folder = tmp_path_factory.mktemp("frozen")
+    (folder / "recipe.toml").write_text(RECIPE.format(source=saved_pipelines("sd").as_posix()))
+    return diffbake.build(folder / "recipe.toml", folder / "artifact")
+
+
+def test_the_frozen_unet_holds_its_weights_in_its_package(frozen):
+    m = read_manifest(frozen)
+    unet, vae = m.components["unet"], m.components["vae_decoder"]
+    assert unet.compiler == {"freezing": True} and unet.frozen and not vae.frozen
+    assert unet.constants == {}
+    with safe_open(frozen / unet.weights, "pt") as f:
+        assert list(f.keys()) == []
+    with safe_open(frozen / vae.weights, "pt") as f:
+        assert len(list(f.keys())) == len(vae.constants) > 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for weights in (unet.weights, vae.weights):  # readable by a serving user other than the builder
+        assert (frozen / weights).stat().st_mode & 0o777 == 0o666 & ~mask
+    # The UNet's library carries its weights: it is larger than all of them in float32, the VAE's is code only.
+    unet_so = (frozen / unet.variants[0].package).stat().st_size
+    n_unet = sum(p.numel() for p in diffbake.builder.tiny.make_tiny_pipeline("sd").unet.parameters())
+    assert unet_so > 4 * n_unet > (frozen / vae.variants[0].package).stat().st_size
+    assert 0 < unet.variants[0].max_abs_error <= unet.variants[0].tolerance
+
+
+def test_a_frozen_artifact_generates_what_stock_diffusers_does(frozen, saved_pipelines):
+    from diffusers import DiffusionPipeline
+
+    pipe = diffbake.load(frozen)
+    stock = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    call = dict(prompt="a photo of a cat", num_inference_steps=3, output_type="np")
+    got = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    want = stock(**call, generator=torch.Generator().manual_seed(0)).images
+    assert got.shape == want.shape == (1, 64, 64, 3)
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_weights_cannot_be_swapped_into_a_frozen_artifact(frozen, tmp_path):
+    pipe = diffbake.load(frozen)
+    with pytest.raises(RebindError) as e:
+        diffbake.set_weights(pipe, frozen)
+    assert str(e.value) == REFUSED
+    with pytest.raises(RebindError) as e:
+        diffbake.rebind(frozen, out=tmp_path / "rebound")
+    assert str(e.value) == REFUSED.replace("set_weights:", "rebind:", 1)
+    assert not (tmp_path / "rebound").exists()
+
+
+def test_a_cpu_with_other_onednn_instruction_sets_is_refused(frozen, tmp_path, monkeypatch):
+    m = read_manifest(frozen)
+    built = frozenset(m.host.cpu_features)
+    # The same CPU: loads.
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: built)
+    diffbake.format.host.check_compatibility(m, "cpu")
+    # A CPU with an instruction set oneDNN would pick other kernels (and weight layouts) for: refused.
+    more = built | {"amx_tile", "amx_bf16"}
+    extra = sorted(more - built)
+    assert extra  # the test needs a feature the build host lacks
+    monkeypatch.setattr(diffbake.format.host, "cpu_features", lambda: more)
+    with pytest.raises(CompatibilityError) as e:
+        diffbake.load(frozen)
+    assert str(e.value) == (
+        "cpu_features: the weights of unet are prepacked (compiler freezing) in the layouts oneDNN chose for the "
+        f"build host's CPU, which lacks {', '.join(extra)}; on this CPU oneDNN would pick kernels that read other "
+        "layouts; rebuild the artifact on a CPU like this one, or without freezing"
+    )
+    # An artifact without frozen components loads there (the extra features are only more to use).
+    plain = Path(shutil.copytree(frozen, tmp_path / "plain"))
+    from helpers import edit_manifest
+
+    edit_manifest(plain, lambda d: d["components"]["unet"].update(compiler={}))
+    diffbake.format.host.check_compatibility(read_manifest(plain), "cpu")
+
+
+def test_a_named_cpu_target_requires_the_build_hosts_onednn_sets_when_frozen(monkeypatch):
+    import diffbake.builder.aoti as aoti
+
+    host = frozenset(diffbake.format.host.CPU_TARGETS["avx512"][2]) | {"avx512_bf16", "avx512_vnni", "gfni"}
+    monkeypatch.setattr(aoti, "cpu_features", lambda: host)
+    plain = set(aoti.required_cpu_features("avx2"))
+    prepacked = set(aoti.required_cpu_features("avx2", prepacked=True))
+    assert "avx512f" not in plain and "gfni" not in prepacked
+    assert prepacked - plain == {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            'mode = "regional"',
+            "r.toml: [components.unet] compiler freezing folds the weights into the package, but a regional build "
+            "binds each block instance's weights at load; remove freezing, or use mode = 'full'",
+        ),
+        (
+            'quantization = { method = "int8_dynamic" }',
+            "r.toml: [components.unet] compiler freezing is not supported with quantization (torchao's tensors are "
+            "not prepacked by it); remove one of the two",
+        ),
+    ],
+)
+def test_freezing_with_what_it_cannot_serve_is_refused(extra, message):
+    from diffbake.builder.recipe import parse_recipe
+
+    text = RECIPE.format(source="tiny:sd").replace("channels_last = true", extra)
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, path="r.toml")
+    assert str(e.value) == message
+
+
+def test_freezing_is_for_cpu_builds(monkeypatch):
+    from diffbake.builder.recipe import parse_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU host
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+    text = RECIPE.format(source="tiny:sd").replace("[components.unet]", '[target]\ndevice = "cuda"\n[components.unet]')
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, path="r.toml")
+    assert str(e.value) == (
+        "r.toml: [components.unet] compiler freezing applies to cpu builds only (this recipe targets 'cuda'); remove it"
+    )
+
+
+def test_a_frozen_package_bypasses_the_compile_cache(tmp_path, monkeypatch):
+    # The cache's key leaves the weights out (packages are code only), and a frozen package holds them: a rebuild
+    # with other weights must compile again, never take the old package.
+    import diffbake.builder.build as build
+    from diffbake.builder.recipe import parse_recipe
+
+    class Cache:
+        def key(self, *args, **kwargs):
+            raise AssertionError("a frozen package was looked up in the compile cache")
+
+        store = lookup = key
+
+    compiled = []
+    monkeypatch.setattr(build, "compile_package", lambda name, exported, path, **kw: compiled.append(kw["configs"]))
+    recipe = parse_recipe(RECIPE.format(source="tiny:sd"))
+    build._compile(
+        recipe.components["unet"], recipe, None, tmp_path / "model.pt2", "unet", build.LogReporter(), Cache()
+    )
+    assert compiled[0]["freezing"] is True and compiled[0]["aot_inductor.package_constants_in_so"] is True
+    with pytest.raises(AssertionError, match="looked up"):  # the plain VAE decoder does use it
+        build._compile(
+            recipe.components["vae_decoder"], recipe, None, tmp_path / "m.pt2", "vae", build.LogReporter(), Cache()
+        )
