@@ -240,6 +240,10 @@ BAD_PACKAGES = {
     "a path that escapes": ({"../../data/aotinductor/model/abc.wrapper.so": b"\x7fELF"}, "unexpected entry"),
     "a path outside the folder": ({"/../evil.so": b"\x7fELF"}, "unexpected entry"),
     "a second library": ({"data/aotinductor/model/zzz.wrapper.so": b"\x7fELF"}, "2 shared libraries"),
+    "weights of another library": (
+        {"data/aotinductor/model/zzz.wrapper_weights.blob": b"\x00"},
+        "weights ['model/data/aotinductor/model/zzz.wrapper_weights.blob'] are not those of",
+    ),
     "a CUDA kernel in a CPU package": (
         {"data/aotinductor/model/k.cubin": b"\x00"},
         "is a CUDA kernel in a cpu package",

@@ -421,7 +421,10 @@ def inspect(artifact: Path, as_json: bool) -> None:
                 )
         else:
             click.echo(f"  {name} ({c.class_name}): {len(c.variants)} variant(s), built in {c.build_seconds:.1f} s")
-            click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
+            if c.frozen:
+                click.echo("    weights folded into each package (compiler freezing), prepacked for the build CPU")
+            else:
+                click.echo(f"    weights {_mb(weights)} ({len(c.constants)} tensors), shared by every variant")
         click.echo(f"    transforms: {_describe_transforms(c.transforms)}")
         if c.compiler:
             click.echo("    compiler: " + ", ".join(f"{k}={v}" for k, v in c.compiler.items()))

@@ -80,9 +80,11 @@ def inductor_configs(cpu_isa: str = "native", options: dict[str, Any] | None = N
     always win, then the CPU target's."""
     configs = {**(options or {}), **INDUCTOR_CONFIGS, **isa_configs(cpu_isa)}
     if configs.get("freezing"):
-        # Freezing folds the weights into the code and prepacks them in oneDNN's layouts (opaque tensors that
-        # no weights file can hold): they can only live in the package.
-        configs["aot_inductor.package_constants_in_so"] = True
+        # Freezing folds the weights into the code and prepacks them in oneDNN's layouts (opaque tensors that no
+        # weights file can hold): they can only live in the package. As a blob beside the library, which torch's
+        # loader reads into memory once; inside the library they stayed mapped besides (SD 1.5's bfloat16 UNet:
+        # 3.6 GB resident against 2.0 GB).
+        configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
     return configs
 
 

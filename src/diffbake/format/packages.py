@@ -7,8 +7,8 @@ archive holds any. So diffbake inspects each package first and opens it through 
 (:mod:`diffbake.runtime.packages`).
 
 The inspection is an allow-list of exactly what ``diffbake build`` writes (see :data:`ALLOWED`): the archive's
-format records, one shared library, its metadata, and on CUDA the kernel binaries. Sources, compile flags,
-pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
+format records, one shared library, its metadata, on CUDA the kernel binaries, and for a frozen build the
+library's weights blob. Sources, compile flags, pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
 archive must hold no bytes outside its entries, so Python's zip reader and torch's (miniz) see the same files.
 The build strips its packages with the same allow-list, so a build fails where the loader would refuse.
 """
@@ -35,6 +35,8 @@ ALLOWED: dict[str, re.Pattern[str]] = {
     "format": re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"),
     "library": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper\.so"),
     "metadata": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper_metadata\.json"),
+    # The weights of a frozen build (compiler freezing), raw bytes the library reads; other builds bind theirs.
+    "weights": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper_weights\.blob"),
     # CUDA kernels are separate binaries the library loads (cuModuleLoad), not code the loader compiles.
     "kernel": re.compile(re.escape(MODEL_DIR) + r"[A-Za-z0-9_]+\.(cubin|fatbin)"),
 }
@@ -129,6 +131,10 @@ def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
         library, meta_name = kinds["library"][0], kinds["metadata"][0]
         if meta_name.removesuffix("_metadata.json") != library.removesuffix(".so"):
             raise refuse(f"metadata {meta_name!r} is not that of {library!r}")
+        if len(kinds["weights"]) > 1 or any(
+            w.removesuffix("_weights.blob") != library.removesuffix(".so") for w in kinds["weights"]
+        ):
+            raise refuse(f"weights {kinds['weights']} are not those of {library!r}")
         metadata = _metadata(z, meta_name, refuse)
         with z.open(library) as f:
             header = f.read(20)
