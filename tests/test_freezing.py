@@ -149,6 +149,29 @@ def test_a_cpu_with_other_onednn_instruction_sets_is_refused(frozen, tmp_path, m
     diffbake.format.host.check_compatibility(read_manifest(plain), "cpu")
 
 
+def test_a_manifest_that_misstates_where_weights_are_is_refused(frozen, artifacts, tmp_path, no_package_loaded):
+    from diffbake.errors import ArtifactError
+    from helpers import edit_manifest
+
+    # Unbound code run as if it held its weights, or bound over weights of its own: neither is loaded.
+    unfrozen = Path(shutil.copytree(frozen, tmp_path / "unfrozen"))
+    edit_manifest(unfrozen, lambda d: d["components"]["unet"].update(compiler={}))
+    with pytest.raises(ArtifactError) as e:
+        diffbake.load(unfrozen)
+    assert str(e.value) == (
+        f"{unfrozen / 'unet' / 'model.pt2'}: the package holds its own weights, but the manifest binds unet's from "
+        "unet/weights.safetensors (no compiler freezing); rebuild the artifact"
+    )
+    refrozen = Path(shutil.copytree(artifacts("sd"), tmp_path / "refrozen"))
+    edit_manifest(refrozen, lambda d: d["components"]["unet"].update(compiler={"freezing": True}))
+    with pytest.raises(ArtifactError) as e:
+        diffbake.load(refrozen)
+    assert str(e.value) == (
+        f"{refrozen / 'unet' / 'model.pt2'}: the package holds no weights, but the manifest says unet was built with "
+        "compiler freezing, which puts them there; rebuild the artifact"
+    )
+
+
 def test_a_named_cpu_target_requires_the_build_hosts_onednn_sets_when_frozen(monkeypatch):
     import diffbake.builder.aoti as aoti
 

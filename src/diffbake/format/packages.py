@@ -69,6 +69,7 @@ def entry_kind(rel: str) -> str | None:
 class PackageInfo:
     library: str  # the shared library's entry name
     metadata: dict[str, str]  # AOTI_DEVICE_KEY, AOTI_PLATFORM, AOTI_CPU_ISA, ...
+    weights: str | None = None  # the library's weights blob (a frozen build), else None: weights are bound
 
 
 def inspect_package(path: str | Path, device: str, machine: str) -> PackageInfo:
@@ -149,7 +150,7 @@ def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
             f"machine: {path.name}'s shared library is for ELF machine {found}, this host is {machine} "
             f"(ELF machine {want}); rebuild the artifact on a host of this platform"
         )
-    return PackageInfo(library=library, metadata=metadata)
+    return PackageInfo(library=library, metadata=metadata, weights=next(iter(kinds["weights"]), None))
 
 
 def _entry_end(raw: Any, info: zipfile.ZipInfo) -> int:

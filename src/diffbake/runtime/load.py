@@ -230,8 +230,20 @@ def _check_before_native_code(
     checked = "stamp matched" if how == "stamp" else "sha256 checked"
     report("files", f"{len(manifest.files)} files, {total / 1e6:.1f} MB, {checked}")
     packages = package_paths(manifest)
-    for package in packages:
-        inspect_package(root / package, manifest.device, platform.machine())
+    for entry in manifest.components.values():
+        for package in entry.packages:
+            info = inspect_package(root / package, manifest.device, platform.machine())
+            # A code-only package run unbound, or bound over weights of its own, would crash or compute garbage.
+            if info.weights is not None and not entry.frozen:
+                raise ArtifactError(
+                    f"{root / package}: the package holds its own weights, but the manifest binds {entry.name}'s "
+                    f"from {entry.weights} (no compiler freezing); rebuild the artifact"
+                )
+            if info.weights is None and entry.frozen:
+                raise ArtifactError(
+                    f"{root / package}: the package holds no weights, but the manifest says {entry.name} was built "
+                    "with compiler freezing, which puts them there; rebuild the artifact"
+                )
     report("packages", f"{len(packages)} inspected: one library each, no sources, no pickles")
     return manifest, device, unpack
 
