@@ -110,7 +110,23 @@ def test_bench_measures_openvino_beside_the_artifact(run):
     md = (out / "bench.md").read_text()
     assert "## Against OpenVINO (the denoiser step, one fresh process)" in md
     assert "- denoiser step, OpenVINO / artifact (one process): **" in md
+    assert "Medians of 3 rounds, each timing one call of all three in turn." in md
     assert "OpenVINO " in result.output and "diffbake artifact" in result.output
+
+
+def test_one_process_paths_are_timed_in_turn():
+    # On a shared host whose speed drifts, paths timed one after the other would each get a different machine.
+    from diffbake.bench.child import _timed_rounds
+
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name) or name.upper()) for name in ("a", "b", "c")}
+    timed = _timed_rounds(runs, {"warmup": 1, "repeats": 4}, "cpu")
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert {name: (len(times), out) for name, (times, out) in timed.items()} == {
+        "a": (4, "A"),
+        "b": (4, "B"),
+        "c": (4, "C"),
+    }
 
 
 def test_bench_says_why_openvino_is_skipped(artifacts, workdir, tmp_path, monkeypatch):

@@ -667,9 +667,9 @@ def bench(
     quantization, AOT compile) with each one's latency and error against float32.
     The denoiser step's FLOP/s is compared with the measured matmul peak. On a CPU
     with openvino installed, OpenVINO's step is measured beside eager's and the
-    artifact's in one process. With
-    --cache, the regional artifact's whole images are measured without and with a
-    diffusers step cache (blocks skipped, speedup, error). Writes bench.json,
+    artifact's in one process, the three timed in turn. With --cache, the
+    regional artifact's whole images are measured without and with a diffusers
+    step cache (blocks skipped, speedup, error). Writes bench.json,
     bench.md and bench.png into --out.
     """
     from diffbake.bench.bench import bench as run_bench

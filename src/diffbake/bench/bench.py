@@ -481,7 +481,8 @@ def _openvino_lines(o: dict[str, Any]) -> list[str]:
         *_columns(rows),
         f"OpenVINO {o['openvino_version'].split('-')[0]}: convert_model of the float32 eager denoiser, "
         f"{steps['openvino']['precision']['INFERENCE_PRECISION_HINT']} inference precision, latency hint; converted "
-        f"and compiled in {steps['openvino']['convert_s']:.1f} s.",
+        f"and compiled in {steps['openvino']['convert_s']:.1f} s. Medians of {len(steps['openvino']['step_s'])} "
+        "rounds, each timing one call of all three in turn.",
     ]
 
 

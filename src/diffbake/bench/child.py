@@ -194,6 +194,25 @@ def _timed(run: Callable[[], Any], spec: dict, device: Any) -> tuple[list[float]
     return times, out
 
 
+def _timed_rounds(runs: dict[str, Callable[[], Any]], spec: dict, device: Any) -> dict[str, tuple[list[float], Any]]:
+    """Several ways to make one call, timed in turn: ``spec["warmup"]`` untimed calls of each, then
+    ``spec["repeats"]`` rounds of one timed call each, the order rotated every round so that none always follows
+    another. Each one's times and last output."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outs: dict[str, Any] = {}
+    with torch.no_grad():
+        for name in names:
+            for _ in range(spec["warmup"]):
+                outs[name] = runs[name]()
+        for i in range(spec["repeats"]):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                start = _now(device)
+                outs[name] = runs[name]()
+                times[name].append(_now(device) - start)
+    return {name: (times[name], outs[name]) for name in names}
+
+
 def _image(pipe: Any, spec: dict) -> Any:
     kwargs = _call_kwargs(spec["artifact"])
     pipe.set_progress_bar_config(disable=True)
@@ -265,7 +284,9 @@ def run_openvino(spec: dict) -> dict:
     """The denoiser step three ways in one process, on the first call's inputs: eager in the recipe's dtype,
     OpenVINO (``openvino.convert_model`` of the float32 eager denoiser, compiled for the CPU with the latency hint
     and the recipe's dtype as inference precision), and the artifact's compiled denoiser; each one's error against
-    float32 eager. One process, so the three share the same CPU state (clocks, caches, threads)."""
+    float32 eager. One process, so the three share the same CPU state (clocks, caches, threads), and timed in
+    rounds of one call each: a shared host whose speed drifts (2x from one second to the next has been seen)
+    slows all three alike instead of whichever ran during a slow spell."""
     import numpy as np
     import openvino
     from torch.utils._pytree import tree_flatten
@@ -288,24 +309,28 @@ def run_openvino(spec: dict) -> dict:
         compiled_ov = openvino.Core().compile_model(converted, "CPU", config)
         convert_s = time.perf_counter() - start
     inputs = [t.numpy() for t in flat.inputs]
-    times, out = _timed(lambda: compiled_ov(inputs)[0], spec, device)
-    ov_out = torch.from_numpy(np.asarray(out)).float()
-    paths = {"openvino": {"step_s": times, "convert_s": convert_s, "_out": ov_out, "precision": config}}
-    compiled_ov = converted = flat = None  # free OpenVINO's copy of the weights before the next two
-
+    converted = flat = None  # the compiled model holds its own weights, in its inference precision
     dtype = getattr(torch, recipe.dtype)
     module.to(dtype)
     cast_args, cast_kwargs = _cast(args, dtype), _cast(kwargs, dtype)
-    times, out = _timed(lambda: module(*cast_args, **cast_kwargs), spec, device)
-    paths["eager"] = {"step_s": times, "_out": _first_tensor(out).float()}
-    module = None
     compiled = _compiled_denoiser(spec, name)
-    times, out = _timed(lambda: compiled(*cast_args, **cast_kwargs), spec, device)
-    paths["artifact"] = {"step_s": times, "_out": _first_tensor(out).float()}
-    for entry in paths.values():
-        got = entry.pop("_out")
-        entry["step_median_s"] = statistics.median(entry["step_s"])
-        entry["max_abs_error_vs_float32"] = (got - reference).abs().max().item()
+    timed = _timed_rounds(
+        {
+            "openvino": lambda: torch.from_numpy(np.asarray(compiled_ov(inputs)[0])),
+            "eager": lambda: _first_tensor(module(*cast_args, **cast_kwargs)),
+            "artifact": lambda: _first_tensor(compiled(*cast_args, **cast_kwargs)),
+        },
+        spec,
+        device,
+    )
+    paths = {}
+    for key, (times, out) in timed.items():
+        paths[key] = {
+            "step_s": times,
+            "step_median_s": statistics.median(times),
+            "max_abs_error_vs_float32": (out.float() - reference).abs().max().item(),
+        }
+    paths["openvino"].update(convert_s=convert_s, precision=config)
     leaves = tree_flatten((args, kwargs))[0]
     return {
         "openvino_version": openvino.__version__,
