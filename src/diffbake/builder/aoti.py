@@ -58,7 +58,8 @@ def required_cpu_features(cpu_isa: str, prepacked: bool = False) -> list[str]:
     width are compiled with (on a build host with AMX, its AVX-512 kernels are built with AMX, VNNI and BF16
     enabled, so those are required too). A native build may use anything the build host has. Weights
     ``prepacked`` (compiler freezing) are in layouts oneDNN chose by the build host's :data:`ONEDNN_ISA`: all
-    of those are required too (and the loader refuses a CPU with more of them).
+    of those are required too (and the loader refuses a CPU with more of them), since any other CPU would reorder
+    the weights on every call.
     """
     host = cpu_features() or frozenset()
     if cpu_isa == "native":

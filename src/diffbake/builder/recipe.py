@@ -81,7 +81,8 @@ COMPILER_OPTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     # layouts, and the convolutions fused with the additions and activations around them. SD 1.5's UNet step in
     # bfloat16 went from 1.25 s to 0.95 s (AVX-512 EPYC). The package then holds the component's weights, in
     # layouts chosen for the build host's CPU: no rebind or set_weights, and only CPUs with the build host's
-    # oneDNN instruction sets load it (see format.host.ONEDNN_ISA). Full builds only.
+    # oneDNN instruction sets load it, since others reorder every weight on every call (see
+    # format.host.ONEDNN_ISA). Full builds only.
     "freezing": (bool, ("cpu",)),
     # These tune Triton kernels, which only CUDA builds generate.
     "coordinate_descent_tuning": (bool, ("cuda",)),
