@@ -204,7 +204,9 @@ def _hooked(pipe: Any, name: str, calls: dict[str, Captured], reads: _Reads, awa
 
 def _cloned(value: Any) -> Any:
     if torch.is_tensor(value):
-        return value.detach().clone()
+        # In the standard contiguous layout, which the loader gives every input (runtime.guards.check_tensor): the
+        # compiled code assumes the example's strides, and diffusers' image processor makes channels-last views.
+        return value.detach().clone(memory_format=torch.contiguous_format)
     if hasattr(value, "to_tuple"):  # a diffusers output (a dict too): the same class, its tensors cloned
         return type(value)(**{k: _cloned(v) for k, v in value.items()})
     if isinstance(value, dict):

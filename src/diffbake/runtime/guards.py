@@ -203,7 +203,19 @@ def check_tensor(
             f"{where} is on {value.device}, but this artifact runs on {device}; keep the pipeline on {device}"
         )
     # A package compiled for contiguous inputs returns wrong numbers for other strides: make it what was compiled.
-    return value.contiguous()
+    # Exactly so: torch calls a tensor contiguous whatever the strides of its size-1 dimensions (a timestep
+    # broadcast to batch 1 has stride 0), while the compiled code's own input check compares every stride.
+    if value.stride() != _dense_strides(value.shape):
+        value = value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def check_inputs(name: str, entry: VariantEntry, device: torch.device, values: list[Any]) -> list[torch.Tensor]:
