@@ -56,6 +56,26 @@ def running(artifact: Path, *, wait: bool = True, **options) -> Iterator[tuple[h
         assert not thread.is_alive(), "the server did not stop"
 
 
+@contextmanager
+def calls_held(engine: Engine) -> Iterator[None]:
+    """Every pipeline call the engine starts inside the block waits until the block ends: a test that needs
+    requests running or queued sets them up without racing the tiny artifact's calls, which a loaded host may
+    finish in well under a second."""
+    release = threading.Event()
+    call = engine._call
+
+    def held(pipe, batch):
+        release.wait(120)
+        call(pipe, batch)
+
+    engine._call = held
+    try:
+        yield
+    finally:
+        release.set()
+        engine._call = call
+
+
 def image_of(b64: str) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
         return np.asarray(image.convert("RGB"))
@@ -186,13 +206,14 @@ def test_malformed_json_and_models(sd):
 def test_beyond_the_queue_a_429_with_retry_after_and_the_metrics_count_it(sd):
     client, engine = sd
     before = client.get("/metrics").text
-    slow = {"prompt": "a cat", "num_inference_steps": 40}
+    call = {"prompt": "a cat", "num_inference_steps": 2}
     with ThreadPoolExecutor(2) as pool:
-        running_ = pool.submit(client.post, GEN, json=slow)
-        wait_until(lambda: engine._running == 1)  # taken by the worker
-        queued = pool.submit(client.post, GEN, json=slow)
-        wait_until(lambda: len(engine._waiting) == 1)  # the queue (size 1) is full
-        refused = client.post(GEN, json=slow)
+        with calls_held(engine):
+            running_ = pool.submit(client.post, GEN, json=call)
+            wait_until(lambda: engine._running == 1)  # taken by the worker
+            queued = pool.submit(client.post, GEN, json=call)
+            wait_until(lambda: len(engine._waiting) == 1)  # the queue (size 1) is full
+            refused = client.post(GEN, json=call)
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["message"].startswith("too many requests: 1 already wait; retry after ")
@@ -209,15 +230,19 @@ def test_beyond_the_queue_a_429_with_retry_after_and_the_metrics_count_it(sd):
 def test_a_queued_request_whose_client_has_gone_is_dropped(sd):
     client, engine = sd
     before = client.get("/metrics").text
+    dropped = "diffbake_requests_dropped_total"
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 40})
-        wait_until(lambda: engine._running == 1)
-        with pytest.raises(httpx.ReadTimeout):
-            client.post(GEN, json={"prompt": "gone", "num_inference_steps": 2}, timeout=0.5)
+        with calls_held(engine):
+            first = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 2})
+            wait_until(lambda: engine._running == 1)
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(GEN, json={"prompt": "gone", "num_inference_steps": 2}, timeout=0.5)
+            # The server looks for a gone client every 0.25 s while the request waits.
+            wait_until(lambda: not engine._waiting, 10, "the gone client's request to leave the queue")
         assert first.result().status_code == 200
     wait_until(lambda: not engine._waiting and not engine._running)
     after = client.get("/metrics").text
-    assert metric(after, "diffbake_requests_dropped_total") - metric(before, "diffbake_requests_dropped_total") == 1
+    assert metric(after, dropped) - metric(before, dropped) == 1
     # Only the first request ran: one pipeline call.
     calls = "diffbake_batch_images_count"
     assert metric(after, calls) - metric(before, calls) == 1
@@ -225,10 +250,11 @@ def test_a_queued_request_whose_client_has_gone_is_dropped(sd):
 
 def test_concurrent_calls_share_one_copy_of_the_weights(artifacts):
     with running(artifacts("sd"), concurrency=2, warmup=False) as (client, engine):
-        slow = {"prompt": "a cat", "num_inference_steps": 40}
+        call = {"prompt": "a cat", "num_inference_steps": 2}
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(client.post, GEN, json={**slow, "seed": i}) for i in range(2)]
-            wait_until(lambda: engine._running == 2, what="two calls in flight at once")
+            with calls_held(engine):
+                futures = [pool.submit(client.post, GEN, json={**call, "seed": i}) for i in range(2)]
+                wait_until(lambda: engine._running == 2, what="two calls in flight at once")
             assert [f.result().status_code for f in futures] == [200, 200]
         # Two pipelines (one a replica of the other) hold the same compiled modules: no weight copy.
         first, second = engine._replicas
