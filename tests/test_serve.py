@@ -12,7 +12,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -353,8 +352,10 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(artifacts):
     port = free_port()
     cmd = [sys.executable, "-m", "diffbake.cli", "serve", str(artifacts("sd")), "--port", str(port)]
     with server_process(cmd, port) as (proc, client), ThreadPoolExecutor(1) as pool:
-        flight = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 60})
-        time.sleep(0.5)  # received and running
+        calls = "diffbake_batch_images_count"
+        before = metric(client.get("/metrics").text, calls)
+        flight = pool.submit(client.post, GEN, json={"prompt": "a cat", "num_inference_steps": 100})
+        wait_until(lambda: metric(client.get("/metrics").text, calls) > before, 30, "the call to start")
         proc.send_signal(signal.SIGTERM)
         response = flight.result()
         assert response.status_code == 200
