@@ -86,18 +86,20 @@ shapes = {{ batch = [1, 2], height = [32, 64], width = 32 }}
             dict(prompt="a red dog", num_images_per_prompt=2, height=64, num_inference_steps=2),
         ],
     ),
-    # T5 only, added_cond_kwargs with None values, the pipeline's own resolution binning.
+    # T5 only, added_cond_kwargs with None values, the pipeline's own resolution binning: its transformer's
+    # sample_size (32) picks the 256-pixel table, so a 512-pixel call runs at 256 and is resized back. The loaded
+    # pipeline must keep that sample_size (a bare call: 256 pixels), not the one of the size the recipe names.
     "pixart": (
         """
 [source]
 model = "{source}"
 [components.transformer]
-shapes = {{ batch = 1, height = 256, width = 256 }}
+shapes = {{ batch = 1, height = 512, width = 512 }}
 [components.vae_decoder]
-shapes = {{ batch = 1, height = 256, width = 256 }}
+shapes = {{ batch = 1, height = 512, width = 512 }}
 """,
         [
-            dict(prompt="a photo of a cat", num_inference_steps=2),
+            dict(prompt="a photo of a cat", height=512, width=512, num_inference_steps=2),
             dict(prompt="a dog", guidance_scale=2.0, num_inference_steps=2),
         ],
     ),

@@ -324,5 +324,8 @@ def _set_default_size(pipe: Any, denoiser: str | None, manifest: Manifest) -> No
     if hasattr(pipe, "default_sample_size"):
         pipe.default_sample_size = latent
     module = getattr(pipe, denoiser)
-    if isinstance(module, CompiledModel) and "sample_size" in module.config:
+    # PixArt's and SANA's resolution binning picks its table of sizes by the denoiser's sample_size: changing it
+    # would change what every call computes, so those pipelines keep stock diffusers' default size and binning.
+    bins = "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters
+    if isinstance(module, CompiledModel) and "sample_size" in module.config and not bins:
         module.register_to_config(sample_size=latent)
