@@ -121,7 +121,16 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
             stack.enter_context(_hooked(pipe, name, calls, reads, set(names)))
         try:
             with torch.no_grad():
-                pipe(**kwargs)
+                try:
+                    pipe(**kwargs)
+                except ValueError:
+                    unbinned = _without_binning(pipe, kwargs)
+                    if unbinned is None or calls:
+                        raise
+                    # PixArt's and SANA's default binning knows only the transformers of their released sizes
+                    # and refuses any call of another one ("Invalid sample size"), so such a pipeline is only
+                    # ever called with binning off: the capture calls it so too.
+                    pipe(**unbinned)
         except _Done:
             pass
         except ValueError as e:  # the pipeline's own input checks: the recipe asks for what it cannot make
@@ -168,6 +177,16 @@ def class_name(cls: type) -> str:
     if getattr(diffusers, cls.__name__, None) is cls:
         return cls.__name__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _without_binning(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``kwargs`` with the pipeline's resolution binning off (a fresh generator), or None if it has none to turn
+    off."""
+    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
+        return None
+    if kwargs.get("use_resolution_binning", True) is False:
+        return None
+    return {**kwargs, "use_resolution_binning": False, "generator": torch.Generator().manual_seed(0)}
 
 
 def _describe_call(kwargs: dict[str, Any]) -> str:
