@@ -179,3 +179,20 @@ def test_compiled_text_encoders_stand_in_for_the_eager_classes(artifacts):
         "max_sequence_length=512 and 1 image(s) in all (prompts x num_images_per_prompt), or rebuild with "
         "[components.text_encoder_2] shapes set for this call"
     )
+
+
+def test_sd3_controlnet_inpainting_gets_its_control_mask_at_build_and_from_mask(tmp_path):
+    # The pipeline requires control_mask beside control_image: the capture must pass one (a mask, as for
+    # mask_image), and `diffbake generate --mask` must reach it.
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline as Pipeline
+
+    from diffbake.builder.capture import pipeline_kwargs
+    from diffbake.cli import _image_flags
+
+    kwargs = pipeline_kwargs(Pipeline.__new__(Pipeline), {"batch": 1, "height": 32, "width": 48})
+    assert (kwargs["control_image"].mode, kwargs["control_image"].size) == ("RGB", (48, 32))
+    assert (kwargs["control_mask"].mode, kwargs["control_mask"].size) == ("L", (48, 32))
+    mask_file = tmp_path / "mask.png"
+    mask(32).save(mask_file)
+    flags = _image_flags(Pipeline, {"mask": mask_file, "control": mask_file}, {})
+    assert set(flags) == {"control_mask", "control_image"} and flags["control_mask"].mode == "L"

@@ -268,7 +268,7 @@ def _image_flags(pipeline: type, files: dict[str, Path | None], values: dict[str
     control = "control_image" if "control_image" in params else ("image" if controlled else None)
     targets = {
         "image": ("image" if "image" in params and control != "image" else None, "image to edit"),
-        "mask": ("mask_image" if "mask_image" in params else None, "mask"),
+        "mask": (next((m for m in ("mask_image", "control_mask") if m in params), None), "mask"),
         "control": (control, "control image (it has no ControlNet)"),
         "strength": ("strength" if "strength" in params else None, "strength (it edits no image)"),
         "control-scale": ("controlnet_conditioning_scale" if controlled else None, "ControlNet scale"),

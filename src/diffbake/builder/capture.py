@@ -70,7 +70,7 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
             kwargs[dim] = sizes[dim]
     for key in IMAGE_INPUTS:
         if key in params:  # img2img, inpainting, a control image, a Kontext reference: one image at the size
-            kwargs[key] = example_image(sizes["width"], sizes["height"], mask=key == "mask_image")
+            kwargs[key] = example_image(sizes["width"], sizes["height"], mask=key in MASK_INPUTS)
     if "max_area" in params:
         # Kontext rescales height x width to max_area (1024 ** 2 by default) and its reference image to the
         # nearest of its preferred resolutions: asked for this size, it makes this size from an image of it. At a
@@ -86,8 +86,10 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
 
 
 # The image arguments of diffusers pipelines that the capture passes one image for: the image to edit (img2img,
-# inpainting, Kontext) or the control image (ControlNet's ``image``; ``control_image`` where ``image`` is edited).
-IMAGE_INPUTS = ("image", "mask_image", "control_image")
+# inpainting, Kontext) or the control image (ControlNet's ``image``; ``control_image`` where ``image`` is edited),
+# and the masks: inpainting's, and SD3 ControlNet inpainting's ``control_mask`` (which it requires).
+IMAGE_INPUTS = ("image", "mask_image", "control_image", "control_mask")
+MASK_INPUTS = ("mask_image", "control_mask")
 
 
 def example_image(width: int, height: int, mask: bool = False) -> Any:

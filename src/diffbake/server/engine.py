@@ -351,7 +351,7 @@ def _check_servable(pipe: Any, catalogue: Catalogue) -> None:
         if n != "self" and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
     needs_image = [n for n in ("image", "mask_image", "control_image") if n in params and n in required]
-    needs_image += [n for n in ("image", "control_image") if n in params and params[n].default is None]
+    needs_image += [n for n in ("image", "control_image", "control_mask") if n in params and params[n].default is None]
     if "prompt" not in params or needs_image:
         raise ServeError(
             f"{catalogue.name}: {catalogue.pipeline} cannot serve /v1/images/generations, which makes images from a "
