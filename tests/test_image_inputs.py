@@ -196,3 +196,35 @@ def test_sd3_controlnet_inpainting_gets_its_control_mask_at_build_and_from_mask(
     mask(32).save(mask_file)
     flags = _image_flags(Pipeline, {"mask": mask_file, "control": mask_file}, {})
     assert set(flags) == {"control_mask", "control_image"} and flags["control_mask"].mode == "L"
+
+
+def test_a_t2i_adapter_pipeline_builds_and_matches_stock(workdir, saved_pipelines):
+    # The UNet pops the adapter's residuals from the list the pipeline passes it
+    # (down_intrablock_additional_residuals): the build must capture them before the call, and call the eager UNet
+    # with a list, as the pipeline does.
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter, UNet2DConditionModel
+
+    sd = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    torch.manual_seed(0)
+    # As diffusers' adapter tests make them: the adapter's features meet a cross-attention block first.
+    unet = UNet2DConditionModel.from_config(
+        {**sd.unet.config, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D")}
+    )
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2)
+    parts = ("vae", "text_encoder", "tokenizer", "scheduler")
+    pipe = StableDiffusionAdapterPipeline(
+        **{k: getattr(sd, k) for k in parts}, unet=unet, adapter=adapter, safety_checker=None, feature_extractor=None
+    )
+    source = workdir / "saved-sd-adapter"
+    pipe.save_pretrained(source)
+    recipe = workdir / "sd-adapter.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{source.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
+    )
+    loaded = diffbake.load(diffbake.build(recipe, workdir / "sd-adapter"))
+    stock = DiffusionPipeline.from_pretrained(source)
+    call = dict(prompt="a cat", image=image(64, 4), num_inference_steps=2)
+    got, want = (
+        p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
+    )
+    assert np.abs(got - want).max() <= 5e-4

@@ -549,6 +549,7 @@ class _Plan:
         self.specs, self.dims = contract.specs, contract.dims
         self.constants, self.ignored = contract.constants, contract.ignored
         self.example_sizes, self.fill = contract.example_sizes, contract.fill
+        self.lists = contract.lists
         self.points = [contract.example] + ([contract.largest] if contract.largest is not None else [])
         self.reference: list[list[torch.Tensor]] = []  # per point, the outputs
         self.reference32: list[list[torch.Tensor]] = []
@@ -557,7 +558,7 @@ class _Plan:
         self.mixins: list[str] = []
 
     def flat(self, module: Any, method: str) -> FlatCall:
-        return FlatCall(module, method, [s.name for s in self.specs], self.constants)
+        return FlatCall(module, method, [s.name for s in self.specs], self.constants, self.lists)
 
 
 def _plans(comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe) -> list[_Plan]:
@@ -618,7 +619,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
             plan = _Plan(replace(variant, cfg=cfg), contract, cfg)
             break
         try:
-            flat = FlatCall(module, method, [s.name for s in contract.specs], contract.constants).eval()
+            flat = FlatCall(module, method, [s.name for s in contract.specs], contract.constants, contract.lists).eval()
             exported = export_component(name, flat, contract.example, dynamic_shapes(contract.specs, contract.dims))
         except NeedsMultiple as e:
             ranges = _coarser(comp, ranges, e, recipe)
@@ -697,7 +698,7 @@ def _checked_against_capture(
     and the tree the method's result sits in (``ComponentEntry.returns``: what the stand-in rebuilds).
     """
     names = [s.name for s in contract.specs]
-    flat = FlatCall(module, method, names, contract.constants)
+    flat = FlatCall(module, method, names, contract.constants, contract.lists)
     with torch.no_grad():
         base = flat(*contract.example)
         returned = flatten_output(captured.output)[1]
@@ -720,7 +721,7 @@ def _checked_against_capture(
         scalars = set()
         for path in _float_arguments(module, method, contract.constants):
             constants = {k: v for k, v in contract.constants.items() if k != path}
-            as_tensor = FlatCall(module, method, [*names, path], constants)
+            as_tensor = FlatCall(module, method, [*names, path], constants, contract.lists)
             try:
                 same = _all_close(as_tensor(*contract.example, torch.tensor(contract.constants[path])), list(base))
             except Exception:  # used in Python control flow: it stays a compiled-in value

@@ -206,11 +206,14 @@ def _hooked(pipe: Any, name: str, calls: dict[str, Captured], reads: _Reads, awa
     signature = inspect.signature(getattr(type(module), component.method))
 
     def hook(*args: Any, **kwargs: Any) -> Any:
+        # The arguments as passed, before the call: the UNet pops T2I-Adapter's
+        # down_intrablock_additional_residuals from the list it is given.
+        first = name not in calls
+        arguments = _cloned(bound_arguments(signature, module, args, kwargs)) if first else None
         with reads.inside():
             out = original(*args, **kwargs)
-        if name not in calls:
-            arguments = bound_arguments(signature, module, args, kwargs)
-            calls[name] = Captured(_cloned(arguments), _cloned(out))
+        if first:
+            calls[name] = Captured(arguments, _cloned(out))
             if awaited <= set(calls):
                 raise _Done
         return out

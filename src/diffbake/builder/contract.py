@@ -76,6 +76,10 @@ class Contract:
     example_sizes: dict[str, int]  # each dynamic dimension's size at the example point
     fill: dict[str, list[float]]  # small inputs at the example point, flattened, for the self-test
     doubled_batch: bool  # the leading dimension is twice the images per call (classifier-free guidance)
+    # Arguments the pipeline passed as lists, which the eager module may consume (the UNet pops T2I-Adapter's
+    # down_intrablock_additional_residuals): the build calls it with lists there, not the tuples a flat call
+    # rebuilds.
+    lists: frozenset[str] = frozenset()
 
 
 def derive(
@@ -146,6 +150,7 @@ def derive(
         example_sizes={d: symbols.sizes[d][0] for d in dims},
         fill={k: [float(x) for x in v] for k, v in fill.items()},
         doubled_batch=2 * batch in leading and batch not in leading,
+        lists=frozenset(k for k, v in points[0].call.arguments.items() if isinstance(v, list)),
     )
 
 

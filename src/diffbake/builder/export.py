@@ -23,17 +23,26 @@ class FlatCall(torch.nn.Module):
     (``constants``, by keyword path) fixed; returns every tensor of the result, flat. ``returns`` is then the tree
     they sat in (runtime/outputs.py), with ``return_dict=True`` where the method takes it (an output class)."""
 
-    def __init__(self, module: torch.nn.Module, method: str, names: list[str], constants: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        method: str,
+        names: list[str],
+        constants: dict[str, Any] | None = None,
+        lists: frozenset[str] = frozenset(),
+    ):
         super().__init__()
         self.model = module
         self.method = method
         self.names = names
         self.constants = dict(constants or {})
+        self.lists = lists  # arguments passed as lists (see Contract.lists)
         self.returns: Any = None
         self.takes_return_dict = "return_dict" in inspect.signature(getattr(module, method)).parameters
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = unflatten_call(self.names, list(args), self.constants)
+        kwargs.update({k: list(kwargs[k]) for k in self.lists if isinstance(kwargs.get(k), tuple)})
         if self.takes_return_dict:
             kwargs["return_dict"] = True
         try:
