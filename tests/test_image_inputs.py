@@ -228,3 +228,24 @@ def test_a_t2i_adapter_pipeline_builds_and_matches_stock(workdir, saved_pipeline
         p(**call, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (loaded, stock)
     )
     assert np.abs(got - want).max() <= 5e-4
+
+
+def test_a_perturbed_attention_guidance_pipeline_is_refused_with_the_fix(workdir, saved_pipelines):
+    from diffusers import StableDiffusionPAGPipeline
+
+    pag = StableDiffusionPAGPipeline.from_pipe(DiffusionPipeline.from_pretrained(saved_pipelines("sd")))
+    source = workdir / "saved-sd-pag"
+    pag.save_pretrained(source)
+    recipe = workdir / "sd-pag.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{source.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
+    )
+    with pytest.raises(RecipeError) as e:
+        diffbake.build(recipe, workdir / "never-pag")
+    assert str(e.value) == (
+        "StableDiffusionPAGPipeline: perturbed-attention guidance swaps the attention processors of its unet on "
+        "every call, which compiled code has built in; save the pipeline without PAG "
+        "(StableDiffusionPipeline.from_pipe(pipe).save_pretrained(...)) and build from that, or leave "
+        "[components.unet] out of the recipe"
+    )
+    assert not (workdir / "never-pag").exists()

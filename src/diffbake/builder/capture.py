@@ -115,6 +115,7 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
     Raises:
         BuildError: the pipeline failed, or finished without calling one of the components.
     """
+    _refuse_attention_swaps(pipe, names)
     calls: dict[str, Captured] = {}
     reads = _Reads()
     with contextlib.ExitStack() as stack:
@@ -155,6 +156,31 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
     for name, call in calls.items():
         call.reads = reads.of(COMPONENTS[name].attribute)
     return calls
+
+
+def _refuse_attention_swaps(pipe: Any, names: list[str]) -> None:
+    """Refuse to compile the denoiser of a perturbed-attention-guidance pipeline.
+
+    Raises:
+        RecipeError: ``pipe`` is a PAG pipeline and ``names`` include its denoiser.
+    """
+    try:
+        from diffusers.pipelines.pag.pag_utils import PAGMixin
+    except ImportError:  # a diffusers without PAG
+        return
+    if not isinstance(pipe, PAGMixin):
+        return
+    for name in names:
+        attribute = COMPONENTS[name].attribute
+        if attribute in ("unet", "transformer"):
+            cls = type(pipe).__name__
+            plain_cls = cls.replace("PAG", "")
+            raise RecipeError(
+                f"{cls}: perturbed-attention guidance swaps the attention processors of its {attribute} on every "
+                f"call, which compiled code has built in; save the pipeline without PAG "
+                f"({plain_cls}.from_pipe(pipe).save_pretrained(...)) and build from that, or leave "
+                f"[components.{name}] out of the recipe"
+            )
 
 
 def save_config(module: torch.nn.Module, folder: Any) -> None:
