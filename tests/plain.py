@@ -1,6 +1,8 @@
 """Plain recipes (shapes only) of the tiny pipelines made as diffusers' fast tests make them, and the calls each
 is compared with stock diffusers on."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -32,6 +34,11 @@ def _plain(*components: str, size: int) -> str:
         f"[components.{c}]\nshapes = {{{{ batch = 1, height = {size}, width = {size} }}}}\n" for c in components
     )
     return '\n[source]\nmodel = "{source}"\n' + sections
+
+
+def plain_recipe(source: Path, *components: str, size: int) -> str:
+    """The plain recipe compiling ``components`` of the pipeline saved in ``source`` at one size."""
+    return _plain(*components, size=size).format(source=source.as_posix())
 
 
 # pipeline -> (plain recipe, calls compared with stock). DDPM compiles a dynamic batch; DiT has class labels and

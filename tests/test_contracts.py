@@ -20,7 +20,7 @@ import diffbake
 from diffbake.errors import InputMismatchError, RecipeError
 from diffbake.format.manifest import read_manifest
 from diffbake.runtime.load import compiled_call
-from plain import PLAIN, family
+from plain import PLAIN, family, plain_recipe
 
 ATOL = 5e-4
 
@@ -51,10 +51,7 @@ def test_a_pipeline_whose_binning_refuses_its_transformer_is_built_and_called_wi
     with pytest.raises(ValueError, match="Invalid sample size"):
         stock("a cat", num_inference_steps=1)
     recipe = workdir / "pixart-unbinned.toml"
-    recipe.write_text(
-        f'[source]\nmodel = "{source.as_posix()}"\n'
-        "[components.transformer]\nshapes = { batch = 1, height = 64, width = 64 }\n"
-    )
+    recipe.write_text(plain_recipe(source, "transformer", size=64))
     loaded = diffbake.load(diffbake.build(recipe, workdir / "pixart-unbinned"))
     call = dict(prompt="a cat", height=64, width=64, use_resolution_binning=False, num_inference_steps=2)
     assert np.abs(_images(loaded, call) - _images(stock, call)).max() <= ATOL

@@ -14,7 +14,7 @@ import diffbake
 from diffbake.errors import InputMismatchError, RecipeError
 from diffbake.format.manifest import read_manifest
 from diffbake.runtime.standins import CompiledModel
-from plain import image, mask
+from plain import image, mask, plain_recipe
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +218,7 @@ def test_a_t2i_adapter_pipeline_builds_and_matches_stock(workdir, saved_pipeline
     source = workdir / "saved-sd-adapter"
     pipe.save_pretrained(source)
     recipe = workdir / "sd-adapter.toml"
-    recipe.write_text(
-        f'[source]\nmodel = "{source.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
-    )
+    recipe.write_text(plain_recipe(source, "unet", size=64))
     loaded = diffbake.load(diffbake.build(recipe, workdir / "sd-adapter"))
     stock = DiffusionPipeline.from_pretrained(source)
     call = dict(prompt="a cat", image=image(64, 4), num_inference_steps=2)
@@ -237,9 +235,7 @@ def test_a_perturbed_attention_guidance_pipeline_is_refused_with_the_fix(workdir
     source = workdir / "saved-sd-pag"
     pag.save_pretrained(source)
     recipe = workdir / "sd-pag.toml"
-    recipe.write_text(
-        f'[source]\nmodel = "{source.as_posix()}"\n[components.unet]\nshapes = {{ batch = 1, height = 64, width = 64 }}\n'
-    )
+    recipe.write_text(plain_recipe(source, "unet", size=64))
     with pytest.raises(RecipeError) as e:
         diffbake.build(recipe, workdir / "never-pag")
     assert str(e.value) == (
