@@ -245,3 +245,19 @@ def test_a_perturbed_attention_guidance_pipeline_is_refused_with_the_fix(workdir
         "[components.unet] out of the recipe"
     )
     assert not (workdir / "never-pag").exists()
+
+
+def test_what_a_stand_in_cannot_carry_is_refused_with_the_fix():
+    # What a pipeline reads of its denoiser beyond plain values (here the attention processors, which
+    # perturbed-attention guidance reads and swaps) cannot follow it into compiled code: keep it eager.
+    from diffbake.builder.capture import stand_in_needs
+    from diffbake.builder.tiny import make_tiny_pipeline
+    from diffbake.errors import BuildError
+
+    unet = make_tiny_pipeline("sd").unet
+    with pytest.raises(BuildError) as e:
+        stand_in_needs("unet", unet, {"attn_processors": unet.attn_processors})
+    assert str(e.value) == (
+        "unet: the pipeline reads attn_processors of UNet2DConditionModel (dict), which a compiled module does not "
+        "carry; keep the unet eager: leave [components.unet] out of the recipe"
+    )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from diffbake.errors import BuildError, RecipeError
-from diffbake.format.components import COMPONENTS, components_of
+from diffbake.format.components import COMPONENTS, DENOISERS, bins_resolution, components_of
 from diffbake.runtime.guards import bound_arguments, plain
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -172,7 +172,7 @@ def _refuse_attention_swaps(pipe: Any, names: list[str]) -> None:
         return
     for name in names:
         attribute = COMPONENTS[name].attribute
-        if attribute in ("unet", "transformer"):
+        if attribute in DENOISERS:
             cls = type(pipe).__name__
             plain_cls = cls.replace("PAG", "")
             raise RecipeError(
@@ -210,9 +210,7 @@ def class_name(cls: type) -> str:
 def _without_binning(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """``kwargs`` with the pipeline's resolution binning off (a fresh generator), or None if it has none to turn
     off."""
-    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
-        return None
-    if kwargs.get("use_resolution_binning", True) is False:
+    if not bins_resolution(type(pipe)) or kwargs.get("use_resolution_binning", True) is False:
         return None
     return {**kwargs, "use_resolution_binning": False, "generator": torch.Generator().manual_seed(0)}
 
@@ -370,13 +368,18 @@ def stand_in_needs(
                 mixins.append(f"{owner.__module__}.{owner.__qualname__}")
                 continue
             raise BuildError(
-                f"{name}: the pipeline calls {type(module).__name__}.{path}(), which a compiled module cannot provide"
+                f"{name}: the pipeline calls {type(module).__name__}.{path}(), which a compiled module cannot "
+                f"provide; {_keep_eager(name)}"
             )
         try:
             attributes[path] = plain(value)
         except ValueError:
             raise BuildError(
                 f"{name}: the pipeline reads {path} of {type(module).__name__} ({type(value).__name__}), which a "
-                "compiled module does not carry"
+                f"compiled module does not carry; {_keep_eager(name)}"
             ) from None
     return attributes, sorted(set(mixins))
+
+
+def _keep_eager(name: str) -> str:
+    return f"keep the {COMPONENTS[name].attribute} eager: leave [components.{name}] out of the recipe"

@@ -111,6 +111,14 @@ BUILTIN_MODELS: tuple[str, ...] = (
 BUILTIN_PREFIXES = ("tiny:", "random:")
 
 
+def bins_resolution(pipeline: type) -> bool:
+    """Whether the pipeline class rounds height and width to a table of sizes before its denoiser sees them
+    (PixArt's and SANA's ``use_resolution_binning``); its denoiser's ``sample_size`` picks the table."""
+    import inspect
+
+    return "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters
+
+
 def denoiser_of(components: dict[str, object]) -> str | None:
     """The attribute of a pipeline's denoiser, from the names of its components (a pipeline's model index)."""
     return next((name for name in DENOISERS if components.get(name) is not None), None)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
-from diffbake.format.components import COMPONENTS, VAE_DECODER
+from diffbake.format.components import COMPONENTS, VAE_DECODER, bins_resolution
 from diffbake.format.host import check_compatibility, emulated_half_warning
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import (
@@ -326,6 +326,5 @@ def _set_default_size(pipe: Any, denoiser: str | None, manifest: Manifest) -> No
     module = getattr(pipe, denoiser)
     # PixArt's and SANA's resolution binning picks its table of sizes by the denoiser's sample_size: changing it
     # would change what every call computes, so those pipelines keep stock diffusers' default size and binning.
-    bins = "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters
-    if isinstance(module, CompiledModel) and "sample_size" in module.config and not bins:
+    if isinstance(module, CompiledModel) and "sample_size" in module.config and not bins_resolution(type(pipe)):
         module.register_to_config(sample_size=latent)
