@@ -67,6 +67,7 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "flux-control": ("flux.test_pipeline_flux_control", "FluxControlPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
     "flux-cn": ("controlnet_flux.test_controlnet_flux", "FluxControlNetPipelineFastTests", ["vae_encoder", "controlnet", "transformer", "vae_decoder"], "ok"),
     "flux-cn-img2img": ("controlnet_flux.test_controlnet_flux_img2img", "FluxControlNetImg2ImgPipelineFastTests", ["vae_encoder", "controlnet", "transformer", "vae_decoder"], "ok"),
+    "flux-kontext": ("flux.test_pipeline_flux_kontext", "FluxKontextPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
     "kontext-inpaint": ("flux.test_pipeline_flux_kontext_inpaint", "FluxKontextInpaintPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
     "pixart-alpha": ("pixart_alpha.test_pixart", "PixArtAlphaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "pixart-sigma": ("pixart_sigma.test_pixart", "PixArtSigmaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
@@ -77,10 +78,6 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
         "stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"],
         "its all-white mask gives the VAE encoder an all-zero image, whose group norms amplify rounding noise: stock "
         "diffusers' own latents for it differ by 1.2 between layouts",
-    ),
-    "flux-kontext": (
-        "flux.test_pipeline_flux_kontext", "FluxKontextPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"],
-        "its reference image (32 pixels) has another size than its output (8): the artifact compiles the output's",
     ),
     "sana-cn": (
         "sana.test_sana_controlnet", "SanaControlNetPipelineFastTests", ["vae_encoder", "controlnet", "transformer", "vae_decoder"],
@@ -134,6 +131,7 @@ def run_case(name: str, work: Path) -> str:
     """ "ok: ..." or what failed."""
     import diffusers
     import numpy as np
+    import PIL.Image
     import torch
 
     import diffbake
@@ -154,9 +152,17 @@ def run_case(name: str, work: Path) -> str:
     stock = images(diffusers.DiffusionPipeline.from_pretrained(source))
     batch, height, width = stock.shape[:3]
     tokens = inputs.get("max_sequence_length")
+    reference = inputs.get("image")
+    own_size = (  # an input image of another size than the output, which the pipeline does not resize to it
+        isinstance(reference, PIL.Image.Image)
+        and reference.size != (width, height)
+        and {"height", "width"} <= set(inspect.signature(pipeline.__call__).parameters)
+    )
     recipe = f'[source]\nmodel = "{source.as_posix()}"\n'
     for c in components:
         extra = f", text_tokens = {tokens}" if tokens and c in ("transformer", "controlnet") else ""
+        if own_size and c != "vae_decoder":
+            extra += f", image_height = {reference.size[1]}, image_width = {reference.size[0]}"
         recipe += f"[components.{c}]\nshapes = {{ batch = {batch}, height = {height}, width = {width}{extra} }}\n"
     (work / name / "recipe.toml").write_text(recipe)
     start = time.perf_counter()

@@ -7,9 +7,11 @@ import numpy as np
 from PIL import Image
 
 
-def image(size: int, seed: int) -> Image.Image:
-    """A seeded RGB image (not the one the build captures with)."""
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+def image(size: int, seed: int, width: int | None = None, height: int | None = None) -> Image.Image:
+    """A seeded RGB image, size x size pixels unless width or height say otherwise (not the one the build
+    captures with)."""
+    shape = (height or size, width or size, 3)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
 
 
 def mask(size: int) -> Image.Image:
@@ -193,15 +195,21 @@ shapes = {{ batch = 1, height = 512, width = 512 }}
             dict(prompt="a dog", image=image(32, 2), height=32, width=32, strength=0.5, num_inference_steps=4),
         ],
     ),
-    # Kontext appends the reference image's tokens to the latents' (the transformer sees twice the tokens); at a
-    # size other than its preferred ~1024 px ones, a call says max_area and no auto-resize, as diffusers' tests do.
+    # Kontext appends the reference image's tokens to the latents'; at a size other than its preferred ~1024 px
+    # ones, a call says max_area and no auto-resize, as diffusers' tests do. The reference image here is of
+    # another size than the output (image_height x image_width: 48x64 pixels, 192 tokens beside the output's 64).
     # Only the transformer is compiled: the VAE's encoder and decoder are tested compiled with flux-img2img.
     "flux-kontext": (
-        _plain("transformer", size=32),
+        """
+[source]
+model = "{source}"
+[components.transformer]
+shapes = {{ batch = 1, height = 32, width = 32, image_height = 48, image_width = 64 }}
+""",
         [
             dict(
                 prompt="a photo of a cat",
-                image=image(32, 1),
+                image=image(32, 1, width=64, height=48),
                 height=32,
                 width=32,
                 max_area=32 * 32,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
 
 import diffbake
 from diffbake.errors import InputMismatchError, RecipeError
@@ -261,3 +262,49 @@ def test_what_a_stand_in_cannot_carry_is_refused_with_the_fix():
         "unet: the pipeline reads attn_processors of UNet2DConditionModel (dict), which a compiled module does not "
         "carry; keep the unet eager: leave [components.unet] out of the recipe"
     )
+
+
+def test_a_kontext_reference_image_has_a_size_of_its_own(artifacts, tmp_path):
+    # The flux-kontext plain recipe gives the reference image 48x64 pixels for a 32x32 output (its comparison with
+    # stock diffusers is in test_contracts): the build captures with such an image, the default call asks for that
+    # output, and an image of another size is refused with the size compiled.
+    from diffusers import FluxKontextPipeline
+
+    from diffbake.builder.capture import pipeline_kwargs
+    from diffbake.runtime.load import compiled_call
+
+    sizes = {"batch": 1, "height": 32, "width": 32, "image_height": 48, "image_width": 64}
+    kwargs = pipeline_kwargs(FluxKontextPipeline.__new__(FluxKontextPipeline), sizes)
+    assert (kwargs["image"].size, kwargs["height"], kwargs["width"]) == ((64, 48), 32, 32)
+    assert (kwargs["max_area"], kwargs["_auto_resize"]) == (32 * 32, False)
+    manifest = read_manifest(artifacts("flux-kontext"))
+    assert manifest.components["transformer"].variants[0].shapes == {**sizes, "text_tokens": 512}
+    assert compiled_call(manifest) == {
+        "height": 32,
+        "width": 32,
+        "num_images_per_prompt": 1,
+        "max_sequence_length": 512,
+        "max_area": 32 * 32,
+        "_auto_resize": False,
+    }
+    pipe = diffbake.load(artifacts("flux-kontext"))
+    with pytest.raises(InputMismatchError) as e:
+        pipe(prompt="a cat", image=image(32, 1), **compiled_call(manifest), num_inference_steps=1)
+    # The reference image's tokens follow the output's: 64 + 64 for a 32x32 image, 64 + 192 compiled.
+    assert str(e.value) == (
+        "transformer: input 'hidden_states' has shape (1, 128, 64), but this artifact was compiled for (1, 256, 64) "
+        "(1 image(s) per call at 32x32 pixels, 512 text tokens, from an input image of 48x64 pixels); call the "
+        "pipeline with height=32, width=32, max_sequence_length=512, an image of 48x64 pixels and 1 image(s) in all "
+        "(prompts x num_images_per_prompt), or rebuild with [components.transformer] shapes set for this call"
+    )
+    # diffbake generate calls it so: a 32x32 image from the 48x64 reference.
+    from click.testing import CliRunner
+
+    from diffbake.cli import cli
+
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    image(32, 1, width=64, height=48).save(source)
+    args = ["generate", str(artifacts("flux-kontext")), "-p", "a cat", "--image", str(source), "--steps", "2"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (32, 32)

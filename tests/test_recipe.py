@@ -17,13 +17,13 @@ from diffbake.format.host import CPU_TARGETS
 
 def facts(pipeline: str, vae_scale_factor: int = 8) -> SourceInfo:
     """What the build reads from a source's model index and configs, for a pipeline of this class."""
-    denoiser = "transformer" if pipeline == "FluxPipeline" else "unet"
+    denoiser = "transformer" if pipeline.startswith("Flux") else "unet"
     index = {"_class_name": pipeline, denoiser: ["diffusers", "x"], "vae": ["diffusers", "AutoencoderKL"]}
     blocks = [0] * vae_scale_factor.bit_length()
     return _info("hub", "x/y", None, index, {"vae": {"block_out_channels": blocks}}, "r.toml")
 
 
-SD, FLUX = "StableDiffusionPipeline", "FluxPipeline"
+SD, FLUX, KONTEXT = "StableDiffusionPipeline", "FluxPipeline", "FluxKontextPipeline"
 
 GOOD = """
 [source]
@@ -134,6 +134,14 @@ def test_flux_text_tokens_default_to_512():
             GOOD + "cfg = false\n",
             "r.toml: [components.vae_decoder] cfg applies to the denoiser only; remove it here",
         ),
+        (
+            GOOD.replace("width = 96 }\n", "width = 96, image_height = 64, image_width = 64 }\n").replace(
+                "[components.unet]\nshapes = { batch = 2, height = 64, width = 96, image_height = 64, image_width = 64 }",
+                "[components.unet]\nshapes = { batch = 2, height = 64, width = 96 }",
+            ),
+            "r.toml: [components.vae_decoder] shapes image_height and image_width: the VAE decoder makes the output "
+            "image, of height x width; remove them here",
+        ),
         ("[source\n", "r.toml: not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
         (
             '[source]\nmodel = "tiny:sd"\n[components]\n',
@@ -200,12 +208,48 @@ def test_cuda_target_without_gpu_is_refused():
             "r.toml: [components.unet] shapes.text_tokens: StableDiffusionPipeline takes no max_sequence_length (its "
             "text length is the tokenizer's fixed length); remove the key",
         ),
+        (
+            "StableDiffusionImg2ImgPipeline",
+            8,
+            GOOD.replace(
+                "width = 96 }\n[components.vae", "width = 96, image_height = 32, image_width = 32 }\n[components.vae"
+            ),
+            "r.toml: [components.unet] shapes.image_height and image_width: StableDiffusionImg2ImgPipeline takes no "
+            "input image of another size than its output (it takes no image, or makes its output at the image's "
+            "size); remove them and set height and width to the image's size",
+        ),
+        (
+            KONTEXT,
+            8,
+            '[source]\nmodel = "x/y"\n[components.transformer]\n'
+            "shapes = { batch = 1, height = 1024, width = 1024, image_height = 1000, image_width = 1024 }\n",
+            "r.toml: [components.transformer] shapes.image_height = 1000 is not a multiple of 16 (the VAE scale "
+            "factor 8 times the 2x2 latent patches of one token of this FluxKontextPipeline); use 992 or 1008",
+        ),
     ],
 )
 def test_shapes_are_checked_against_the_pipeline(pipeline, scale, text, message):
     with pytest.raises(RecipeError) as e:
         check_against_source(parse(text), facts(pipeline, scale))
     assert str(e.value) == message
+
+
+def test_an_input_image_may_have_a_size_of_its_own():
+    # Flux Kontext refers to an image of any size while making its output at height x width.
+    r = parse(
+        '[source]\nmodel = "x/y"\n[components.transformer]\n'
+        "shapes = { batch = 1, height = 512, width = 512, image_height = [512, 1024], image_width = 768 }\n"
+    )
+    shapes = check_against_source(r, facts(KONTEXT)).components["transformer"].variants[0].shapes
+    assert shapes.to_dict() == {
+        "batch": 1,
+        "height": 512,
+        "width": 512,
+        "text_tokens": 512,
+        "image_height": [512, 1024],
+        "image_width": 768,
+    }
+    assert shapes.dynamic
 
 
 def test_missing_recipe_file(tmp_path: Path):
@@ -343,7 +387,12 @@ def test_ranges_and_variants_parse():
         (
             "[{ batch = 1, height = 64, width = 64, steps = 2 }]",
             "r.toml: unknown key 'steps' in [components.unet] shapes[0]; known keys: batch, height, width, "
-            "text_tokens, cfg",
+            "text_tokens, image_height, image_width, cfg",
+        ),
+        (
+            "{ batch = 1, height = 64, width = 64, image_width = 32 }",
+            "r.toml: [components.unet] shapes has image_width but no image_height; give both (the input image's "
+            "size) or neither (an input image of the output's size)",
         ),
     ],
 )

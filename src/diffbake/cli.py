@@ -374,6 +374,8 @@ def generate(
         "class_labels": list(class_labels) or None,
     }
     kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
+    if "max_area" in kwargs:  # Kontext rescales to max_area: it follows the size asked for (see compiled_call)
+        kwargs["max_area"] = kwargs["height"] * kwargs["width"]
     files = {"image": image_file, "mask": mask_file, "control": control_file}
     kwargs.update(_image_flags(type(pipe), files, {"strength": strength, "control-scale": control_scale}))
     if cache_config is not None:

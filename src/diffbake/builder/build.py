@@ -31,6 +31,7 @@ from diffbake.builder.contract import Point, Range, derive, points_for
 from diffbake.builder.export import FlatCall, NeedsMultiple, dynamic_shapes, export_component
 from diffbake.builder.recipe import (
     ATTENTION_BACKENDS,
+    PIXEL_SIZES,
     ComponentRecipe,
     Recipe,
     Variant,
@@ -595,7 +596,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     _refuse_model_lists(name, module, recipe)
     shapes = variant.shapes.to_dict()
     ranges = {
-        d: Range(v[0], v[1], info.pixel_multiple if d in ("height", "width") else 1)
+        d: Range(v[0], v[1], info.pixel_multiple if d in PIXEL_SIZES else 1)
         for d, v in shapes.items()
         if isinstance(v, list)
     }
@@ -678,7 +679,7 @@ def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, 
         if r.min % step or r.max % step:
             raise RecipeError(
                 f"{recipe.path or 'recipe'}: [components.{comp.name}] shapes.{base} = {[r.min, r.max]}: a dynamic "
-                f"range must start and end at multiples of {step}{' pixels' if base in ('height', 'width') else ''} "
+                f"range must start and end at multiples of {step}{' pixels' if base in PIXEL_SIZES else ''} "
                 f"for this model (torch.export: {e.reason})"
             )
         out[base] = Range(r.min, r.max, step)

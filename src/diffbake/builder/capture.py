@@ -70,7 +70,10 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
             kwargs[dim] = sizes[dim]
     for key in IMAGE_INPUTS:
         if key in params:  # img2img, inpainting, a control image, a Kontext reference: one image at the size
-            kwargs[key] = example_image(sizes["width"], sizes["height"], mask=key in MASK_INPUTS)
+            width, height = sizes["width"], sizes["height"]
+            if key == "image":  # the image to edit or refer to, where the recipe gives it a size of its own
+                width, height = sizes.get("image_width", width), sizes.get("image_height", height)
+            kwargs[key] = example_image(width, height, mask=key in MASK_INPUTS)
     if "max_area" in params:
         # Kontext rescales height x width to max_area (1024 ** 2 by default) and its reference image to the
         # nearest of its preferred resolutions: asked for this size, it makes this size from an image of it. At a

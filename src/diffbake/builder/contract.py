@@ -22,7 +22,6 @@ from diffbake.errors import BuildError
 from diffbake.format.manifest import DimSpec, TensorSpec
 from diffbake.runtime.guards import call_leaves, plain
 
-SIZES = ("batch", "height", "width", "text_tokens")
 _SMALL = 64  # inputs with at most this many elements are replayed by the self-test as captured
 
 

@@ -112,7 +112,10 @@ COMPILER_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 MODES = ("full", "regional")
-_SHAPE_KEYS = ("batch", "height", "width", "text_tokens")
+_SHAPE_KEYS = ("batch", "height", "width", "text_tokens", "image_height", "image_width")
+_REQUIRED_SHAPE_KEYS = ("batch", "height", "width")
+# Sizes in pixels: multiples of what one latent token covers, and dynamic ranges step by it.
+PIXEL_SIZES = ("height", "width", "image_height", "image_width")
 _QUANT_KEYS = ("method", "include", "exclude", "min_features")
 
 # Recipe name -> torchao config class (see transforms.py); torchao is imported only when a recipe quantizes.
@@ -155,14 +158,18 @@ class Shapes:
     height: Size
     width: Size
     text_tokens: Size | None = None
+    # The input image's size where the pipeline takes one of another size than its output (Flux Kontext's
+    # reference image); None: the output's size.
+    image_height: Size | None = None
+    image_width: Size | None = None
 
     def to_dict(self) -> dict[str, int | list[int]]:
-        d = {"batch": self.batch, "height": self.height, "width": self.width, "text_tokens": self.text_tokens}
+        d = {k: getattr(self, k) for k in _SHAPE_KEYS}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
 
     @property
     def dynamic(self) -> bool:
-        return any(isinstance(v, tuple) for v in (self.batch, self.height, self.width, self.text_tokens))
+        return any(isinstance(getattr(self, k), tuple) for k in _SHAPE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -365,11 +372,22 @@ def _variants(v: _Validator, name: str, table: dict[str, Any], section: str, cfg
         if not isinstance(entry, dict):
             raise RecipeError(f"{where}: {label} must be a table, found {_typename(entry)}")
         v.keys(entry, _SHAPE_KEYS + ("cfg",), label)
-        sizes = {k: v.size(entry, k, label, required=k != "text_tokens") for k in _SHAPE_KEYS}
+        sizes = {k: v.size(entry, k, label, required=k in _REQUIRED_SHAPE_KEYS) for k in _SHAPE_KEYS}
         entry_cfg = v.optional_bool(entry, "cfg", label)
         if name == VAE_DECODER and (entry_cfg is not None or sizes["text_tokens"] is not None):
             extra = "cfg" if entry_cfg is not None else "text_tokens"
             raise RecipeError(f"{where}: {label} {extra} applies to the denoiser only; remove it here")
+        if (sizes["image_height"] is None) != (sizes["image_width"] is None):
+            given, missing = ("image_height", "image_width")[:: 1 if sizes["image_width"] is None else -1]
+            raise RecipeError(
+                f"{where}: {label} has {given} but no {missing}; give both (the input image's size) or neither "
+                "(an input image of the output's size)"
+            )
+        if name == VAE_DECODER and sizes["image_height"] is not None:
+            raise RecipeError(
+                f"{where}: {label} image_height and image_width: the VAE decoder makes the output image, of height "
+                "x width; remove them here"
+            )
         variant = Variant(Shapes(**sizes), cfg if entry_cfg is None else entry_cfg)
         if variant in variants:
             raise RecipeError(f"{where}: {label} repeats an earlier variant; remove one")
@@ -415,6 +433,12 @@ def check_against_source(recipe: Recipe, info: Any) -> Recipe:
                     f"{where}: {section} shapes.text_tokens: {info.pipeline_class} takes no max_sequence_length "
                     "(its text length is the tokenizer's fixed length); remove the key"
                 )
+            if variant.shapes.image_height is not None and not {"image", "height", "width"} <= set(params):
+                raise RecipeError(
+                    f"{where}: {section} shapes.image_height and image_width: {info.pipeline_class} takes no input "
+                    "image of another size than its output (it takes no image, or makes its output at the "
+                    "image's size); remove them and set height and width to the image's size"
+                )
             if tokens is None and (name == info.denoiser or name.startswith("text_encoder")):
                 tokens = info.default_text_tokens  # the T5 encoder takes that length too; CLIP's 77 is fixed
             variants.append(Variant(replace(variant.shapes, text_tokens=tokens), cfg))
@@ -425,9 +449,11 @@ def check_against_source(recipe: Recipe, info: Any) -> Recipe:
 def _check_pixels(where: str, section: str, variant: Variant, info: Any) -> None:
     """Height and width: multiples of what the pipeline packs into one latent token, or its one native size."""
     multiple = info.pixel_multiple
-    for dim in ("height", "width"):
+    for dim in PIXEL_SIZES:
         size = getattr(variant.shapes, dim)
-        if info.native_size is not None and size != info.native_size:
+        if size is None:
+            continue
+        if info.native_size is not None and dim in ("height", "width") and size != info.native_size:
             raise RecipeError(
                 f"{where}: {section} shapes.{dim} = {list(size) if isinstance(size, tuple) else size}: "
                 f"{info.pipeline_class} takes no {dim}; it makes {info.native_size}x{info.native_size} images "

@@ -36,11 +36,18 @@ def describe(variant: VariantEntry) -> str:
     text = f"{fmt_range(s['batch'])} image(s) per call at {fmt_range(s['height'])}x{fmt_range(s['width'])} pixels"
     if s.get("text_tokens"):
         text += f", {fmt_range(s['text_tokens'])} text tokens"
+    if s.get("image_height"):
+        text += f", from an input image of {_image_size(s)} pixels"
     if variant.cfg:
         text += ", with classifier-free guidance"
     elif variant.cfg is False:
         text += ", without classifier-free guidance"
     return text
+
+
+def _image_size(s: dict[str, Any]) -> str:
+    """The input image's size (height x width) compiled for: its own where the recipe gives one, else the output's."""
+    return f"{fmt_range(s.get('image_height') or s['height'])}x{fmt_range(s.get('image_width') or s['width'])}"
 
 
 def call_leaves(arguments: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -327,6 +334,8 @@ def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.T
             f"image(s) in all, or rebuild with [components.{name}] cfg = true"
         )
     image = _IMAGE_INPUTS.get((name, spec.name))
+    if image is not None and s.get("image_height"):
+        return f"pass {image} of {_image_size(s)} pixels, or rebuild with [components.{name}] shapes set for this size"
     if image is not None:
         size = f"{fmt_range(s['height'])}x{fmt_range(s['width'])}"
         return (
@@ -336,6 +345,8 @@ def _shape_hint(name: str, entry: VariantEntry, spec: TensorSpec, value: torch.T
     call = f"height={fmt_range(s['height'])}, width={fmt_range(s['width'])}"
     if s.get("text_tokens"):
         call += f", max_sequence_length={fmt_range(s['text_tokens'])}"
+    if s.get("image_height"):
+        call += f", an image of {_image_size(s)} pixels"
     return (
         f"call the pipeline with {call} and {fmt_range(s['batch'])} image(s) in all (prompts x "
         f"num_images_per_prompt), or rebuild with [components.{name}] shapes set for this call"
