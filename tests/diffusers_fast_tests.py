@@ -73,6 +73,7 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "pixart-sigma": ("pixart_sigma.test_pixart", "PixArtSigmaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "sana": ("sana.test_sana", "SanaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "sana-sprint": ("sana.test_sana_sprint", "SanaSprintPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "ldm": ("latent_diffusion.test_latent_diffusion", "LDMTextToImagePipelineFastTests", ["unet"], "ok"),
     "dit": ("dit.test_dit", "DiTPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "sd-inpaint": (
         "stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"],
@@ -93,6 +94,10 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     ),
 }
 # fmt: on
+# Cases whose pipeline is asked for another height and width than its images have: LDM text-to-image makes
+# latents of height // 8 whatever its VAE (the test's VAE scales by 2), so its default height, 64, makes 16-pixel
+# images. name -> the height and width the test's call asks for.
+ASKED_SIZE = {"ldm": 64}
 
 
 def _offline_tokenizers() -> None:
@@ -135,6 +140,7 @@ def run_case(name: str, work: Path) -> str:
     import torch
 
     import diffbake
+    from diffbake.format.components import needs_guidance_asked
 
     module, cls, components, _ = CASES[name]
     test = getattr(importlib.import_module(f"tests.pipelines.{module}"), cls)()
@@ -151,6 +157,8 @@ def run_case(name: str, work: Path) -> str:
 
     stock = images(diffusers.DiffusionPipeline.from_pretrained(source))
     batch, height, width = stock.shape[:3]
+    if name in ASKED_SIZE:
+        height = width = ASKED_SIZE[name]
     tokens = inputs.get("max_sequence_length")
     reference = inputs.get("image")
     own_size = (  # an input image of another size than the output, which the pipeline does not resize to it
@@ -158,12 +166,16 @@ def run_case(name: str, work: Path) -> str:
         and reference.size != (width, height)
         and {"height", "width"} <= set(inspect.signature(pipeline.__call__).parameters)
     )
+    # A test that asks for guidance the pipeline's default call does not run (LDM text-to-image) compiles it.
+    guided = needs_guidance_asked(pipeline) and inputs.get("guidance_scale", 0) > 1
     recipe = f'[source]\nmodel = "{source.as_posix()}"\n'
     for c in components:
         extra = f", text_tokens = {tokens}" if tokens and c in ("transformer", "controlnet") else ""
         if own_size and c != "vae_decoder":
             extra += f", image_height = {reference.size[1]}, image_width = {reference.size[0]}"
         recipe += f"[components.{c}]\nshapes = {{ batch = {batch}, height = {height}, width = {width}{extra} }}\n"
+        if c in ("unet", "transformer") and guided:
+            recipe += "cfg = true\n"
     (work / name / "recipe.toml").write_text(recipe)
     start = time.perf_counter()
     build = subprocess.run(

@@ -181,8 +181,9 @@ def test_flux_without_a_cfg_batch_is_called_with_its_own_guidance(artifacts):
         (
             "flux",
             "shapes = { batch = 1, height = 32, width = 32, text_tokens = 16 }\ncfg = true",
-            "[components.transformer] cfg = true: called at its defaults, FluxPipeline does not double the "
-            "transformer batch for classifier-free guidance (a guidance-distilled or LCM model, say); remove the key",
+            "[components.transformer] cfg = true: called at its defaults and with guidance_scale = 7.5, FluxPipeline "
+            "does not double the transformer batch for classifier-free guidance (a guidance-distilled or LCM model, "
+            "say); remove the key",
         ),
         (
             "sd",
@@ -390,3 +391,25 @@ def test_an_ignored_argument_that_changes_the_result_fails_the_build(workdir, sa
         "vae_decoder: the pipeline passes generator, which changes what AutoencoderKL.decode returns, and compiled "
         "code cannot take it; keep this component eager"
     )
+
+
+def test_a_pipeline_without_guidance_by_default_is_built_with_it_when_asked(workdir, saved_pipelines):
+    # LDMTextToImagePipeline defaults to guidance_scale = 1.0 (no CFG batch): cfg = true captures its call with
+    # guidance asked for, the call that fits the artifact asks for it too, and the images match stock diffusers at
+    # the user's own guidance scale.
+    from diffusers import LDMTextToImagePipeline
+
+    sd = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    parts = dict(vqvae=sd.vae, bert=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
+    source = workdir / "saved-ldm"
+    LDMTextToImagePipeline(**parts).save_pretrained(source)
+    recipe = workdir / "ldm.toml"
+    recipe.write_text(plain_recipe(source, "unet", size=64) + "cfg = true\n")
+    artifact = diffbake.build(recipe, workdir / "ldm")
+    manifest = read_manifest(artifact)
+    assert manifest.components["unet"].variants[0].cfg is True
+    assert manifest.components["unet"].variants[0].inputs[0].shape == [2, 4, 8, 8]  # the doubled batch
+    assert compiled_call(manifest) == {"height": 64, "width": 64, "guidance_scale": 7.5}
+    loaded, stock = diffbake.load(artifact), DiffusionPipeline.from_pretrained(source)
+    call = dict(prompt="a cat", height=64, width=64, guidance_scale=6.0, num_inference_steps=2)
+    assert np.abs(_images(loaded, call) - _images(stock, call)).max() <= ATOL

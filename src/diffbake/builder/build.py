@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -42,7 +42,7 @@ from diffbake.builder.regional import BlockCall, capture_blocks
 from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
 from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from diffbake.errors import BuildError, RebindError, RecipeError, VerificationError
-from diffbake.format.components import COMPONENTS
+from diffbake.format.components import CFG_GUIDANCE, COMPONENTS
 from diffbake.format.host import host_facts
 from diffbake.format.manifest import (
     CONFIG_FILE,
@@ -603,15 +603,15 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     static = {d: v for d, v in shapes.items() if not isinstance(v, list)}
     captures: dict[tuple, Any] = {}
 
-    def at(sizes: dict[str, int], guidance_off: bool) -> Point:
-        key = (tuple(sorted(sizes.items())), guidance_off)
+    def at(sizes: dict[str, int], guidance: float | None) -> Point:
+        key = (tuple(sorted(sizes.items())), guidance)
         if key not in captures:
-            captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance_off))[name]
+            captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance))[name]
         return Point(sizes, captures[key])
 
-    cfg, guidance_off = _guidance(comp, variant, info, recipe, lambda: at(points_for(static, ranges)[0], False))
+    cfg, guidance = _guidance(comp, variant, info, recipe, lambda g: at(points_for(static, ranges)[0], g))
     for _ in range(_STEPS_TRIED):
-        points = [at(sizes, guidance_off) for sizes in points_for(static, ranges)]
+        points = [at(sizes, guidance) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
         promote, scalars, returns = _checked_against_capture(name, module, method, contract, points[0].call)
         if promote or scalars:
@@ -651,21 +651,34 @@ def _refuse_model_lists(name: str, module: Any, recipe: Recipe) -> None:
 
 
 def _guidance(
-    comp: ComponentRecipe, variant: Variant, info: SourceInfo, recipe: Recipe, example: Any
-) -> tuple[bool | None, bool]:
-    """(the variant's cfg, whether to call with guidance_scale = 1), from the denoiser's call at the pipeline's
-    defaults: cfg True or False where the pipeline doubles its batch for guidance, None where it does not."""
+    comp: ComponentRecipe, variant: Variant, info: SourceInfo, recipe: Recipe, example: Callable[[float | None], Point]
+) -> tuple[bool | None, float | None]:
+    """(the variant's cfg, the guidance_scale to capture with: None for the pipeline's default), from the
+    denoiser's call at the pipeline's defaults: cfg True or False where the pipeline doubles its batch for
+    guidance, None where it does not. ``cfg = true`` for a pipeline whose default call runs no guidance
+    (LDMTextToImagePipeline's guidance_scale = 1.0) captures a call that asks for it (CFG_GUIDANCE)."""
     if comp.name != info.denoiser or "guidance_scale" not in info.call_parameters:
-        return None, False
-    doubled = derive(comp.name, [example()], {}).doubled_batch
+        return None, None
+    try:
+        doubled = derive(comp.name, [example(None)], {}).doubled_batch
+    except (BuildError, RecipeError):
+        if not variant.cfg:
+            raise
+        # The default call fails (diffusers' tiny LDM UNet at batch 1: a group norm of one value per group): the
+        # guided call, of twice the batch, may not.
+        doubled = False
     if variant.cfg and not doubled:
+        if derive(comp.name, [example(CFG_GUIDANCE)], {}).doubled_batch:
+            return True, CFG_GUIDANCE
         raise RecipeError(
-            f"{recipe.path or 'recipe'}: [components.{comp.name}] cfg = true: called at its defaults, "
-            f"{info.pipeline_class} does not double the {COMPONENTS[comp.name].attribute} batch for classifier-free "
-            "guidance (a guidance-distilled or LCM model, say); remove the key"
+            f"{recipe.path or 'recipe'}: [components.{comp.name}] cfg = true: called at its defaults and with "
+            f"guidance_scale = {CFG_GUIDANCE}, {info.pipeline_class} does not double the "
+            f"{COMPONENTS[comp.name].attribute} batch for classifier-free guidance (a guidance-distilled or LCM "
+            "model, say); remove the key"
         )
-    guidance_off = variant.cfg is False and doubled
-    return (not guidance_off if doubled else None), guidance_off
+    if variant.cfg is False and doubled:
+        return False, 1.0
+    return (True if doubled else None), None
 
 
 def _coarser(comp: ComponentRecipe, ranges: dict[str, Range], e: NeedsMultiple, recipe: Recipe) -> dict[str, Range]:

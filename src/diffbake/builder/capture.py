@@ -37,8 +37,9 @@ class Captured:
     reads: dict[str, Any] = field(default_factory=dict)  # attribute path -> value, read from outside the calls
 
 
-def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False) -> dict[str, Any]:
-    """The call of ``pipe`` that makes ``sizes["batch"]`` images at the given size with only what it requires.
+def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = None) -> dict[str, Any]:
+    """The call of ``pipe`` that makes ``sizes["batch"]`` images at the given size with only what it requires
+    (and ``guidance_scale = guidance`` unless it is None: the pipeline's default).
 
     Raises:
         BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels nor a batch size.
@@ -83,8 +84,8 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance_off: bool = False
             kwargs["_auto_resize"] = False
     if "text_tokens" in sizes:
         kwargs["max_sequence_length"] = sizes["text_tokens"]
-    if guidance_off:
-        kwargs["guidance_scale"] = 1.0
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     return kwargs
 
 

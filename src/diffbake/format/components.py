@@ -119,6 +119,21 @@ def bins_resolution(pipeline: type) -> bool:
     return "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters
 
 
+# The guidance scale asked for where a variant compiles classifier-free guidance that the pipeline's default call
+# does not use (LDMTextToImagePipeline defaults to guidance_scale = 1.0): at the build's capture, and in the call
+# that fits what was compiled (a bare ``diffbake generate``, say).
+CFG_GUIDANCE = 7.5
+
+
+def needs_guidance_asked(pipeline: type) -> bool:
+    """Whether the pipeline class's default call runs no classifier-free guidance (guidance_scale <= 1)."""
+    import inspect
+
+    default = inspect.signature(pipeline.__call__).parameters.get("guidance_scale")
+    value = None if default is None else default.default
+    return isinstance(value, (int, float)) and value <= 1
+
+
 def denoiser_of(components: dict[str, object]) -> str | None:
     """The attribute of a pipeline's denoiser, from the names of its components (a pipeline's model index)."""
     return next((name for name in DENOISERS if components.get(name) is not None), None)

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
-from diffbake.format.components import COMPONENTS, VAE_DECODER, bins_resolution
+from diffbake.format.components import (
+    CFG_GUIDANCE,
+    COMPONENTS,
+    VAE_DECODER,
+    bins_resolution,
+    needs_guidance_asked,
+)
 from diffbake.format.host import check_compatibility, emulated_half_warning
 from diffbake.format.integrity import verify_files
 from diffbake.format.manifest import (
@@ -270,15 +276,16 @@ def _assemble(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module
 
 def compiled_call(manifest: Manifest) -> dict[str, Any]:
     """Pipeline-call keyword arguments that fit what was compiled: the size and images per call of the
-    denoiser's first variant (the VAE's if only it is compiled), at the low end of a dynamic range, and no
-    guidance where the pipeline would run a CFG batch that was not compiled (never a guidance value otherwise:
-    Flux-dev's guidance embedding takes it as an input)."""
+    denoiser's first variant (the VAE's if only it is compiled), at the low end of a dynamic range; no guidance
+    where the pipeline would run a CFG batch that was not compiled, and guidance where it would not run one that
+    was (never a guidance value otherwise: Flux-dev's guidance embedding takes it as an input)."""
     entry = manifest.components.get(manifest.denoiser or "") or manifest.components[VAE_DECODER]
     variant = entry.variants[0]
     low = {k: (v[0] if isinstance(v, list) else v) for k, v in variant.shapes.items()}
     import diffusers
 
-    params = inspect.signature(getattr(diffusers, manifest.pipeline_class).__call__).parameters
+    pipeline = getattr(diffusers, manifest.pipeline_class)
+    params = inspect.signature(pipeline.__call__).parameters
     kwargs: dict[str, Any] = {k: low[k] for k in ("height", "width") if k in params}
     if "num_images_per_prompt" in params:
         kwargs["num_images_per_prompt"] = low["batch"]
@@ -294,6 +301,8 @@ def compiled_call(manifest: Manifest) -> dict[str, Any]:
             kwargs["_auto_resize"] = False
     if variant.cfg is False:
         kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
+    elif variant.cfg and needs_guidance_asked(pipeline):
+        kwargs["guidance_scale"] = CFG_GUIDANCE  # built with one the pipeline's default call would not run
     return kwargs
 
 
