@@ -351,8 +351,11 @@ def generate(
 
     Image pipelines take --image (img2img, inpainting with --mask, Kontext) or --control (ControlNet); each
     flag is refused where the artifact's pipeline takes no such input."""
+    import inspect
+
     import torch
 
+    from diffbake.format.components import area_call
     from diffbake.runtime.caches import enable_step_cache, parse_step_cache
     from diffbake.runtime.load import compiled_call, load
     from diffbake.runtime.serving import loaded_artifact
@@ -374,8 +377,8 @@ def generate(
         "class_labels": list(class_labels) or None,
     }
     kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
-    if "max_area" in kwargs:  # Kontext rescales to max_area: it follows the size asked for (see compiled_call)
-        kwargs["max_area"] = kwargs["height"] * kwargs["width"]
+    if "height" in kwargs:  # Kontext's max_area follows the size asked for
+        kwargs.update(area_call(inspect.signature(type(pipe).__call__).parameters, kwargs["height"], kwargs["width"]))
     files = {"image": image_file, "mask": mask_file, "control": control_file}
     kwargs.update(_image_flags(type(pipe), files, {"strength": strength, "control-scale": control_scale}))
     if cache_config is not None:

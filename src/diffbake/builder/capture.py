@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from diffbake.errors import BuildError, RecipeError
-from diffbake.format.components import COMPONENTS, DENOISERS, bins_resolution, components_of
+from diffbake.format.components import COMPONENTS, DENOISERS, area_call, bins_resolution, components_of
 from diffbake.runtime.guards import bound_arguments, plain
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -75,13 +75,8 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = N
             if key == "image":  # the image to edit or refer to, where the recipe gives it a size of its own
                 width, height = sizes.get("image_width", width), sizes.get("image_height", height)
             kwargs[key] = example_image(width, height, mask=key in MASK_INPUTS)
-    if "max_area" in params:
-        # Kontext rescales height x width to max_area (1024 ** 2 by default) and its reference image to the
-        # nearest of its preferred resolutions: asked for this size, it makes this size from an image of it. At a
-        # preferred resolution both change nothing, so a default call of the user's still fits.
-        kwargs["max_area"] = sizes["height"] * sizes["width"]
-        if "_auto_resize" in params:
-            kwargs["_auto_resize"] = False
+    # Kontext: at a preferred resolution max_area and the auto-resize change nothing, so a default call fits.
+    kwargs.update(area_call(params, sizes["height"], sizes["width"]))
     if "text_tokens" in sizes:
         kwargs["max_sequence_length"] = sizes["text_tokens"]
     if guidance is not None:

@@ -378,7 +378,9 @@ def _variants(v: _Validator, name: str, table: dict[str, Any], section: str, cfg
             extra = "cfg" if entry_cfg is not None else "text_tokens"
             raise RecipeError(f"{where}: {label} {extra} applies to the denoiser only; remove it here")
         if (sizes["image_height"] is None) != (sizes["image_width"] is None):
-            given, missing = ("image_height", "image_width")[:: 1 if sizes["image_width"] is None else -1]
+            given, missing = (
+                ("image_width", "image_height") if sizes["image_height"] is None else ("image_height", "image_width")
+            )
             raise RecipeError(
                 f"{where}: {label} has {given} but no {missing}; give both (the input image's size) or neither "
                 "(an input image of the output's size)"

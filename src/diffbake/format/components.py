@@ -9,6 +9,7 @@ output type, which dimensions follow the image size) is captured at build from r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
@@ -117,6 +118,15 @@ def bins_resolution(pipeline: type) -> bool:
     import inspect
 
     return "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters
+
+
+def area_call(params: Any, height: int, width: int) -> dict[str, Any]:
+    """What a call of height x width pixels adds for a pipeline that rescales its output to ``max_area`` (Flux
+    Kontext: 1024 ** 2 by default) and auto-resizes its reference image to one of its preferred resolutions:
+    asked so, it makes height x width from an image of the size compiled for. ``params``: its ``__call__``'s."""
+    if "max_area" not in params:
+        return {}
+    return {"max_area": height * width, **({"_auto_resize": False} if "_auto_resize" in params else {})}
 
 
 # The guidance scale asked for where a variant compiles classifier-free guidance that the pipeline's default call

@@ -23,6 +23,7 @@ from diffbake.format.components import (
     CFG_GUIDANCE,
     COMPONENTS,
     VAE_DECODER,
+    area_call,
     bins_resolution,
     needs_guidance_asked,
 )
@@ -293,12 +294,8 @@ def compiled_call(manifest: Manifest) -> dict[str, Any]:
         kwargs["batch_size"] = low["batch"]
     if low.get("text_tokens"):
         kwargs["max_sequence_length"] = low["text_tokens"]
-    if "max_area" in params and "height" in kwargs:
-        # Kontext rescales height x width to max_area (1024 ** 2 by default) and auto-resizes its image to one of
-        # its preferred resolutions: asked so, it makes the compiled size from an image of the compiled size.
-        kwargs["max_area"] = kwargs["height"] * kwargs["width"]
-        if "_auto_resize" in params:
-            kwargs["_auto_resize"] = False
+    if "height" in kwargs:
+        kwargs.update(area_call(params, kwargs["height"], kwargs["width"]))
     if variant.cfg is False:
         kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
     elif variant.cfg and needs_guidance_asked(pipeline):
