@@ -351,8 +351,6 @@ def generate(
 
     Image pipelines take --image (img2img, inpainting with --mask, Kontext) or --control (ControlNet); each
     flag is refused where the artifact's pipeline takes no such input."""
-    import inspect
-
     import torch
 
     from diffbake.format.components import area_call
@@ -378,7 +376,7 @@ def generate(
     }
     kwargs.update(_pipeline_flags(type(pipe), given, images, kwargs))
     if "height" in kwargs:  # Kontext's max_area follows the size asked for
-        kwargs.update(area_call(inspect.signature(type(pipe).__call__).parameters, kwargs["height"], kwargs["width"]))
+        kwargs.update(area_call(type(pipe), kwargs["height"], kwargs["width"]))
     files = {"image": image_file, "mask": mask_file, "control": control_file}
     kwargs.update(_image_flags(type(pipe), files, {"strength": strength, "control-scale": control_scale}))
     if cache_config is not None:

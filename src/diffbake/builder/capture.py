@@ -76,7 +76,7 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = N
                 width, height = sizes.get("image_width", width), sizes.get("image_height", height)
             kwargs[key] = example_image(width, height, mask=key in MASK_INPUTS)
     # Kontext: at a preferred resolution max_area and the auto-resize change nothing, so a default call fits.
-    kwargs.update(area_call(params, sizes["height"], sizes["width"]))
+    kwargs.update(area_call(type(pipe), sizes["height"], sizes["width"]))
     if "text_tokens" in sizes:
         kwargs["max_sequence_length"] = sizes["text_tokens"]
     if guidance is not None:

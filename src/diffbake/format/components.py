@@ -8,6 +8,7 @@ output type, which dimensions follow the image size) is captured at build from r
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,15 +116,14 @@ BUILTIN_PREFIXES = ("tiny:", "random:")
 def bins_resolution(pipeline: type) -> bool:
     """Whether the pipeline class rounds height and width to a table of sizes before its denoiser sees them
     (PixArt's and SANA's ``use_resolution_binning``); its denoiser's ``sample_size`` picks the table."""
-    import inspect
-
     return "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters
 
 
-def area_call(params: Any, height: int, width: int) -> dict[str, Any]:
-    """What a call of height x width pixels adds for a pipeline that rescales its output to ``max_area`` (Flux
-    Kontext: 1024 ** 2 by default) and auto-resizes its reference image to one of its preferred resolutions:
-    asked so, it makes height x width from an image of the size compiled for. ``params``: its ``__call__``'s."""
+def area_call(pipeline: type, height: int, width: int) -> dict[str, Any]:
+    """What a call of height x width pixels adds for a pipeline class that rescales its output to ``max_area``
+    (Flux Kontext: 1024 ** 2 by default) and auto-resizes its reference image to one of its preferred
+    resolutions: asked so, it makes height x width from an image of the size compiled for."""
+    params = inspect.signature(pipeline.__call__).parameters
     if "max_area" not in params:
         return {}
     return {"max_area": height * width, **({"_auto_resize": False} if "_auto_resize" in params else {})}
@@ -137,8 +137,6 @@ CFG_GUIDANCE = 7.5
 
 def needs_guidance_asked(pipeline: type) -> bool:
     """Whether the pipeline class's default call runs no classifier-free guidance (guidance_scale <= 1)."""
-    import inspect
-
     default = inspect.signature(pipeline.__call__).parameters.get("guidance_scale")
     value = None if default is None else default.default
     return isinstance(value, (int, float)) and value <= 1

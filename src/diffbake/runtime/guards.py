@@ -46,8 +46,8 @@ def describe(variant: VariantEntry) -> str:
 
 
 def _image_size(s: dict[str, Any]) -> str:
-    """The input image's size (height x width) compiled for: its own where the recipe gives one, else the output's."""
-    return f"{fmt_range(s.get('image_height') or s['height'])}x{fmt_range(s.get('image_width') or s['width'])}"
+    """The input image's own size (height x width), where the recipe gives it one."""
+    return f"{fmt_range(s['image_height'])}x{fmt_range(s['image_width'])}"
 
 
 def call_leaves(arguments: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

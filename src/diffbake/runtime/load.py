@@ -295,7 +295,7 @@ def compiled_call(manifest: Manifest) -> dict[str, Any]:
     if low.get("text_tokens"):
         kwargs["max_sequence_length"] = low["text_tokens"]
     if "height" in kwargs:
-        kwargs.update(area_call(params, kwargs["height"], kwargs["width"]))
+        kwargs.update(area_call(pipeline, kwargs["height"], kwargs["width"]))
     if variant.cfg is False:
         kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
     elif variant.cfg and needs_guidance_asked(pipeline):
