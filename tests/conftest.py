@@ -126,6 +126,24 @@ def artifacts(workdir: Path, saved_pipelines):
     return get
 
 
+@pytest.fixture(scope="session")
+def ldm_artifact(workdir: Path, saved_pipelines) -> Path:
+    """LDMTextToImagePipeline (which defaults to guidance_scale = 1.0) from the tiny SD parts, built at 64 pixels
+    with cfg = true; its saved source beside it, at workdir / "saved-ldm"."""
+    from diffusers import DiffusionPipeline, LDMTextToImagePipeline
+
+    import diffbake
+    from plain import plain_recipe
+
+    sd = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
+    parts = dict(vqvae=sd.vae, bert=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
+    source = workdir / "saved-ldm"
+    LDMTextToImagePipeline(**parts).save_pretrained(source)
+    recipe = workdir / "ldm.toml"
+    recipe.write_text(plain_recipe(source, "unet", size=64) + "cfg = true\n")
+    return diffbake.build(recipe, workdir / "ldm")
+
+
 @pytest.fixture
 def no_package_loaded(monkeypatch, artifacts):
     """Fails the test if torch's package loader is reached; yields the calls it refused."""

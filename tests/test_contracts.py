@@ -57,6 +57,23 @@ def test_a_pipeline_whose_binning_refuses_its_transformer_is_built_and_called_wi
     assert np.abs(_images(loaded, call) - _images(stock, call)).max() <= ATOL
 
 
+def test_a_binning_pipeline_refused_for_its_size_says_that_it_rounds_the_size(artifacts):
+    # PixArt's 256-pixel table rounds a 256x512 call to 176x352 pixels (latents 22x44), and the recipe's 512x512 to
+    # 256x256 (latents 32x32): the shapes in the refusal are not the call's height and width, and the message says so.
+    pipe = diffbake.load(artifacts("pixart"))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(InputMismatchError) as e:
+        pipe("a cat", height=256, width=512, num_inference_steps=1)
+    assert str(e.value) == (
+        "transformer: input 'hidden_states' has shape (2, 4, 22, 44), but this artifact was compiled for "
+        "(2, 4, 32, 32) (1 image(s) per call at 512x512 pixels, 300 text tokens, with classifier-free guidance); call "
+        "the pipeline with height=512, width=512, max_sequence_length=300 and 1 image(s) in all (prompts x "
+        "num_images_per_prompt), or rebuild with [components.transformer] shapes set for this call "
+        "(PixArtSigmaPipeline rounds height and width to the nearest size of its resolution table before its models "
+        "see them, unless called with use_resolution_binning=False: the shapes above are after any rounding)"
+    )
+
+
 def test_every_pipeline_passes_the_compiled_codes_own_input_checks(artifacts):
     # Under `diffbake verify` the compiled code checks each input's shape and every stride itself
     # (AOTI_RUNTIME_CHECK_INPUTS): a self-test input the guards leave in another layout than compiled (a timestep
@@ -393,19 +410,11 @@ def test_an_ignored_argument_that_changes_the_result_fails_the_build(workdir, sa
     )
 
 
-def test_a_pipeline_without_guidance_by_default_is_built_with_it_when_asked(workdir, saved_pipelines):
+def test_a_pipeline_without_guidance_by_default_is_built_with_it_when_asked(ldm_artifact, workdir):
     # LDMTextToImagePipeline defaults to guidance_scale = 1.0 (no CFG batch): cfg = true captures its call with
     # guidance asked for, the call that fits the artifact asks for it too, and the images match stock diffusers at
     # the user's own guidance scale.
-    from diffusers import LDMTextToImagePipeline
-
-    sd = DiffusionPipeline.from_pretrained(saved_pipelines("sd"))
-    parts = dict(vqvae=sd.vae, bert=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
-    source = workdir / "saved-ldm"
-    LDMTextToImagePipeline(**parts).save_pretrained(source)
-    recipe = workdir / "ldm.toml"
-    recipe.write_text(plain_recipe(source, "unet", size=64) + "cfg = true\n")
-    artifact = diffbake.build(recipe, workdir / "ldm")
+    artifact, source = ldm_artifact, workdir / "saved-ldm"
     manifest = read_manifest(artifact)
     assert manifest.components["unet"].variants[0].cfg is True
     assert manifest.components["unet"].variants[0].inputs[0].shape == [2, 4, 8, 8]  # the doubled batch

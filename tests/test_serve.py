@@ -361,3 +361,20 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(artifacts):
         assert response.status_code == 200
         assert len(response.json()["data"]) == 1
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_request_without_guidance_runs_what_a_guided_build_of_an_unguided_pipeline_compiled(ldm_artifact):
+    # LDMTextToImagePipeline defaults to guidance_scale = 1.0, but its cfg = true artifact compiled only the doubled
+    # batch: a request that names no scale runs 7.5, as the build asked (the pipeline's default would be refused).
+    with running(ldm_artifact) as (client, _):
+        response = client.post(GEN, json={"prompt": "a cat", "seed": 3, "num_inference_steps": 2})
+    assert response.status_code == 200, response.text
+    want = diffbake.load(ldm_artifact)(
+        ["a cat"],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(3)],
+    ).images[0]
+    np.testing.assert_array_equal(image_of(response.json()["data"][0]["b64_json"]), np.asarray(want))

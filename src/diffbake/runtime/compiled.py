@@ -64,6 +64,8 @@ class CompiledComponent:
         self.dtype = torch_dtype(entry.variants[0].outputs[0].dtype)
         # The artifact whose weights are bound now (set by diffbake.load; set_weights moves it with the weights).
         self.loaded_from: LoadedArtifact | None = None
+        # What a refused call should also hear of the pipeline around this component (set by diffbake.load).
+        self.call_note: str | None = None
         weights = load_file(artifact / entry.weights, device=str(self.device))
         check_weights(entry, weights)
         self.variants = [CompiledVariant(self, artifact, v) for v in entry.variants]
@@ -96,7 +98,11 @@ class CompiledComponent:
         """Run the first variant (static ones first) whose shapes fit the inputs (and whose captured Python
         values fit ``arguments``, the call's arguments by name, where given)."""
         if len(self.variants) == 1:
-            return self.variants[0](values, arguments)
+            try:
+                tensors = self.variants[0].check(values, arguments)
+            except InputMismatchError as e:
+                raise self._refusal(str(e)) from None
+            return self.variants[0].run(tensors)
         reasons = []
         for variant in self._order:
             try:
@@ -105,7 +111,10 @@ class CompiledComponent:
                 reasons.append(f"[{describe(variant.entry)}] {e}")
                 continue
             return variant.run(tensors)
-        raise InputMismatchError(f"{self.name}: no compiled variant fits this call: " + "; ".join(reasons))
+        raise self._refusal(f"{self.name}: no compiled variant fits this call: " + "; ".join(reasons))
+
+    def _refusal(self, message: str) -> InputMismatchError:
+        return InputMismatchError(message if self.call_note is None else f"{message} ({self.call_note})")
 
 
 class CompiledVariant:

@@ -260,11 +260,21 @@ def _assemble(root: Path, manifest: Manifest, modules: dict[str, torch.nn.Module
     import diffusers
 
     record = LoadedArtifact(root, manifest, device)
+    pipeline_cls = getattr(diffusers, manifest.pipeline_class)
+    # The guards see sizes after the pipeline's resolution binning, which a call's height and width may not show.
+    note = (
+        f"{pipeline_cls.__name__} rounds height and width to the nearest size of its resolution table before its "
+        "models see them, unless called with use_resolution_binning=False: the shapes above are after any rounding"
+        if bins_resolution(pipeline_cls)
+        else None
+    )
     for module in modules.values():
         for component in module.diffbake_components.values():
             component.loaded_from = record
+            # Full-graph components; a regional build's blocks refuse a call with a message of their own.
+            if isinstance(component, CompiledComponent):
+                component.call_note = note
     overrides = dict(modules)
-    pipeline_cls = getattr(diffusers, manifest.pipeline_class)
     with _stand_ins_accepted():
         # use_safetensors: the eager components load from safetensors only, never from pickled checkpoints.
         pipe = pipeline_cls.from_pretrained(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import InputMismatchError, ServeError
+from diffbake.format.components import CFG_GUIDANCE, needs_guidance_asked
 from diffbake.server.catalogue import Catalogue
 from diffbake.server.metrics import Metrics
 from diffbake.server.request import ImageRequest, RequestError
@@ -120,9 +121,7 @@ class Engine:
             _check_servable(pipe, self.catalogue)
             takes_length = "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters
             self._text_tokens = self.catalogue.text_tokens() if takes_length else None
-            # Compiled only without classifier-free guidance: a request that leaves the scale to the pipeline gets
-            # what the artifact runs (1.0) rather than the pipeline's default, which would need the guided batch.
-            self._default_guidance = 1.0 if self.catalogue.guided == [False] else None
+            self._default_guidance = _default_guidance(self.catalogue, type(pipe))
             self._replicas = [pipe] + [replicate(pipe) for _ in range(o.concurrency - 1)]
             for replica in self._replicas:
                 replica.set_progress_bar_config(disable=True)
@@ -335,6 +334,16 @@ def encode(image: Any, request: ImageRequest) -> str:
     options = {} if fmt == "PNG" else {"quality": request.output_compression}
     image.convert("RGB").save(buffer, format=fmt, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _default_guidance(catalogue: Catalogue, pipeline: type) -> float | None:
+    """The guidance scale of a request that names none: what the artifact runs where the pipeline's own default
+    would ask for a batch that was not compiled; None keeps the pipeline's default."""
+    if catalogue.guided == [False]:
+        return 1.0  # compiled without classifier-free guidance: the default would need the guided batch
+    if catalogue.guided == [True] and needs_guidance_asked(pipeline):
+        return CFG_GUIDANCE  # compiled only with it, for a pipeline that defaults to none (LDM): as the build asked
+    return None
 
 
 def _default_name(artifact: str) -> str:
