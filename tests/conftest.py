@@ -156,5 +156,7 @@ def no_package_loaded(monkeypatch, artifacts):
         calls.append(args)
         raise AssertionError("a package was loaded")
 
+    # torch's loader, and the runner a frozen CPU package is opened with (diffbake.runtime.packages)
     monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", refuse)
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", refuse)
     return calls

@@ -7,8 +7,11 @@ are checked without compiling.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -95,6 +98,37 @@ def test_a_frozen_artifact_generates_what_stock_diffusers_does(frozen, saved_pip
     want = stock(**call, generator=torch.Generator().manual_seed(0)).images
     assert got.shape == want.shape == (1, 64, 64, 3)
     assert np.abs(got - want).max() < 1e-3
+
+
+# Where each constant a frozen package's library reads lies, mod 64 bytes (run in a child process, below).
+ALIGNMENT = """
+import json, sys, torch, diffbake
+out = {}
+for variant in diffbake.load(sys.argv[1]).unet.diffbake_components["unet"].variants:
+    for name, t in variant.runner.constants_in_use().items():
+        out[name] = (torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()) % 64, t.is_mkldnn
+print(json.dumps(out))
+"""
+
+
+def test_a_frozen_package_runs_on_its_weights_in_64_byte_aligned_memory(frozen):
+    # torch's runtime copies a package's weights blob into one malloc'd buffer, which glibc starts 16 bytes past a
+    # page boundary when it maps it (always, with a fixed mmap threshold: set in the child process), so every
+    # weight lay off the 64-byte lines oneDNN's AVX-512 and AMX kernels load. The loaded package reads copies that
+    # diffbake aligned, and computes exactly what torch's own loader does.
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+    child = subprocess.run([sys.executable, "-c", ALIGNMENT, str(frozen)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    used = json.loads(child.stdout.splitlines()[-1])
+    assert any(mkldnn for _, mkldnn in used.values())  # the prepacked convolution weights among them
+    assert {name: offset for name, (offset, _) in used.items() if offset} == {}
+    from diffbake.runtime.selftest import self_test_inputs
+
+    for variant in diffbake.load(frozen).unet.diffbake_components["unet"].variants:
+        inputs = self_test_inputs(variant.entry, variant.entry.self_test, "cpu")
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(variant.runner.path), "model", False, 1, -1)
+        for got, want in zip(variant.runner(*inputs), loader.boxed_run(list(inputs)), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_the_dynamic_variant_matches_the_eager_unet_at_another_size(frozen, saved_pipelines):
