@@ -75,6 +75,14 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "sana-sprint": ("sana.test_sana_sprint", "SanaSprintPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "ldm": ("latent_diffusion.test_latent_diffusion", "LDMTextToImagePipelineFastTests", ["unet"], "ok"),
     "dit": ("dit.test_dit", "DiTPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "flux-control-img2img": ("flux.test_pipeline_flux_control_img2img", "FluxControlImg2ImgPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
+    "flux-control-inpaint": ("flux.test_pipeline_flux_control_inpaint", "FluxControlInpaintPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
+    "flux-cn-inpaint": ("controlnet_flux.test_controlnet_flux_inpaint", "FluxControlNetInpaintPipelineTests", ["vae_encoder", "controlnet", "transformer", "vae_decoder"], "ok"),
+    "sana-sprint-img2img": ("sana.test_sana_sprint_img2img", "SanaSprintImg2ImgPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
+    "sd-pix2pix": ("stable_diffusion.test_stable_diffusion_instruction_pix2pix", "StableDiffusionInstructPix2PixPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"], "ok"),
+    "sd-simple-inpaint": ("stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionSimpleInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"], "ok"),
+    "sd-image-variation": ("stable_diffusion_image_variation.test_stable_diffusion_image_variation", "StableDiffusionImageVariationPipelineFastTests", ["unet", "vae_decoder"], "ok"),
+    "ddim": ("ddim.test_ddim", "DDIMPipelineFastTests", ["unet"], "ok"),
     "sd-inpaint": (
         "stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"],
         "its all-white mask gives the VAE encoder an all-zero image, whose group norms amplify rounding noise: stock "
@@ -83,6 +91,11 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "sana-cn": (
         "sana.test_sana_controlnet", "SanaControlNetPipelineFastTests", ["vae_encoder", "controlnet", "transformer", "vae_decoder"],
         "a tensor control image sets the size unbinned; the build calls the pipeline with a PIL image, binned",
+    ),
+    "sd-latent-upscale": (
+        "stable_diffusion_2.test_stable_diffusion_latent_upscale", "StableDiffusionLatentUpscalePipelineFastTests", ["vae_encoder", "unet", "vae_decoder"],
+        "its test passes latents as the image (16x16, made 256 pixels); the capture passes a picture, which the "
+        "pipeline encodes first: other shapes",
     ),
     "sd-pag": (
         "pag.test_pag_sd", "StableDiffusionPAGPipelineFastTests", ["unet", "vae_decoder"],

@@ -199,6 +199,19 @@ def test_sd3_controlnet_inpainting_gets_its_control_mask_at_build_and_from_mask(
     assert set(flags) == {"control_mask", "control_image"} and flags["control_mask"].mode == "L"
 
 
+def test_a_pipeline_conditioned_on_an_image_alone_is_asked_for_images_per_image():
+    # StableDiffusionImageVariationPipeline takes no prompt, class labels or batch size: the capture asks for
+    # num_images_per_prompt images of one input image at the recipe's size (it refused the pipeline before).
+    from diffusers import StableDiffusionImageVariationPipeline as Pipeline
+
+    from diffbake.builder.capture import pipeline_kwargs
+
+    kwargs = pipeline_kwargs(Pipeline.__new__(Pipeline), {"batch": 2, "height": 32, "width": 48})
+    assert (kwargs["num_images_per_prompt"], kwargs["height"], kwargs["width"]) == (2, 32, 48)
+    assert (kwargs["image"].mode, kwargs["image"].size) == ("RGB", (48, 32))
+    assert not {"prompt", "class_labels", "batch_size"} & set(kwargs)
+
+
 def test_a_t2i_adapter_pipeline_builds_and_matches_stock(workdir, saved_pipelines):
     # The UNet pops the adapter's residuals from the list the pipeline passes it
     # (down_intrablock_additional_residuals): the build must capture them before the call, and call the eager UNet

@@ -42,7 +42,7 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = N
     (and ``guidance_scale = guidance`` unless it is None: the pipeline's default).
 
     Raises:
-        BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels nor a batch size.
+        BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels, a batch size nor an image.
     """
     params = inspect.signature(type(pipe).__call__).parameters
     steps = STEPS
@@ -61,10 +61,12 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = N
         kwargs["class_labels"] = list(range(batch))
     elif "batch_size" in params:
         kwargs["batch_size"] = batch
+    elif "image" in params and "num_images_per_prompt" in params:
+        kwargs["num_images_per_prompt"] = batch  # conditioned on an image alone (image variation): passed below
     else:
         raise BuildError(
-            f"{type(pipe).__name__}: its __call__ takes no prompt, class_labels or batch_size, so diffbake cannot "
-            "tell how to ask it for a number of images"
+            f"{type(pipe).__name__}: its __call__ takes no prompt, class_labels, batch_size or image, so diffbake "
+            "cannot tell how to ask it for a number of images"
         )
     for dim in ("height", "width"):
         if dim in params:
