@@ -8,6 +8,7 @@ runner of its library, to move its weights to aligned memory: see :func:`_open_f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import threading
@@ -17,6 +18,8 @@ from typing import Any
 
 from diffbake.errors import ArtifactError, CompatibilityError
 from diffbake.format.packages import inspect_package
+
+logger = logging.getLogger(__name__)
 
 # torch's loader extracts into std::filesystem::temp_directory_path(), which reads TMPDIR. TMPDIR is process-wide,
 # so packages are opened one at a time.
@@ -89,8 +92,9 @@ class Package:
         # The weights a frozen CPU package holds, copied to memory of diffbake's own (see _open_frozen_cpu).
         self._weights: dict[str, Any] = {}
         try:
-            if info.weights is not None and device == "cpu":
-                self._runner, self._weights = _open_frozen_cpu(self.path, info, folder, runners)
+            opened = _open_frozen_cpu(self.path, info, folder, runners) if info.weights and device == "cpu" else None
+            if opened is not None:
+                self._runner, self._weights = opened
                 self._run = self._runner.run
             else:
                 with _tmpdir(folder):
@@ -125,8 +129,9 @@ class Package:
         return self._run(list(tensors))
 
 
-def _open_frozen_cpu(path: Path, info: Any, folder: Path, runners: int) -> tuple[Any, dict[str, Any]]:
-    """The runner of a frozen CPU package, its weights in 64-byte-aligned memory that the process owns.
+def _open_frozen_cpu(path: Path, info: Any, folder: Path, runners: int) -> tuple[Any, dict[str, Any]] | None:
+    """The runner of a frozen CPU package, its weights in 64-byte-aligned memory that the process owns; None
+    where torch's runtime cannot hand every weight over (then torch's loader opens it, weights as they are).
 
     torch's runtime copies a package's weights blob into one ``malloc``'d buffer, which glibc returns 16 bytes
     past a page boundary, so every prepacked weight sits 16 bytes off the 64-byte lines that oneDNN's AMX and
@@ -143,9 +148,16 @@ def _open_frozen_cpu(path: Path, info: Any, folder: Path, runners: int) -> tuple
         library, blob = z.extract(info.library, tmp), z.extract(info.weights, tmp)
         reader = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1)
         reader.update_constant_buffer_from_blob(blob)
-        names = {fqn: name for name, fqn in reader.get_constant_names_to_original_fqns().items()}
-        weights = {names[fqn]: t.clone() for fqn, t in reader.extract_constants_map(False).items()}
-        del reader
+        fqns = reader.get_constant_names_to_original_fqns()
+        names = {fqn: name for name, fqn in fqns.items()}
+        extracted = reader.extract_constants_map(False)
+        if len(names) < len(fqns) or {names[fqn] for fqn in extracted} != set(fqns):
+            # The runtime hands constants over by original name, and inductor's max_autotune GEMM templates give
+            # several packed weights the same one: only the first comes out, so the others could not be bound.
+            logger.info("%s: not every weight can be read out, so they stay where torch's runtime put them", path)
+            return None
+        weights = {names[fqn]: t.clone() for fqn, t in extracted.items()}
+        del reader, extracted
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(library, runners)
         # (constants, use_inactive, validate_full_updates, user_managed): every constant, read in place.
         runner.update_constant_buffer(weights, False, True, True)
