@@ -109,8 +109,9 @@ class Package:
             ) from e
 
     def constant_names(self) -> list[str]:
+        """The original names of the constants the package expects (those :meth:`bind` takes)."""
         if self._weights:
-            return list(self._weights)
+            return list(self._runner.get_constant_names_to_original_fqns().values())
         return list(self._loader.get_constant_fqns())
 
     def constants_in_use(self) -> dict[str, Any]:
