@@ -142,6 +142,16 @@ def needs_guidance_asked(pipeline: type) -> bool:
     return isinstance(value, (int, float)) and value <= 1
 
 
+def fitting_guidance(modes: list[bool | None], pipeline: type) -> float | None:
+    """The guidance scale a call must ask for to fit a denoiser compiled for ``modes`` (each variant's cfg), where
+    the pipeline's default would need a batch that was not compiled; None keeps the pipeline's default."""
+    if modes == [False]:
+        return 1.0  # compiled without a CFG batch: the pipeline must not ask for guidance
+    if modes == [True] and needs_guidance_asked(pipeline):
+        return CFG_GUIDANCE  # compiled with one that the pipeline's default call would not run (LDM)
+    return None
+
+
 def denoiser_of(components: dict[str, object]) -> str | None:
     """The attribute of a pipeline's denoiser, from the names of its components (a pipeline's model index)."""
     return next((name for name in DENOISERS if components.get(name) is not None), None)

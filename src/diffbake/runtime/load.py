@@ -20,12 +20,11 @@ import torch
 
 from diffbake.errors import ArtifactError, ArtifactNotFoundError
 from diffbake.format.components import (
-    CFG_GUIDANCE,
     COMPONENTS,
     VAE_DECODER,
     area_call,
     bins_resolution,
-    needs_guidance_asked,
+    fitting_guidance,
 )
 from diffbake.format.host import check_compatibility, emulated_half_warning
 from diffbake.format.integrity import verify_files
@@ -306,10 +305,9 @@ def compiled_call(manifest: Manifest) -> dict[str, Any]:
         kwargs["max_sequence_length"] = low["text_tokens"]
     if "height" in kwargs:
         kwargs.update(area_call(pipeline, kwargs["height"], kwargs["width"]))
-    if variant.cfg is False:
-        kwargs["guidance_scale"] = 1.0  # built without a CFG batch: the pipeline must not ask for guidance
-    elif variant.cfg and needs_guidance_asked(pipeline):
-        kwargs["guidance_scale"] = CFG_GUIDANCE  # built with one the pipeline's default call would not run
+    guidance = fitting_guidance([variant.cfg], pipeline)
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     return kwargs
 
 

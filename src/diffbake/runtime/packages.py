@@ -118,8 +118,7 @@ class Package:
         """The tensors the library reads, by constant name, where it holds its own (a frozen CPU package); else {}."""
         if not self._weights:
             return {}
-        names = {fqn: name for name, fqn in self._runner.get_constant_names_to_original_fqns().items()}
-        return {names[fqn]: t for fqn, t in self._runner.extract_constants_map(False).items()}
+        return _constants_by_name(self._runner) or {}
 
     def bind(self, constants: dict[str, Any]) -> None:
         """Bind every constant the package expects, in place (``user_managed``: the caller keeps them alive)."""
@@ -149,17 +148,25 @@ def _open_frozen_cpu(path: Path, info: Any, folder: Path, runners: int) -> tuple
         library, blob = z.extract(info.library, tmp), z.extract(info.weights, tmp)
         reader = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1)
         reader.update_constant_buffer_from_blob(blob)
-        fqns = reader.get_constant_names_to_original_fqns()
-        names = {fqn: name for name, fqn in fqns.items()}
-        extracted = reader.extract_constants_map(False)
-        if len(names) < len(fqns) or {names[fqn] for fqn in extracted} != set(fqns):
-            # The runtime hands constants over by original name, and inductor's max_autotune GEMM templates give
-            # several packed weights the same one: only the first comes out, so the others could not be bound.
+        held = _constants_by_name(reader)
+        if held is None:
             logger.info("%s: not every weight can be read out, so they stay where torch's runtime put them", path)
             return None
-        weights = {names[fqn]: t.clone() for fqn, t in extracted.items()}
-        del reader, extracted
+        weights = {name: t.clone() for name, t in held.items()}
+        del reader, held
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(library, runners)
         # (constants, use_inactive, validate_full_updates, user_managed): every constant, read in place.
         runner.update_constant_buffer(weights, False, True, True)
     return runner, weights
+
+
+def _constants_by_name(runner: Any) -> dict[str, Any] | None:
+    """Every constant a runner's library reads, by constant name; None where the runtime cannot hand them all
+    over: it hands them over by original name, and inductor's max_autotune GEMM templates give several packed
+    weights the same one (only the first comes out)."""
+    fqns = runner.get_constant_names_to_original_fqns()
+    names = {fqn: name for name, fqn in fqns.items()}
+    if len(names) < len(fqns):
+        return None
+    held = {names.get(fqn): t for fqn, t in runner.extract_constants_map(False).items()}
+    return held if set(held) == set(fqns) else None

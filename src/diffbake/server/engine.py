@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbake.errors import InputMismatchError, ServeError
-from diffbake.format.components import CFG_GUIDANCE, needs_guidance_asked
+from diffbake.format.components import fitting_guidance
 from diffbake.server.catalogue import Catalogue
 from diffbake.server.metrics import Metrics
 from diffbake.server.request import ImageRequest, RequestError
@@ -121,7 +121,8 @@ class Engine:
             _check_servable(pipe, self.catalogue)
             takes_length = "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters
             self._text_tokens = self.catalogue.text_tokens() if takes_length else None
-            self._default_guidance = _default_guidance(self.catalogue, type(pipe))
+            # A request that names no scale gets what the artifact runs where the pipeline's default would not fit it.
+            self._default_guidance = fitting_guidance(self.catalogue.guided, type(pipe))
             self._replicas = [pipe] + [replicate(pipe) for _ in range(o.concurrency - 1)]
             for replica in self._replicas:
                 replica.set_progress_bar_config(disable=True)
@@ -334,16 +335,6 @@ def encode(image: Any, request: ImageRequest) -> str:
     options = {} if fmt == "PNG" else {"quality": request.output_compression}
     image.convert("RGB").save(buffer, format=fmt, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _default_guidance(catalogue: Catalogue, pipeline: type) -> float | None:
-    """The guidance scale of a request that names none: what the artifact runs where the pipeline's own default
-    would ask for a batch that was not compiled; None keeps the pipeline's default."""
-    if catalogue.guided == [False]:
-        return 1.0  # compiled without classifier-free guidance: the default would need the guided batch
-    if catalogue.guided == [True] and needs_guidance_asked(pipeline):
-        return CFG_GUIDANCE  # compiled only with it, for a pipeline that defaults to none (LDM): as the build asked
-    return None
 
 
 def _default_name(artifact: str) -> str:
