@@ -11,7 +11,8 @@ packages): a check to run when diffusers or the build changes.
 For each case: the test class's ``get_dummy_components()``, saved with ``save_pretrained``; a plain recipe that
 compiles the listed components at the size the test's ``get_dummy_inputs()`` call makes; ``diffbake build``;
 then the same call, same seed, on the loaded artifact and on stock diffusers. The tokenizers the tests fetch from
-the Hub (hf-internal-testing's tiny CLIP and T5) are made locally, as the suite makes them. Exit status 1 if a case
+the Hub (hf-internal-testing's tiny CLIP, T5, Gemma, Qwen2 and BERT) are made locally, as the suite makes them,
+and so are the tiny UMT5 and BERT models (from their configs). Exit status 1 if a case
 does not end as listed (``ok`` within TOLERANCE, or the refusal or mismatch its note explains).
 """
 
@@ -83,6 +84,17 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "sd-simple-inpaint": ("stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionSimpleInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"], "ok"),
     "sd-image-variation": ("stable_diffusion_image_variation.test_stable_diffusion_image_variation", "StableDiffusionImageVariationPipelineFastTests", ["unet", "vae_decoder"], "ok"),
     "ddim": ("ddim.test_ddim", "DDIMPipelineFastTests", ["unet"], "ok"),
+    "chroma": ("chroma.test_pipeline_chroma", "ChromaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "chroma-img2img": ("chroma.test_pipeline_chroma_img2img", "ChromaImg2ImgPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
+    "bria": ("bria.test_pipeline_bria", "BriaPipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
+    "kandinsky22": ("kandinsky2_2.test_kandinsky", "KandinskyV22PipelineFastTests", ["unet", "vae_decoder"], "ok"),
+    "lumina": ("lumina.test_lumina_nextdit", "LuminaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "lumina2": ("lumina2.test_pipeline_lumina2", "Lumina2PipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "aura-flow": ("aura_flow.test_pipeline_aura_flow", "AuraFlowPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "flux2-klein": ("flux2.test_pipeline_flux2_klein", "Flux2KleinPipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
+    "z-image": ("z_image.test_z_image", "ZImagePipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+    "qwenimage": ("qwenimage.test_qwenimage", "QwenImagePipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
+    "hunyuandit": ("hunyuandit.test_hunyuan_dit", "HunyuanDiTPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "sd-inpaint": (
         "stable_diffusion.test_stable_diffusion_inpaint", "StableDiffusionInpaintPipelineTesterConfig", ["vae_encoder", "unet", "vae_decoder"],
         "its all-white mask gives the VAE encoder an all-zero image, whose group norms amplify rounding noise: stock "
@@ -113,8 +125,33 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
 ASKED_SIZE = {"ldm": 64}
 
 
+def _bert_tokenizer():
+    """hf-internal-testing's tiny BERT tokenizer, made locally: WordPiece over lowercase letters, digits and their
+    continuations, [CLS] text [SEP]."""
+    import string
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {t: i for i, t in enumerate(special + list(chars) + [f"##{c}" for c in chars])}
+    model = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    model.normalizer = normalizers.BertNormalizer(lowercase=True)
+    model.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    model.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    model.decoder = decoders.WordPiece()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+
+
 def _offline_tokenizers() -> None:
     """hf-internal-testing's tiny CLIP and T5 tokenizers (and T5 config), made locally instead of fetched."""
+    import torch
     import transformers
 
     from diffbake.builder import tiny
@@ -128,11 +165,18 @@ def _offline_tokenizers() -> None:
                     return tiny._t5_tokenizer()
                 if "clip" in name.lower():
                     return tiny._clip_tokenizer()
+                if "gemma" in name:
+                    return tiny._gemma_tokenizer()
+                if "qwen2" in name.lower():
+                    return tiny._qwen2_tokenizer()
+                if "bert" in name.lower():
+                    return _bert_tokenizer()
             return original(name, *args, **kwargs)
 
         return staticmethod(from_pretrained)
 
-    for cls in ("CLIPTokenizer", "CLIPTokenizerFast", "AutoTokenizer", "T5TokenizerFast", "T5Tokenizer"):
+    for cls in ("CLIPTokenizer", "CLIPTokenizerFast", "AutoTokenizer", "T5TokenizerFast", "T5Tokenizer",
+                "Qwen2Tokenizer", "Qwen2TokenizerFast"):  # fmt: skip
         klass = getattr(transformers, cls)
         klass.from_pretrained = wrap(klass.from_pretrained)
     config = transformers.AutoConfig.from_pretrained
@@ -143,6 +187,24 @@ def _offline_tokenizers() -> None:
         return config(name, *args, **kwargs)
 
     transformers.AutoConfig.from_pretrained = staticmethod(auto_config)
+    umt5 = transformers.UMT5EncoderModel.from_pretrained
+
+    def umt5_model(name, *args, **kwargs):  # tiny-random-umt5: the T5 sizes above, made from its config
+        if isinstance(name, str) and name.startswith("hf-internal-testing/"):
+            return transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)).eval()
+        return umt5(name, *args, **kwargs)
+
+    transformers.UMT5EncoderModel.from_pretrained = staticmethod(umt5_model)
+    bert = transformers.BertModel.from_pretrained
+    bert_sizes = dict(vocab_size=1124, hidden_size=32, num_hidden_layers=5, num_attention_heads=4, intermediate_size=37)
+
+    def bert_model(name, *args, **kwargs):  # tiny-random-BertModel's sizes
+        if isinstance(name, str) and name.startswith("hf-internal-testing/"):
+            torch.manual_seed(0)
+            return transformers.BertModel(transformers.BertConfig(**bert_sizes)).eval()
+        return bert(name, *args, **kwargs)
+
+    transformers.BertModel.from_pretrained = staticmethod(bert_model)
 
 
 def run_case(name: str, work: Path) -> str:
@@ -205,6 +267,8 @@ def run_case(name: str, work: Path) -> str:
         text=True,
     )
     if build.returncode:
+        if os.environ.get("DIFFBAKE_DEBUG"):
+            print(build.stderr[-20000:])
         return "build failed: " + next(
             (line for line in build.stderr.splitlines() if line.startswith("error")), build.stderr[-500:]
         )

@@ -224,4 +224,30 @@ shapes = {{ batch = 1, height = 32, width = 32, image_height = 48, image_width =
         _plain("text_encoder", "text_encoder_2", size=32),
         [dict(prompt="a photo of a cat", height=32, width=32, num_inference_steps=3)],
     ),
+    # A transformer that creates tensors in its code (lifted by export as constants), keeps complex rotary
+    # frequencies, runs ops on complex tensors through torch's dispatcher, and takes lists of tensors. It passes
+    # each prompt's own tokens, so the recipe's 16 tokens (every prompt and negative prompt reaches 16 with the
+    # chat template, in a tokenizer of one token per character) make any prompt fit.
+    "z-image": (
+        """
+[source]
+model = "{source}"
+[components.transformer]
+shapes = {{ batch = 1, height = 32, width = 32, text_tokens = 16 }}
+[components.vae_decoder]
+shapes = {{ batch = 1, height = 32, width = 32 }}
+""",
+        [
+            dict(prompt="dance monkey", height=32, width=32, max_sequence_length=16, num_inference_steps=2),
+            dict(
+                prompt="a red dog",
+                negative_prompt="bad quality",
+                guidance_scale=3.0,
+                height=32,
+                width=32,
+                max_sequence_length=16,
+                num_inference_steps=3,
+            ),
+        ],
+    ),
 }

@@ -126,7 +126,7 @@ def test_missing_source_folder(tmp_path: Path):
         "diffusers' save_pretrained (holding model_index.json), a Hub id such as 'org/name', or one of tiny:sd, "
         "tiny:sdxl, tiny:flux, tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, tiny:sd-img2img, "
         "tiny:sd-inpaint, tiny:sd-controlnet, tiny:sdxl-img2img, tiny:sdxl-controlnet, tiny:flux-img2img, "
-        "tiny:flux-kontext, random:sd15, random:flux-small"
+        "tiny:flux-kontext, tiny:z-image, random:sd15, random:flux-small"
     )
     assert not (tmp_path / "a").exists()
 

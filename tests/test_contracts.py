@@ -422,3 +422,26 @@ def test_a_pipeline_without_guidance_by_default_is_built_with_it_when_asked(ldm_
     loaded, stock = diffbake.load(artifact), DiffusionPipeline.from_pretrained(source)
     call = dict(prompt="a cat", height=64, width=64, guidance_scale=6.0, num_inference_steps=2)
     assert np.abs(_images(loaded, call) - _images(stock, call)).max() <= ATOL
+
+
+def test_a_pipeline_passing_text_at_each_prompts_length_is_warned_of(caplog):
+    # Z-Image passes only a prompt's own tokens (the negative prompt's too): compiled code takes one length.
+    from diffbake.builder.build import _warn_if_text_has_the_prompts_length
+    from diffbake.builder.capture import Captured
+    from diffbake.builder.contract import Point
+
+    def point(*lengths: int) -> Point:
+        texts = [torch.zeros(n, 16) for n in lengths]
+        return Point({"batch": 1}, Captured({"x": [torch.zeros(16, 1, 4, 4)], "cap_feats": texts}, None))
+
+    pipe = type("ZImagePipeline", (), {})()
+    _warn_if_text_has_the_prompts_length("transformer", pipe, point(57, 19), point(57, 19))
+    assert not caplog.records
+    _warn_if_text_has_the_prompts_length("transformer", pipe, point(57, 19), point(24, 35))
+    assert [r.getMessage() for r in caplog.records] == [
+        "transformer: ZImagePipeline passes the text at each prompt's own length ('cap_feats.0' is (57, 16) for 'a "
+        "photo of an astronaut riding a horse', (24, 16) for 'a cat'), and its compiled code takes one length: this "
+        "artifact refuses the prompts (and negative prompts) whose token count after the pipeline's truncation "
+        "differs from the one captured. A text_tokens of N in the recipe truncates every prompt to N tokens, so that "
+        "prompts of N tokens or more fit"
+    ]

@@ -120,7 +120,7 @@ def test_flux_text_tokens_default_to_512():
             "r.toml: [source] model = 'tiny:sd9' is not a built-in pipeline; known: tiny:sd, tiny:sdxl, tiny:flux, "
             "tiny:dit, tiny:ddpm, tiny:ddim, tiny:pixart, tiny:sd3, tiny:sana, tiny:sd-img2img, tiny:sd-inpaint, "
             "tiny:sd-controlnet, tiny:sdxl-img2img, tiny:sdxl-controlnet, tiny:flux-img2img, tiny:flux-kontext, "
-            "random:sd15, random:flux-small",
+            "tiny:z-image, random:sd15, random:flux-small",
         ),
         (
             GOOD.replace('model = "tiny:sd"', 'model = "tiny:sd"\nrevision = "main"'),

@@ -244,6 +244,10 @@ BAD_PACKAGES = {
         {"data/aotinductor/model/zzz.wrapper_weights.blob": b"\x00"},
         "weights ['model/data/aotinductor/model/zzz.wrapper_weights.blob'] are not those of",
     ),
+    "an op list of another library": (
+        {"data/aotinductor/model/zzz.wrapper.json": b'{"nodes": []}'},
+        "op lists ['model/data/aotinductor/model/zzz.wrapper.json'] are not those of",
+    ),
     "a CUDA kernel in a CPU package": (
         {"data/aotinductor/model/k.cubin": b"\x00"},
         "is a CUDA kernel in a cpu package",
@@ -258,6 +262,26 @@ def test_malformed_packages_are_refused_naming_the_entry(package: Path, case: st
     with pytest.raises(ArtifactError) as e:
         inspect_package(package, "cpu", "x86_64")
     assert message in str(e.value) and str(e.value).startswith(f"{package}: "), str(e.value)
+
+
+def test_an_op_list_beside_the_library_is_read_only_as_a_list_of_named_ops(package: Path):
+    # The calls a library hands to torch's dispatcher (ops without a C shim), as AOTInductor writes them.
+    op_list = package_entry(package, ".wrapper.so").replace(".so", ".json")
+    call = {"name": "buf1", "node": {"target": "aten::split_with_sizes", "inputs": [], "outputs": []}}
+    rewrite_package(package, {op_list: json.dumps({"nodes": [call]}).encode()})
+    assert inspect_package(package, "cpu", "x86_64").extern == "model/" + op_list
+    for data, message in [
+        (b"import os", "is not JSON (JSONDecodeError)"),
+        (b'{"nodes": [{"node": {"target": 1}}]}', "is not a list of calls of named ops"),
+        (b"[]", "is not a list of calls of named ops"),
+    ]:
+        rewrite_package(package, {op_list: data})
+        with pytest.raises(ArtifactError) as e:
+            inspect_package(package, "cpu", "x86_64")
+        assert str(e.value) == (
+            f"{package}: op list 'model/{op_list}' {message}; a diffbake package holds only what the build "
+            "writes; rebuild it"
+        )
 
 
 def test_source_only_compressed_linked_and_padded_packages_are_refused(package: Path, tmp_path: Path):

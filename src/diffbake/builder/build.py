@@ -8,6 +8,7 @@ recipe ─► source configs ─► shape checks ─► load pipeline ─► per
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -26,7 +27,15 @@ import torch
 from diffbake import __version__
 from diffbake.builder.aoti import compile_package, inductor_configs, required_cpu_features
 from diffbake.builder.cache import CompileCache
-from diffbake.builder.capture import capture, class_name, pipeline_kwargs, save_config, stand_in_needs
+from diffbake.builder.capture import (
+    OTHER_PROMPTS,
+    PROMPT,
+    capture,
+    class_name,
+    pipeline_kwargs,
+    save_config,
+    stand_in_needs,
+)
 from diffbake.builder.contract import Point, Range, derive, points_for
 from diffbake.builder.export import FlatCall, NeedsMultiple, dynamic_shapes, export_component
 from diffbake.builder.recipe import (
@@ -65,6 +74,7 @@ from diffbake.format.manifest import (
 )
 from diffbake.format.staging import Staging
 from diffbake.runtime.compiled import CompiledComponent
+from diffbake.runtime.guards import call_leaves
 from diffbake.runtime.outputs import flatten_output
 from diffbake.runtime.packages import Package, unpack_dir
 from diffbake.runtime.regional import load_regional
@@ -603,13 +613,18 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     static = {d: v for d, v in shapes.items() if not isinstance(v, list)}
     captures: dict[tuple, Any] = {}
 
-    def at(sizes: dict[str, int], guidance: float | None) -> Point:
-        key = (tuple(sorted(sizes.items())), guidance)
+    def at(sizes: dict[str, int], guidance: float | None, prompts: dict[str, str] | None = None) -> Point:
+        key = (tuple(sorted(sizes.items())), guidance, tuple(sorted((prompts or {}).items())))
         if key not in captures:
-            captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance))[name]
+            captures[key] = capture(pipe, [name], pipeline_kwargs(pipe, sizes, guidance, prompts))[name]
         return Point(sizes, captures[key])
 
     cfg, guidance = _guidance(comp, variant, info, recipe, lambda g: at(points_for(static, ranges)[0], g))
+    if "prompt" in inspect.signature(type(pipe).__call__).parameters:
+        example = points_for(static, ranges)[0]
+        with contextlib.suppress(BuildError):  # a pipeline refusing these prompts has nothing to say here
+            other = at(example, guidance, OTHER_PROMPTS)
+            _warn_if_text_has_the_prompts_length(name, pipe, at(example, guidance), other)
     for _ in range(_STEPS_TRIED):
         points = [at(sizes, guidance) for sizes in points_for(static, ranges)]
         contract = derive(name, points, ranges)
@@ -635,6 +650,29 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     plan.attributes, plan.mixins = stand_in_needs(name, module, points[0].call.reads, compiled)
     plan.points = [[t.to(recipe.device) for t in p] for p in plan.points]
     return plan
+
+
+def _warn_if_text_has_the_prompts_length(name: str, pipe: Any, one: Point, other: Point) -> None:
+    """Say so where the pipeline passes text at each prompt's own length (Z-Image and Qwen-Image pass only the
+    prompt's tokens, not padding to max_sequence_length): the compiled code takes the length captured only.
+    torch.export cannot make it dynamic: both transformers specialize on it (their rotary tables and padding)."""
+    shapes = {path: tuple(v.shape) for path, v in call_leaves(other.call.arguments) if torch.is_tensor(v)}
+    for path, v in call_leaves(one.call.arguments):
+        if torch.is_tensor(v) and shapes.get(path, tuple(v.shape)) != tuple(v.shape):
+            logger.warning(
+                "%s: %s passes the text at each prompt's own length (%r is %s for %r, %s for %r), and its compiled "
+                "code takes one length: this artifact refuses the prompts (and negative prompts) whose token count "
+                "after the pipeline's truncation differs from the one captured. A text_tokens of N in the recipe "
+                "truncates every prompt to N tokens, so that prompts of N tokens or more fit",
+                name,
+                type(pipe).__name__,
+                path,
+                tuple(v.shape),
+                PROMPT,
+                shapes[path],
+                OTHER_PROMPTS["prompt"],
+            )
+            return
 
 
 def _refuse_model_lists(name: str, module: Any, recipe: Recipe) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from diffbake import __version__
 from diffbake.errors import DiffbakeError
 from diffbake.format.host import cache_folder, cpu_features, host_facts
-from diffbake.format.packages import inspect_package
+from diffbake.format.packages import ALLOWED, inspect_package
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class CompileCache:
             "inductor_configs": inductor_configs,
             "target": target_facts(device),
             "diffbake": __version__,
+            # What a stored package may hold: a package stripped by another allow-list is compiled again.
+            "package_entries": {kind: pattern.pattern for kind, pattern in ALLOWED.items()},
         }
         text = json.dumps(ingredients, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()

@@ -25,6 +25,9 @@ from diffbake.format.components import COMPONENTS, DENOISERS, area_call, bins_re
 from diffbake.runtime.guards import bound_arguments, plain
 
 PROMPT = "a photo of an astronaut riding a horse"
+# A second call with prompts of other lengths (the negative one of a third) finds the pipelines that pass text at
+# each prompt's own length rather than padded to max_sequence_length (Z-Image, Qwen-Image).
+OTHER_PROMPTS = {"prompt": "a cat", "negative_prompt": "a photo of a dog"}
 STEPS = 2  # enough for every scheduler; the run stops at the first call of the modules it waits for
 
 
@@ -37,9 +40,12 @@ class Captured:
     reads: dict[str, Any] = field(default_factory=dict)  # attribute path -> value, read from outside the calls
 
 
-def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = None) -> dict[str, Any]:
+def pipeline_kwargs(
+    pipe: Any, sizes: dict[str, int], guidance: float | None = None, prompts: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The call of ``pipe`` that makes ``sizes["batch"]`` images at the given size with only what it requires
-    (and ``guidance_scale = guidance`` unless it is None: the pipeline's default).
+    (and ``guidance_scale = guidance`` unless it is None: the pipeline's default). ``prompts``: other prompts
+    than :data:`PROMPT` (``prompt``, ``negative_prompt``), each where the pipeline takes it.
 
     Raises:
         BuildError: the pipeline's ``__call__`` takes neither a prompt, class labels, a batch size nor an image.
@@ -52,11 +58,16 @@ def pipeline_kwargs(pipe: Any, sizes: dict[str, int], guidance: float | None = N
         steps = math.ceil(1 / strength) + 1
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(0)}
     batch = sizes["batch"]
+    prompts = prompts or {}
     if "prompt" in params:
+        prompt = prompts.get("prompt", PROMPT)
         if "num_images_per_prompt" in params:
-            kwargs.update(prompt=PROMPT, num_images_per_prompt=batch)
+            kwargs.update(prompt=prompt, num_images_per_prompt=batch)
         else:
-            kwargs["prompt"] = [PROMPT] * batch
+            kwargs["prompt"] = [prompt] * batch
+        if "negative_prompt" in prompts and "negative_prompt" in params:
+            negative = prompts["negative_prompt"]
+            kwargs["negative_prompt"] = negative if "num_images_per_prompt" in params else [negative] * batch
     elif "class_labels" in params:
         kwargs["class_labels"] = list(range(batch))
     elif "batch_size" in params:

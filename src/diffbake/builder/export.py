@@ -84,7 +84,7 @@ def export_component(
     """
     try:
         with torch.no_grad():
-            return torch.export.export(flat, tuple(example), dynamic_shapes=shapes, strict=False)
+            exported = torch.export.export(flat, tuple(example), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many unrelated types; all mean the same to the user
         factors = dict((n, int(k)) for n, k in _SUGGESTED.findall(str(e)))
         if factors:
@@ -93,6 +93,20 @@ def export_component(
             f"{name}: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "set DIFFBAKE_DEBUG=1 for the traceback"
         ) from e
+    return constants_as_buffers(exported)
+
+
+def constants_as_buffers(exported: Any) -> Any:
+    """Make the tensors the model creates in its code (``torch.tensor(...)`` in a forward, lifted by export as
+    constants) non-persistent buffers, in place: AOTInductor then names them in the package as export does, and
+    the weights file can hold them. Left as constants, AOTInductor re-traces them as anonymous attributes
+    (``_tensor_constant0``) whose export names are lost (Chroma's, Z-Image's and Qwen-Image's transformers)."""
+    from torch.export.graph_signature import InputKind
+
+    for spec in exported.graph_signature.input_specs:
+        if spec.kind == InputKind.CONSTANT_TENSOR:
+            spec.kind, spec.persistent = InputKind.BUFFER, False
+    return exported
 
 
 # torch.export's fix for a dimension the model needs in steps: "  height = 2*_height", or "height = 8*_height - 4"

@@ -26,24 +26,9 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-TINY_FAMILIES = (
-    "sd",
-    "sdxl",
-    "flux",
-    "dit",
-    "ddpm",
-    "ddim",
-    "pixart",
-    "sd3",
-    "sana",
-    "sd-img2img",
-    "sd-inpaint",
-    "sd-controlnet",
-    "sdxl-img2img",
-    "sdxl-controlnet",
-    "flux-img2img",
-    "flux-kontext",
-)
+from diffbake.format.components import BUILTIN_MODELS
+
+TINY_FAMILIES = tuple(m.removeprefix("tiny:") for m in BUILTIN_MODELS if m.startswith("tiny:"))
 
 # A few common prompt words: each becomes a single CLIP BPE token and a single
 # T5 piece, while any other text still tokenizes (characters / bytes / <unk>).
@@ -787,6 +772,95 @@ def _ddim():
     return DDIMPipeline(unet=_unconditional_unet(), scheduler=DDIMScheduler())
 
 
+# Qwen's chat template, cut to what the pipelines use: the user turns, the generation prompt, and Qwen3's empty
+# thinking block when thinking is off.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen2_tokenizer():
+    """A Qwen2-like tokenizer: byte-level BPE over the 256 bytes (no merges, so a character is a token), Qwen's
+    special tokens after them, <|endoftext|> as padding, and Qwen's chat template (cut to what pipelines use)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    model.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=special
+    )
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _z_image():
+    # diffusers' tests/pipelines/z_image/test_z_image.py. Its transformer makes tensors in its code (lifted by
+    # export as constants), keeps complex rotary frequencies and calls ops on complex tensors that AOTInductor
+    # hands back to torch's dispatcher; it takes lists of tensors (one per image, text of each prompt's length).
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    transformer = _seeded(
+        ZImageTransformer2DModel,
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # made with torch.empty, as in diffusers' test
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    vae = _seeded(
+        AutoencoderKL,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    tokenizer = _qwen2_tokenizer()
+    config = Qwen3Config(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+    )
+    return ZImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_seeded(Qwen3Model, config).eval(),
+        tokenizer=tokenizer,
+    )
+
+
 # model -> (builder, pipeline class, vae_scale_factor, one-component builder or None: build the whole pipeline,
 # denoiser attribute)
 _BUILDERS = {
@@ -808,6 +882,7 @@ _BUILDERS = {
     "tiny:sdxl-controlnet": (_sdxl_controlnet, "StableDiffusionXLControlNetPipeline", 2, None, "unet"),
     "tiny:flux-img2img": (_flux_img2img, "FluxImg2ImgPipeline", 2, None, "transformer"),
     "tiny:flux-kontext": (_flux_kontext, "FluxKontextPipeline", 2, None, "transformer"),
+    "tiny:z-image": (_z_image, "ZImagePipeline", 2, None, "transformer"),
 }
 
 

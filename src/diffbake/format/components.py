@@ -107,6 +107,7 @@ BUILTIN_MODELS: tuple[str, ...] = (
     "tiny:sdxl-controlnet",
     "tiny:flux-img2img",
     "tiny:flux-kontext",
+    "tiny:z-image",
     "random:sd15",
     "random:flux-small",
 )

@@ -502,14 +502,18 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"no schema rule for {tp!r}")  # a bug in this module, not in the manifest
 
 
+# What a tensor of a contract or a weights file may be: torch dtypes that safetensors stores (complex64: the
+# rotary frequencies of Qwen-Image's and Z-Image's transformers).
 DTYPES = frozenset(
     {
+        "complex64",
         "float32",
         "float16",
         "bfloat16",
         "float64",
         "int64",
         "int32",
+        "int16",
         "int8",
         "uint8",
         "bool",

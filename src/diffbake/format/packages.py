@@ -7,8 +7,8 @@ archive holds any. So diffbake inspects each package first and opens it through 
 (:mod:`diffbake.runtime.packages`).
 
 The inspection is an allow-list of exactly what ``diffbake build`` writes (see :data:`ALLOWED`): the archive's
-format records, one shared library, its metadata, on CUDA the kernel binaries, and for a frozen build the
-library's weights blob. Sources, compile flags, pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
+format records, one shared library, its metadata, on CUDA the kernel binaries, for a frozen build the
+library's weights blob, and where the library calls ops through torch's dispatcher, the list of those calls. Sources, compile flags, pickles, exported programs and anything else are refused. Entries must be stored (not compressed), and the
 archive must hold no bytes outside its entries, so Python's zip reader and torch's (miniz) see the same files.
 The build strips its packages with the same allow-list, so a build fails where the loader would refuse.
 """
@@ -37,6 +37,9 @@ ALLOWED: dict[str, re.Pattern[str]] = {
     "metadata": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper_metadata\.json"),
     # The weights of a frozen build (compiler freezing), raw bytes the library reads; other builds bind theirs.
     "weights": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper_weights\.blob"),
+    # The ops the library hands back to torch's dispatcher by name (torch's proxy executor: aten ops without a C
+    # shim, such as those on complex tensors in Z-Image's rotary embeddings), as data: a list of calls.
+    "extern": re.compile(re.escape(MODEL_DIR) + r"[a-z0-9]+\.wrapper\.json"),
     # CUDA kernels are separate binaries the library loads (cuModuleLoad), not code the loader compiles.
     "kernel": re.compile(re.escape(MODEL_DIR) + r"[A-Za-z0-9_]+\.(cubin|fatbin)"),
 }
@@ -46,6 +49,7 @@ MAX_ENTRIES = 4096
 
 
 MAX_METADATA_BYTES = 64 * 1024
+MAX_EXTERN_BYTES = 16 * 1024 * 1024
 
 
 _ELF_MACHINES = {"x86_64": 62, "AMD64": 62, "aarch64": 183, "arm64": 183, "ppc64le": 21, "s390x": 22}
@@ -70,6 +74,7 @@ class PackageInfo:
     library: str  # the shared library's entry name
     metadata: dict[str, str]  # AOTI_DEVICE_KEY, AOTI_PLATFORM, AOTI_CPU_ISA, ...
     weights: str | None = None  # the library's weights blob (a frozen build), else None: weights are bound
+    extern: str | None = None  # the ops it calls through torch's dispatcher (see ALLOWED), if any
 
 
 def inspect_package(path: str | Path, device: str, machine: str) -> PackageInfo:
@@ -132,11 +137,12 @@ def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
         library, meta_name = kinds["library"][0], kinds["metadata"][0]
         if meta_name.removesuffix("_metadata.json") != library.removesuffix(".so"):
             raise refuse(f"metadata {meta_name!r} is not that of {library!r}")
-        if len(kinds["weights"]) > 1 or any(
-            w.removesuffix("_weights.blob") != library.removesuffix(".so") for w in kinds["weights"]
-        ):
-            raise refuse(f"weights {kinds['weights']} are not those of {library!r}")
+        for kind, suffix, what in (("weights", "_weights.blob", "weights"), ("extern", ".json", "op lists")):
+            if len(kinds[kind]) > 1 or any(e.removesuffix(suffix) != library.removesuffix(".so") for e in kinds[kind]):
+                raise refuse(f"{what} {kinds[kind]} are not those of {library!r}")
         metadata = _metadata(z, meta_name, refuse)
+        for name in kinds["extern"]:
+            _extern_calls(z, name, refuse)
         with z.open(library) as f:
             header = f.read(20)
     if metadata.get("AOTI_DEVICE_KEY") != device:
@@ -150,7 +156,12 @@ def _inspect(path: Path, device: str, machine: str) -> PackageInfo:
             f"machine: {path.name}'s shared library is for ELF machine {found}, this host is {machine} "
             f"(ELF machine {want}); rebuild the artifact on a host of this platform"
         )
-    return PackageInfo(library=library, metadata=metadata, weights=next(iter(kinds["weights"]), None))
+    return PackageInfo(
+        library=library,
+        metadata=metadata,
+        weights=next(iter(kinds["weights"]), None),
+        extern=next(iter(kinds["extern"]), None),
+    )
 
 
 def _entry_end(raw: Any, info: zipfile.ZipInfo) -> int:
@@ -179,3 +190,20 @@ def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise refuse(f"metadata {name!r} is not an object of strings")
     return data
+
+
+def _extern_calls(z: zipfile.ZipFile, name: str, refuse: Any) -> None:
+    """The proxy executor's list of calls: strict JSON, ``{"nodes": [{"name": ..., "node": {"target": op}}]}``."""
+    info = z.getinfo(name)
+    if info.file_size > MAX_EXTERN_BYTES:
+        raise refuse(f"op list {name!r} is {info.file_size} bytes")
+    try:
+        data = json.loads(z.read(name).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise refuse(f"op list {name!r} is not JSON ({type(e).__name__})") from None
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, list) or not all(
+        isinstance(n, dict) and isinstance(n.get("node"), dict) and isinstance(n["node"].get("target"), str)
+        for n in nodes
+    ):
+        raise refuse(f"op list {name!r} is not a list of calls of named ops")

@@ -146,6 +146,8 @@ def _open_frozen_cpu(path: Path, info: Any, folder: Path, runners: int) -> tuple
 
     with tempfile.TemporaryDirectory(dir=folder, prefix="diffbake-") as tmp, zipfile.ZipFile(path) as z:
         library, blob = z.extract(info.library, tmp), z.extract(info.weights, tmp)
+        if info.extern:  # read by the runner from beside its library
+            z.extract(info.extern, tmp)
         reader = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1)
         reader.update_constant_buffer_from_blob(blob)
         held = _constants_by_name(reader)
