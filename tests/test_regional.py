@@ -29,14 +29,24 @@ model = "{source}"
 shapes = {{ batch = 1, height = 32, width = 48, text_tokens = 32 }}
 mode = "regional"
 """,
+    # Any diffusers model that lists its repeated blocks: Z-Image's blocks take a required attn_mask as None.
+    "z-image": """
+[source]
+model = "{source}"
+[components.transformer]
+shapes = {{ batch = 1, height = 32, width = 32, text_tokens = 16 }}
+mode = "regional"
+""",
 }
 CALLS = {
     "sd": dict(prompt="a photo of a cat", num_inference_steps=3),
     "flux": dict(prompt="a photo of a cat", num_inference_steps=3, height=32, width=48, max_sequence_length=32),
+    "z-image": dict(prompt="a photo of a cat", num_inference_steps=3, height=32, width=32, max_sequence_length=16),
 }
 BLOCKS = {
     "sd": ("unet", {"BasicTransformerBlock"}),
     "flux": ("transformer", {"FluxTransformerBlock", "FluxSingleTransformerBlock"}),
+    "z-image": ("transformer", {"ZImageTransformerBlock"}),
 }
 
 
@@ -54,7 +64,7 @@ def regional(tmp_path_factory, saved_pipelines):
     return _build_all(tmp_path_factory.mktemp("regional"), RECIPES, saved_pipelines)
 
 
-@pytest.mark.parametrize("family", ["sd", "flux"])
+@pytest.mark.parametrize("family", ["sd", "flux", "z-image"])
 def test_regional_images_match_stock(regional, saved_pipelines, family):
     loaded = diffbake.load(regional[family])
     stock = DiffusionPipeline.from_pretrained(saved_pipelines(family))
@@ -406,3 +416,17 @@ def test_step_cache_recipe_errors(tmp_path, section, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(tmp_path / "r.toml")
     assert str(e.value) == message.replace("r.toml", str(tmp_path / "r.toml"))
+
+
+def test_a_regional_artifact_rebuilds_only_a_diffusers_model_that_lists_repeated_blocks():
+    from diffbake.errors import ArtifactError
+    from diffbake.runtime.regional import regional_class
+
+    assert regional_class("transformer", "ZImageTransformer2DModel").__name__ == "ZImageTransformer2DModel"
+    for name in ("os.system", "AutoencoderKL", "DDPMScheduler", "NoSuchModel"):
+        with pytest.raises(ArtifactError) as e:
+            regional_class("transformer", name)
+        assert str(e.value) == (
+            f"transformer: regional class {name!r} is not a diffusers model that lists repeated blocks "
+            "(_repeated_blocks); rebuild the artifact with mode = 'full'"
+        )

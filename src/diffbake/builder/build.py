@@ -473,7 +473,7 @@ def _block_package(
     else:
         first = module.get_submodule(group.instances[0])
         with rep.stage(f"{label}: export"):
-            exported = export_component(name, BlockCall(first, group.names).eval(), group.example)
+            exported = export_component(name, BlockCall(first, group.names, group.nones).eval(), group.example)
         _compile(comp, recipe, exported, package, label, rep, cache)
     return BlockEntry(
         package=package.relative_to(root).as_posix(),
@@ -535,7 +535,14 @@ def _regional_state(module: Any, root: Path, blocks: list[BlockEntry], recipe: R
         package = Package(root / block.package, _device_type(recipe), folder=unpack_dir(), machine=platform.machine())
         names = [n.removeprefix("block.") for n in package.constant_names()]
         for fqn in block.instances:
-            own = module.get_submodule(fqn).state_dict()
+            sub = module.get_submodule(fqn)  # buffers too: a non-persistent one is in no state dict
+            own = {**dict(sub.named_parameters()), **dict(sub.named_buffers()), **sub.state_dict()}
+            made = [n for n in names if n not in own]
+            if made:
+                raise BuildError(
+                    f"{block.class_name}: block {fqn!r} reads tensors its code makes ({made[:3]}), which a regional "
+                    "build cannot bind per block; use mode = 'full'"
+                )
             state.update({f"{fqn}.{n}": own[n] for n in names})
     return state
 

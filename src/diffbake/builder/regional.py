@@ -28,25 +28,33 @@ class BlockGroup:
     example: list[torch.Tensor]  # the first instance's inputs, as captured from a real forward
     outputs: int  # 0: one tensor; n: a tuple of n tensors
     specs: list[TensorSpec] = field(default_factory=list)
+    nones: list[str] = field(default_factory=list)  # required arguments the model passed as None
 
 
 class BlockCall(torch.nn.Module):
-    """``block(**kwargs)`` with the kwargs as a flat positional list; always returns a tuple of tensors."""
+    """``block(**kwargs)`` with the kwargs as a flat positional list (and ``nones`` as None); always returns a
+    tuple of tensors."""
 
-    def __init__(self, block: torch.nn.Module, names: list[str]):
+    def __init__(self, block: torch.nn.Module, names: list[str], nones: list[str] = ()):
         super().__init__()
         self.block = block
         self.names = names
+        self.nones = list(nones)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.block(**unflatten_call(self.names, list(args)))
+        out = self.block(**dict.fromkeys(self.nones), **unflatten_call(self.names, list(args)))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def flatten_arguments(where: str, signature: inspect.Signature, arguments: dict[str, Any]) -> tuple[list, list]:
-    """Tensors of a block call, named by keyword path; None, defaults and empty dicts are left out."""
-    names, values = [], []
+def flatten_arguments(
+    where: str, signature: inspect.Signature, arguments: dict[str, Any]
+) -> tuple[list, list, list[str]]:
+    """Tensors of a block call, named by keyword path, and the required arguments passed as None (Z-Image's
+    ``attn_mask``); other Nones, defaults and empty dicts are left out."""
+    names, values, nones = [], [], []
     for name, value in arguments.items():
+        if value is None and signature.parameters[name].default is inspect.Parameter.empty:
+            nones.append(name)
         if torch.is_tensor(value):
             names.append(name)
             values.append(value)
@@ -58,7 +66,7 @@ def flatten_arguments(where: str, signature: inspect.Signature, arguments: dict[
             values += list(value.values())
         elif value is not None and value != signature.parameters[name].default:
             raise BuildError(f"{where}: argument {name!r} = {value!r} is not a tensor and cannot be compiled")
-    return names, values
+    return names, values, nones
 
 
 def repeated_blocks(name: str, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -84,7 +92,7 @@ def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -
         BuildError: the model declares no repeated blocks, or one was never called.
     """
     blocks = repeated_blocks(name, module)
-    calls: dict[str, tuple[list, list]] = {}
+    calls: dict[str, tuple[list, list, list[str]]] = {}
     arity: dict[str, int] = {}
 
     def before(fqn: str, sub: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -92,8 +100,8 @@ def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -
             signature = inspect.signature(type(sub).forward)
             bound = signature.bind(sub, *args, **kwargs).arguments
             bound.pop(next(iter(signature.parameters)))
-            names, values = flatten_arguments(f"{name}: block {fqn}", signature, bound)
-            calls[fqn] = (names, [v.detach().clone() for v in values])
+            names, values, nones = flatten_arguments(f"{name}: block {fqn}", signature, bound)
+            calls[fqn] = (names, [v.detach().clone() for v in values], nones)
 
     def after(fqn: str, sub: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         arity.setdefault(fqn, len(out) if isinstance(out, (tuple, list)) else 0)
@@ -114,9 +122,10 @@ def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -
 
     groups: dict[tuple, BlockGroup] = {}
     for fqn, sub in blocks.items():
-        names, values = calls[fqn]
+        names, values, nones = calls[fqn]
         key = (
             type(sub).__name__,
+            tuple(nones),
             tuple((k, tuple(t.shape), t.dtype) for k, t in sub.state_dict().items()),
             tuple((n, tuple(v.shape), v.dtype) for n, v in zip(names, values, strict=True)),
         )
@@ -127,5 +136,5 @@ def capture_blocks(name: str, module: torch.nn.Module, run: Callable[[], Any]) -
                 TensorSpec(n, list(v.shape), str(v.dtype).removeprefix("torch."))
                 for n, v in zip(names, values, strict=True)
             ]
-            groups[key] = BlockGroup(type(sub).__name__, [fqn], names, values, arity[fqn], specs)
+            groups[key] = BlockGroup(type(sub).__name__, [fqn], names, values, arity[fqn], specs, nones)
     return list(groups.values())

@@ -99,8 +99,22 @@ class RegionalComponent:
             self.loaded_from = loaded_from
 
 
-# Eager classes a regional artifact may rebuild from its config (never a class named by the artifact alone).
-REGIONAL_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel")
+def regional_class(name: str, class_name: str) -> type:
+    """The eager class a regional artifact rebuilds from its config: a diffusers model class (never one the
+    artifact could bring) that lists its repeated blocks.
+
+    Raises:
+        ArtifactError: ``class_name`` is not such a class.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and getattr(cls, "_repeated_blocks", None)):
+        raise ArtifactError(
+            f"{name}: regional class {class_name!r} is not a diffusers model that lists repeated blocks "
+            "(_repeated_blocks); rebuild the artifact with mode = 'full'"
+        )
+    return cls
 
 
 def load_regional(
@@ -108,15 +122,13 @@ def load_regional(
 ) -> torch.nn.Module:
     """Rebuild a regionally compiled component: the eager module from its config and weights, each repeated
     block's forward replaced by its group's compiled package bound to that block's constants (no copy)."""
-    import diffusers
     from safetensors.torch import load_file
 
     artifact = Path(artifact)
-    if entry.class_name not in REGIONAL_CLASSES:
-        raise ArtifactError(f"{entry.name}: regional class {entry.class_name!r} is not one of {REGIONAL_CLASSES}")
+    cls = regional_class(entry.name, entry.class_name)
     config = json.loads((artifact / entry.config).read_text(encoding="utf-8"))
     with torch.device("meta"):
-        module = getattr(diffusers, entry.class_name).from_config(config)
+        module = cls.from_config(config)
     if entry.transforms.get("fuse_qkv"):
         module.fuse_qkv_projections()  # the structure the blocks were compiled with (no weight exists yet)
     weights = load_file(artifact / entry.weights, device=str(torch.device(device)))
