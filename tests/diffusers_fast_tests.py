@@ -87,11 +87,8 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
     "chroma": ("chroma.test_pipeline_chroma", "ChromaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "chroma-img2img": ("chroma.test_pipeline_chroma_img2img", "ChromaImg2ImgPipelineFastTests", ["vae_encoder", "transformer", "vae_decoder"], "ok"),
     "bria": ("bria.test_pipeline_bria", "BriaPipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
-    "kandinsky22": ("kandinsky2_2.test_kandinsky", "KandinskyV22PipelineFastTests", ["unet", "vae_decoder"], "ok"),
-    "lumina": ("lumina.test_lumina_nextdit", "LuminaPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
-    "lumina2": ("lumina2.test_pipeline_lumina2", "Lumina2PipelineFastTests", ["transformer", "vae_decoder"], "ok"),
+
     "aura-flow": ("aura_flow.test_pipeline_aura_flow", "AuraFlowPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
-    "flux2-klein": ("flux2.test_pipeline_flux2_klein", "Flux2KleinPipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
     "z-image": ("z_image.test_z_image", "ZImagePipelineFastTests", ["transformer", "vae_decoder"], "ok"),
     "qwenimage": ("qwenimage.test_qwenimage", "QwenImagePipelineTesterConfig", ["transformer", "vae_decoder"], "ok"),
     "hunyuandit": ("hunyuandit.test_hunyuan_dit", "HunyuanDiTPipelineFastTests", ["transformer", "vae_decoder"], "ok"),
@@ -109,6 +106,26 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
         "its test passes latents as the image (16x16, made 256 pixels); the capture passes a picture, which the "
         "pipeline encodes first: other shapes",
     ),
+    "lumina": (
+        "lumina.test_lumina_nextdit", "LuminaPipelineFastTests", ["transformer", "vae_decoder"],
+        "passes the text at each prompt's own length, which its compiled code fixes: the build captures another "
+        "prompt than the test calls with (the build warns of it)",
+    ),
+    "lumina2": (
+        "lumina2.test_pipeline_lumina2", "Lumina2PipelineFastTests", ["transformer", "vae_decoder"],
+        "its transformer reads the text lengths out of the attention mask's values and hashes them (set(...)): "
+        "torch.export cannot trace that",
+    ),
+    "flux2-klein": (
+        "flux2.test_pipeline_flux2_klein", "Flux2KleinPipelineTesterConfig", ["transformer", "vae_decoder"],
+        "its 2-layer test text encoder has none of the layers (9, 18, 27) the pipeline's default call reads; the "
+        "test passes text_encoder_out_layers=(1,), the build calls it by default",
+    ),
+    "kandinsky22": (
+        "kandinsky2_2.test_kandinsky", "KandinskyV22PipelineFastTests", ["unet"],
+        "the decoder pipeline is called with image embeddings from a prior, not a prompt: the build cannot make a "
+        "call of it (and its VAE, the pipeline's movq, is not a component)",
+    ),
     "sd-pag": (
         "pag.test_pag_sd", "StableDiffusionPAGPipelineFastTests", ["unet", "vae_decoder"],
         "perturbed-attention guidance swaps attention processors per call: refused at build",
@@ -122,7 +139,7 @@ CASES: dict[str, tuple[str, str, list[str], str]] = {
 # Cases whose pipeline is asked for another height and width than its images have: LDM text-to-image makes
 # latents of height // 8 whatever its VAE (the test's VAE scales by 2), so its default height, 64, makes 16-pixel
 # images. name -> the height and width the test's call asks for.
-ASKED_SIZE = {"ldm": 64}
+ASKED_SIZE = {"ldm": 64, "lumina": 32, "lumina2": 32}
 
 
 def _bert_tokenizer():

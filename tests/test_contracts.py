@@ -445,3 +445,27 @@ def test_a_pipeline_passing_text_at_each_prompts_length_is_warned_of(caplog):
         "differs from the one captured. A text_tokens of N in the recipe truncates every prompt to N tokens, so that "
         "prompts of N tokens or more fit"
     ]
+
+
+def test_a_pipeline_failing_with_its_resolution_binning_is_captured_without_it(caplog):
+    # HunyuanDiT rounds every size to its ~1024-pixel table, which a smaller transformer fails on (a RuntimeError
+    # inside the model): the capture calls it unbinned, as the pipeline's own tests do, and says so.
+    from diffbake.builder.capture import capture
+
+    class BinningPipeline:
+        def __init__(self):
+            self.transformer = torch.nn.Linear(4, 4)
+
+        def __call__(self, prompt=None, height=16, width=16, generator=None, use_resolution_binning=True):
+            tokens = (1024 if use_resolution_binning else height) // 4
+            if tokens != 4:
+                raise RuntimeError(f"The size of tensor a ({tokens}) must match the size of tensor b (4)")
+            return self.transformer(torch.ones(1, tokens))
+
+    calls = capture(BinningPipeline(), ["transformer"], dict(prompt="a cat", height=16, width=16))
+    assert calls["transformer"].arguments["input"].shape == (1, 4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "BinningPipeline failed with its resolution binning on (RuntimeError: The size of tensor a (256) must match "
+        "the size of tensor b (4)); the build calls it with use_resolution_binning=False, and so must the "
+        "artifact's users"
+    ]

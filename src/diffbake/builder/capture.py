@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import torch
 from diffbake.errors import BuildError, RecipeError
 from diffbake.format.components import COMPONENTS, DENOISERS, area_call, bins_resolution, components_of
 from diffbake.runtime.guards import bound_arguments, plain
+
+logger = logging.getLogger(__name__)
 
 PROMPT = "a photo of an astronaut riding a horse"
 # A second call with prompts of other lengths (the negative one of a third) finds the pipelines that pass text at
@@ -138,13 +141,22 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
             with torch.no_grad():
                 try:
                     pipe(**kwargs)
-                except ValueError:
+                except (ValueError, RuntimeError) as e:
                     unbinned = _without_binning(pipe, kwargs)
                     if unbinned is None or calls:
                         raise
                     # PixArt's and SANA's default binning knows only the transformers of their released sizes
-                    # and refuses any call of another one ("Invalid sample size"), so such a pipeline is only
-                    # ever called with binning off: the capture calls it so too.
+                    # and refuses any call of another one ("Invalid sample size"), and HunyuanDiT's rounds every
+                    # size to its table of ~1024-pixel ones, which a smaller transformer fails on: such a pipeline
+                    # is only ever called with binning off, and the capture calls it so too.
+                    if isinstance(e, RuntimeError):
+                        logger.warning(
+                            "%s failed with its resolution binning on (%s: %s); the build calls it with "
+                            "use_resolution_binning=False, and so must the artifact's users",
+                            type(pipe).__name__,
+                            type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "",
+                        )
                     pipe(**unbinned)
         except _Done:
             pass
