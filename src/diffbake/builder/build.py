@@ -629,7 +629,7 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
     cfg, guidance = _guidance(comp, variant, info, recipe, lambda g: at(points_for(static, ranges)[0], g))
     if "prompt" in inspect.signature(type(pipe).__call__).parameters:
         example = points_for(static, ranges)[0]
-        with contextlib.suppress(BuildError):  # a pipeline refusing these prompts has nothing to say here
+        with contextlib.suppress(BuildError, RecipeError):  # a pipeline refusing these prompts: nothing to say
             other = at(example, guidance, OTHER_PROMPTS)
             _warn_if_text_has_the_prompts_length(name, pipe, at(example, guidance), other)
     for _ in range(_STEPS_TRIED):
