@@ -804,7 +804,7 @@ def _z_image():
     # diffusers' tests/pipelines/z_image/test_z_image.py. Its transformer makes tensors in its code (lifted by
     # export as constants), keeps complex rotary frequencies and calls ops on complex tensors that AOTInductor
     # hands back to torch's dispatcher; it takes lists of tensors (one per image, text of each prompt's length).
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     transformer = _seeded(
@@ -828,20 +828,7 @@ def _z_image():
     with torch.no_grad():  # made with torch.empty, as in diffusers' test
         transformer.x_pad_token.fill_(1.0)
         transformer.cap_pad_token.fill_(1.0)
-    vae = _seeded(
-        AutoencoderKL,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = _vae(latent_channels=16, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer = _qwen2_tokenizer()
     config = Qwen3Config(
         hidden_size=16,

@@ -179,14 +179,19 @@ def _entry_end(raw: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + info.compress_size
 
 
-def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
+def _json_entry(z: zipfile.ZipFile, name: str, what: str, limit: int, refuse: Any) -> Any:
+    """An entry read as strict JSON, at most ``limit`` bytes."""
     info = z.getinfo(name)
-    if info.file_size > MAX_METADATA_BYTES:
-        raise refuse(f"metadata {name!r} is {info.file_size} bytes")
+    if info.file_size > limit:
+        raise refuse(f"{what} {name!r} is {info.file_size} bytes")
     try:
-        data = json.loads(z.read(name).decode("utf-8"))
+        return json.loads(z.read(name).decode("utf-8"))
     except (ValueError, RecursionError) as e:
-        raise refuse(f"metadata {name!r} is not JSON ({type(e).__name__})") from None
+        raise refuse(f"{what} {name!r} is not JSON ({type(e).__name__})") from None
+
+
+def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
+    data = _json_entry(z, name, "metadata", MAX_METADATA_BYTES, refuse)
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise refuse(f"metadata {name!r} is not an object of strings")
     return data
@@ -194,13 +199,7 @@ def _metadata(z: zipfile.ZipFile, name: str, refuse: Any) -> dict[str, str]:
 
 def _extern_calls(z: zipfile.ZipFile, name: str, refuse: Any) -> None:
     """The proxy executor's list of calls: strict JSON, ``{"nodes": [{"name": ..., "node": {"target": op}}]}``."""
-    info = z.getinfo(name)
-    if info.file_size > MAX_EXTERN_BYTES:
-        raise refuse(f"op list {name!r} is {info.file_size} bytes")
-    try:
-        data = json.loads(z.read(name).decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise refuse(f"op list {name!r} is not JSON ({type(e).__name__})") from None
+    data = _json_entry(z, name, "op list", MAX_EXTERN_BYTES, refuse)
     nodes = data.get("nodes") if isinstance(data, dict) else None
     if not isinstance(nodes, list) or not all(
         isinstance(n, dict) and isinstance(n.get("node"), dict) and isinstance(n["node"].get("target"), str)
