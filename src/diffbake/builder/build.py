@@ -51,7 +51,7 @@ from diffbake.builder.regional import BlockCall, capture_blocks
 from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
 from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
 from diffbake.errors import BuildError, RebindError, RecipeError, VerificationError
-from diffbake.format.components import CFG_GUIDANCE, COMPONENTS
+from diffbake.format.components import CFG_GUIDANCE, COMPONENTS, VAE_DECODER
 from diffbake.format.host import host_facts
 from diffbake.format.manifest import (
     CONFIG_FILE,
@@ -627,7 +627,8 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
         return Point(sizes, captures[key])
 
     cfg, guidance = _guidance(comp, variant, info, recipe, lambda g: at(points_for(static, ranges)[0], g))
-    if "prompt" in inspect.signature(type(pipe).__call__).parameters:
+    # The VAE never sees the text (and its capture runs the whole denoising loop first): not asked.
+    if attr != COMPONENTS[VAE_DECODER].attribute and "prompt" in inspect.signature(type(pipe).__call__).parameters:
         example = points_for(static, ranges)[0]
         with contextlib.suppress(BuildError, RecipeError):  # a pipeline refusing these prompts: nothing to say
             other = at(example, guidance, OTHER_PROMPTS)
