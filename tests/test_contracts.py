@@ -469,3 +469,15 @@ def test_a_pipeline_failing_with_its_resolution_binning_is_captured_without_it(c
         "the size of tensor b (4)); the build calls it with use_resolution_binning=False, and so must the "
         "artifact's users"
     ]
+
+    # A refusal of diffbake's own inside the call (a hook's) is not the binning's: it is not retried unbinned.
+    from diffbake.errors import BuildError
+
+    class RefusingPipeline(BinningPipeline):
+        def __call__(self, use_resolution_binning=True, **kwargs):
+            raise BuildError("transformer: refused")
+
+    caplog.clear()
+    with pytest.raises(BuildError, match=r"\(BuildError: transformer: refused\)"):
+        capture(RefusingPipeline(), ["transformer"], dict(prompt="a cat", height=16, width=16))
+    assert not caplog.records

@@ -50,7 +50,7 @@ from diffbake.builder.recipe import (
 from diffbake.builder.regional import BlockCall, capture_blocks
 from diffbake.builder.sources import SourceInfo, inspect_source, load_module, load_pipeline
 from diffbake.builder.transforms import QUANT_TOLERANCES, channels_last, fuse_qkv, quantize, unwrap_for_export
-from diffbake.errors import BuildError, RebindError, RecipeError, VerificationError
+from diffbake.errors import ArtifactError, BuildError, RebindError, RecipeError, VerificationError
 from diffbake.format.components import CFG_GUIDANCE, COMPONENTS, VAE_DECODER
 from diffbake.format.host import host_facts
 from diffbake.format.manifest import (
@@ -77,7 +77,7 @@ from diffbake.runtime.compiled import CompiledComponent
 from diffbake.runtime.guards import call_leaves
 from diffbake.runtime.outputs import flatten_output
 from diffbake.runtime.packages import Package, unpack_dir
-from diffbake.runtime.regional import load_regional
+from diffbake.runtime.regional import load_regional, regional_class
 from diffbake.runtime.selftest import SEED, self_test_inputs, summarize
 
 logger = logging.getLogger(__name__)
@@ -501,6 +501,10 @@ def _build_regional(
     the blocks (it runs eager), and for each block instance the constants its package reads (after QKV fusion,
     the fused projections only; after quantization, the quantized data and scales)."""
     name, root = comp.name, folder.parent
+    try:  # the class the loader rebuilds, refused before anything is compiled rather than at the check after
+        regional_class(name, class_name(type(module)))
+    except ArtifactError as e:
+        raise BuildError(str(e)) from None
     groups = capture_blocks(name, module, lambda: plan.flat(module, method)(*plan.points[0]))
     reused = reuse.manifest.components[name] if reuse is not None else None
     if reused is not None and [(g.class_name, g.instances) for g in groups] != [
@@ -536,7 +540,7 @@ def _regional_state(module: Any, root: Path, blocks: list[BlockEntry], recipe: R
         names = [n.removeprefix("block.") for n in package.constant_names()]
         for fqn in block.instances:
             sub = module.get_submodule(fqn)  # buffers too: a non-persistent one is in no state dict
-            own = {**dict(sub.named_parameters()), **dict(sub.named_buffers()), **sub.state_dict()}
+            own = {**dict(sub.named_buffers()), **sub.state_dict()}
             made = [n for n in names if n not in own]
             if made:
                 raise BuildError(
@@ -584,7 +588,7 @@ def _plans(comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe) -
     stand-in must carry and return."""
     plans: list[_Plan] = []
     for variant in comp.variants:
-        plan = _plan(comp, variant, pipe, info, recipe)
+        plan = _plan(comp, variant, pipe, info, recipe, check_text=not plans)
         if plans and [s.name for s in plan.specs] != [s.name for s in plans[0].specs]:
             # The stand-in picks the tensors out of a call by one list of names, whichever variant then runs.
             raise BuildError(
@@ -604,9 +608,12 @@ def _plans(comp: ComponentRecipe, pipe: Any, info: SourceInfo, recipe: Recipe) -
 _STEPS_TRIED = 4  # how many times export may ask for coarser steps of a dynamic size
 
 
-def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, recipe: Recipe) -> _Plan:
+def _plan(
+    comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, recipe: Recipe, check_text: bool = False
+) -> _Plan:
     """Capture one variant's calls (re-capturing at coarser steps where export asks for them), derive its
-    contract, and record what the stand-in must carry and return."""
+    contract, and record what the stand-in must carry and return. ``check_text``: also capture with other
+    prompts, to warn where the text has each prompt's own length (once per component: the first variant)."""
     name = comp.name
     attr, method = COMPONENTS[name].attribute, COMPONENTS[name].method
     module = getattr(pipe, attr)
@@ -628,7 +635,8 @@ def _plan(comp: ComponentRecipe, variant: Variant, pipe: Any, info: SourceInfo, 
 
     cfg, guidance = _guidance(comp, variant, info, recipe, lambda g: at(points_for(static, ranges)[0], g))
     # The VAE never sees the text (and its capture runs the whole denoising loop first): not asked.
-    if attr != COMPONENTS[VAE_DECODER].attribute and "prompt" in inspect.signature(type(pipe).__call__).parameters:
+    takes_prompt = "prompt" in inspect.signature(type(pipe).__call__).parameters
+    if check_text and attr != COMPONENTS[VAE_DECODER].attribute and takes_prompt:
         example = points_for(static, ranges)[0]
         with contextlib.suppress(BuildError, RecipeError):  # a pipeline refusing these prompts: nothing to say
             other = at(example, guidance, OTHER_PROMPTS)

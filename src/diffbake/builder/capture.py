@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from diffbake.errors import BuildError, RecipeError
+from diffbake.errors import BuildError, DiffbakeError, RecipeError
 from diffbake.format.components import COMPONENTS, DENOISERS, area_call, bins_resolution, components_of
 from diffbake.runtime.guards import bound_arguments, plain
 
@@ -143,7 +143,7 @@ def capture(pipe: Any, names: list[str], kwargs: dict[str, Any]) -> dict[str, Ca
                     pipe(**kwargs)
                 except (ValueError, RuntimeError) as e:
                     unbinned = _without_binning(pipe, kwargs)
-                    if unbinned is None or calls:
+                    if unbinned is None or calls or isinstance(e, DiffbakeError):  # a hook's refusal: not binning
                         raise
                     # PixArt's and SANA's default binning knows only the transformers of their released sizes
                     # and refuses any call of another one ("Invalid sample size"), and HunyuanDiT's rounds every

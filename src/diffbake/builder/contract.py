@@ -135,10 +135,13 @@ def derive(
         return [leaves[i][s.name].to(getattr(torch, s.dtype)) for s in specs]
 
     example = inputs(0)
-    fill = {s.name: t.flatten().tolist() for s, t in zip(specs, example, strict=True) if t.numel() <= _SMALL}
-    fill |= {s.name: t.flatten().tolist() for s, t in zip(specs, example, strict=True) if not t.is_floating_point()}
-    # Complex inputs (Lumina's rotary embeddings) are seeded noise in the self-test, as large float ones are.
-    fill = {k: v for k, v in fill.items() if not any(isinstance(x, complex) for x in v)}
+    # Small inputs and integer ones are replayed as captured; complex ones (Lumina's rotary embeddings) are seeded
+    # noise in the self-test, as large float ones are.
+    fill = {
+        s.name: t.flatten().tolist()
+        for s, t in zip(specs, example, strict=True)
+        if not t.is_complex() and (t.numel() <= _SMALL or not t.is_floating_point())
+    }
     batch = points[0].sizes["batch"]
     leading = [t.shape[0] for t in example if t.dim() >= 1]
     return Contract(

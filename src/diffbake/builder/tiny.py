@@ -786,9 +786,8 @@ def _qwen2_tokenizer():
     special tokens after them, <|endoftext|> as padding, and Qwen's chat template (cut to what pipelines use)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
     model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     model.decoder = decoders.ByteLevel()
